@@ -1,0 +1,48 @@
+"""One error family for everything ftsgd reports to a user.
+
+The CLI catches :class:`FtsgdError`, prints its message without a traceback and exits with
+``exit_code``: 2 for things the user must fix before running (usage, recipe, data, weights),
+1 for a run that started and failed. ``FTSGD_DEBUG=1`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+
+class FtsgdError(Exception):
+    """Base class: a message meant for the user, and the exit code the CLI should use."""
+
+    exit_code: int = 1
+
+
+class UsageError(FtsgdError):
+    """Bad command-line usage or arguments."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    """A recipe that cannot be used; ``problems`` holds one line per offending key path."""
+
+    def __init__(self, problems: list[str] | str, source: str = "recipe") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {source} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataError(UsageError):
+    """A dataset folder that cannot be used as given."""
+
+
+class WeightsError(UsageError):
+    """A weights file that cannot be read safely or does not fit the model."""
+
+
+class ModelError(UsageError):
+    """A model name or model option that timm cannot build."""
+
+
+class RunError(FtsgdError):
+    """A run that started and failed (NaN loss, out of memory, I/O failure, ...)."""
+
+    exit_code = 1
