@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -166,3 +168,465 @@ class Recipe:
         """Number of micro-batches per optimizer step."""
         micro = self.train.micro_batch_size or self.train.batch_size
         return max(1, self.train.batch_size // micro)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "freeze": FreezeConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+TOP_LEVEL_KEYS = ("name", "description", "base")
+
+
+# --------------------------------------------------------------------------- built-in recipes
+
+
+def builtin_recipe_dir() -> Path:
+    """Folder holding the shipped recipes.
+
+    A wheel carries them inside the package (``ftsgd/recipes``); a source checkout or an editable
+    install keeps them in the repository's top-level ``recipes/``.
+    """
+    packaged = resources.files("ftsgd") / "recipes"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Map each built-in recipe name to its file."""
+    folder = builtin_recipe_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """Built-in recipes as ``(name, description)`` pairs, sorted by name."""
+    out = []
+    for name, path in builtin_recipes().items():
+        raw = _read_toml(path, name)
+        out.append((name, str(raw.get("description", ""))))
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_toml(path: Path, label: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"{label}: not valid TOML: {exc}"]) from None
+    except OSError as exc:
+        raise RecipeError([f"{label}: cannot read {path}: {exc.strerror}"]) from None
+
+
+def resolve_recipe_source(name_or_path: str) -> tuple[str, Path]:
+    """Turn ``--recipe`` into ``(name, file)``: a built-in name, or a path to a TOML file."""
+    builtins = builtin_recipes()
+    if name_or_path in builtins:
+        return name_or_path, builtins[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.stem, path
+    hint = ""
+    close = difflib.get_close_matches(name_or_path, list(builtins), n=3)
+    if close:
+        hint = f"; did you mean {', '.join(close)}?"
+    raise RecipeError(
+        [
+            f"recipe '{name_or_path}' is neither a built-in recipe nor an existing file{hint} "
+            f"(built-ins: {', '.join(builtins)}; `ftsgd recipes` lists them)"
+        ]
+    )
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key.path=value``; the value is read as TOML, else taken as a plain string.
+
+    ``--set optim.lr=3e-4`` gives a float, ``--set train.amp=bf16`` the string ``"bf16"``,
+    ``--set model.kwargs={img_size=64}`` an inline table.
+    """
+    if "=" not in text:
+        raise RecipeError([f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=3e-4"], "--set")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise RecipeError([f"--set {text!r}: empty key path"], "--set")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw recipe dict (before validation, so they are checked too)."""
+    out = _deep_merge({}, raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            else:
+                child = dict(child)
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_raw(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
+    """Read a recipe (and the built-in it names as ``base``) into one raw dict."""
+    if not name_or_path:
+        return "custom", {}
+    name, path = resolve_recipe_source(name_or_path)
+    raw = _read_toml(path, str(path))
+    base = raw.get("base")
+    if isinstance(base, str) and base:
+        if base == name and path == builtin_recipes().get(name):
+            raise RecipeError([f"base: recipe '{name}' names itself as its base"])
+        if base not in builtin_recipes():
+            close = difflib.get_close_matches(base, list(builtin_recipes()), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise RecipeError([f"base: '{base}' is not a built-in recipe{hint}"])
+        _, base_raw = load_raw(base)
+        base_raw.pop("description", None)
+        base_raw.pop("name", None)
+        raw = _deep_merge(base_raw, raw)
+    raw.setdefault("name", name)
+    return name, raw
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge, override and validate a recipe.
+
+    Args:
+        name_or_path: a built-in recipe name, a path to a TOML file, or None for the defaults.
+        overrides: ``key.path=value`` strings from ``--set`` (and shorthands like ``--model``).
+
+    Raises:
+        RecipeError: listing every problem found, each naming its key path.
+    """
+    _, raw = load_raw(name_or_path)
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return f"list of {_type_name(arg)}"
+    if origin is dict:
+        return "table"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
+
+
+def _article(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected {_article(_type_name(tp))}, got {value!r}")
+            return None
+        return [_coerce(v, arg, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a table (e.g. {{ img_size = 224 }}), got {value!r}")
+            return None
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{path}: must be a finite number, got {value!r}")
+        return None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        problems.append(f"{path}: expected {_article(_type_name(tp))}, got {value!r} ({type(value).__name__})")
+        return None
+    return value
+
+
+def _build_section(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: expected a table [{section}], got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{section}.{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        before = len(problems)
+        coerced = _coerce(value, hints[key], path, problems)
+        if len(problems) == before:
+            values[key] = coerced
+    return cls(**values)
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Validate a raw (merged) recipe dict into a :class:`Recipe`, reporting all problems at once."""
+    problems: list[str] = []
+    top: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            sections[key] = _build_section(SECTIONS[key], value, key, problems)
+        elif key in TOP_LEVEL_KEYS:
+            if isinstance(value, str):
+                top[key] = value
+            else:
+                problems.append(f"{key}: expected a string, got {value!r}")
+        else:
+            known = list(SECTIONS) + list(TOP_LEVEL_KEYS)
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+            problems.append(f"{key}: unknown key{hint}")
+    recipe = Recipe(**top, **sections)
+    problems.extend(check_values(recipe, given=raw))
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def _given(raw: dict[str, Any], section: str, key: str) -> bool:
+    sec = raw.get(section)
+    return isinstance(sec, dict) and key in sec
+
+
+def check_values(r: Recipe, given: dict[str, Any] | None = None) -> list[str]:
+    """Value and cross-field checks; returns one problem line per violation."""
+    given = given or {}
+    p: list[str] = []
+
+    def choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            p.append(f"{path}: unknown value {value!r}; {hint}expected one of: {', '.join(allowed)}")
+
+    def at_least(path: str, value: float, low: float, what: str = "") -> None:
+        if value < low:
+            p.append(f"{path}: must be >= {low}{what}, got {value!r}")
+
+    m, f, o, s, d, t = r.model, r.freeze, r.optim, r.schedule, r.data, r.train
+    if m.weights and m.pretrained:
+        p.append(
+            "model.pretrained: set either model.pretrained = true (hub download) or model.weights "
+            "(local file), not both"
+        )
+    if m.weights and not Path(m.weights).expanduser().is_file():
+        p.append(f"model.weights: file not found: {m.weights}")
+    choice("freeze.policy", f.policy, FREEZE_POLICIES)
+    for i, pattern in enumerate([*f.patterns, *f.trainable]):
+        key = "freeze.patterns" if i < len(f.patterns) else "freeze.trainable"
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                p.append(f"{key}: invalid regular expression {pattern!r}: {exc}")
+    known_optims = optimizer_names()
+    if o.name.lower() not in known_optims:
+        close = difflib.get_close_matches(o.name.lower(), known_optims, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        p.append(f"optim.name: unknown optimizer {o.name!r}; {hint}(sgd, adamw, or a timm optimizer name)")
+    if o.lr <= 0:
+        p.append(f"optim.lr: must be > 0, got {o.lr!r} (the paper's grids: SGD 3e-5..1e-2, AdamW 3e-7..1e-4)")
+    if not 0 <= o.momentum < 1:
+        p.append(f"optim.momentum: must be in [0, 1), got {o.momentum!r}")
+    if o.nesterov and o.momentum == 0:
+        p.append("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+    at_least("optim.weight_decay", o.weight_decay, 0)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
+    if o.eps <= 0:
+        p.append(f"optim.eps: must be > 0, got {o.eps!r}")
+    choice("schedule.name", s.name, SCHEDULES)
+    choice("schedule.interval", s.interval, SCHEDULE_INTERVALS)
+    at_least("schedule.warmup_epochs", s.warmup_epochs, 0)
+    at_least("schedule.min_lr", s.min_lr, 0)
+    if s.min_lr >= o.lr and s.name == "cosine" and o.lr > 0:
+        p.append(f"schedule.min_lr: must be below optim.lr ({o.lr}), got {s.min_lr!r}")
+    if s.warmup_epochs >= t.epochs > 0:
+        p.append(
+            f"schedule.warmup_epochs: must be shorter than train.epochs ({t.epochs}), got {s.warmup_epochs!r}"
+        )
+    if s.interval == "epoch" and s.warmup_epochs != int(s.warmup_epochs):
+        p.append('schedule.warmup_epochs: fractional warmup needs schedule.interval = "step"')
+    at_least("schedule.decay_epochs", s.decay_epochs, 1)
+    if not 0 < s.decay_rate <= 1:
+        p.append(f"schedule.decay_rate: must be in (0, 1], got {s.decay_rate!r}")
+    choice("data.augment", d.augment, AUGMENTS)
+    choice("data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
+    at_least("data.img_size", d.img_size, 0, " (0 = the model's own input size)")
+    at_least("data.num_workers", d.num_workers, -1, " (-1 = automatic)")
+    at_least("train.epochs", t.epochs, 1)
+    at_least("train.batch_size", t.batch_size, 1)
+    at_least("train.micro_batch_size", t.micro_batch_size, 0, " (0 = train.batch_size)")
+    if t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size:
+        p.append(
+            f"train.micro_batch_size: train.batch_size ({t.batch_size}) must be a multiple of it, "
+            f"got {t.micro_batch_size}"
+        )
+    choice("train.device", t.device, DEVICES)
+    choice("train.amp", t.amp, AMP_MODES)
+    at_least("train.grad_clip", t.grad_clip, 0, " (0 = off)")
+    if not 0 <= t.label_smoothing < 1:
+        p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
+    at_least("train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
+    if o.step_in_backward:
+        if r.grad_accum_steps > 1:
+            p.append(
+                "optim.step_in_backward: cannot be combined with gradient accumulation "
+                f"(train.micro_batch_size {t.micro_batch_size} < train.batch_size {t.batch_size}): each "
+                "parameter is updated as soon as its gradient exists, so gradients are never summed; "
+                "set train.micro_batch_size = 0"
+            )
+        if t.grad_clip > 0:
+            p.append(
+                "optim.step_in_backward: cannot be combined with train.grad_clip: global-norm clipping "
+                "needs every gradient at once, which step-in-backward never keeps; set train.grad_clip = 0"
+            )
+        if t.amp == "fp16":
+            p.append(
+                'optim.step_in_backward: cannot be combined with train.amp = "fp16": an overflow is only '
+                'known after some parameters were already updated; use train.amp = "bf16" (or "auto")'
+            )
+    return p
+
+
+def optimizer_names() -> list[str]:
+    """Optimizer names accepted by ``optim.name``: ours plus timm's registry."""
+    names = {"sgd", "adamw", "adam", "momentum", "nesterov"}
+    try:
+        from timm.optim import list_optimizers
+
+        names.update(n.lower() for n in list_optimizers())
+    except Exception:  # pragma: no cover - timm without a registry: our own names still work
+        pass
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------- dumping
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if ("." in text or "e" in text or "inf" in text or "nan" in text) else text + ".0"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        return key
+    return _toml_value(key)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """A plain-data copy of a recipe (for JSON and TOML output)."""
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML; loading it back gives an equal :class:`Recipe`."""
+    data = recipe_to_dict(recipe)
+    lines = []
+    for key in TOP_LEVEL_KEYS:
+        lines.append(f"{key} = {_toml_value(data[key])}")
+    for section in SECTIONS:
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in data[section].items():
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """Every recipe key as ``(key path, type, default, description)`` for docs and ``recipes keys``."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        docs = _field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            rows.append(
+                (
+                    f"{section}.{f.name}",
+                    _type_name(hints[f.name]),
+                    _toml_value(getattr(default, f.name)),
+                    docs.get(f.name, ""),
+                )
+            )
+    return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field) read from the source."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # pragma: no cover - no source available
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in itertools.pairwise(body):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def env_flag(name: str) -> bool:
+    """True when an environment variable is set to a truthy value (1, true, yes)."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -1,0 +1,381 @@
+"""The ``ftsgd`` command line. It only parses arguments and delegates; no torch logic lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ftsgd import __version__, console
+from ftsgd.errors import FtsgdError, UsageError
+
+app = typer.Typer(
+    name="ftsgd",
+    help=(
+        "Fine-tune pretrained vision models with SGD and a frozen embedding layer "
+        "(Kumar et al., ICLR 2024): AdamW-level accuracy at SGD's memory cost."
+    ),
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+recipes_app = typer.Typer(
+    help="List, show and document recipes.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=True,
+)
+app.add_typer(recipes_app, name="recipes")
+
+DEFAULT_RECIPE = "sgd-freeze-embed"
+
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a TOML recipe.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY.PATH=VALUE", help="Override a recipe key (repeatable)."),
+]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="timm model name (sets model.name).")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights", "-w", help="Local weights file: .safetensors, .pth, .pt, .bin (sets model.weights)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn :class:`FtsgdError` into a one-paragraph message and its exit code (no traceback).
+
+    ``FTSGD_DEBUG=1`` lets the exception through so the traceback is shown.
+    """
+    try:
+        yield
+    except FtsgdError as exc:
+        if os.environ.get("FTSGD_DEBUG") == "1":
+            raise
+        console.error(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _overrides(sets: list[str] | None, **shorthands: Any) -> list[str]:
+    """``--set`` values plus the shorthand flags, as ``key.path=value`` strings (shorthands win)."""
+    out = list(sets or [])
+    for key, value in shorthands.items():
+        if value is not None:
+            out.append(f"{key}={json.dumps(str(value))}")
+    return out
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ftsgd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune pretrained vision models with SGD and a frozen embedding layer.
+
+    Examples:
+
+        ftsgd inspect vit_base_patch16_clip_224 --recipe sgd-freeze-embed
+
+        ftsgd train --data ~/data/birds --out runs/birds --model convnext_tiny --weights convnext_tiny.safetensors
+
+        ftsgd eval runs/birds --data ~/data/birds --split ood
+    """
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@recipes_app.callback()
+def recipes_list(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the built-in recipes (usable by name with --recipe).
+
+    Examples:
+
+        ftsgd recipes
+
+        ftsgd recipes show sgd-freeze-embed
+
+        ftsgd recipes keys
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ftsgd.recipe import list_recipes
+
+    with _user_errors():
+        rows = list_recipes()
+    if as_json:
+        console.print_json([{"name": n, "description": d} for n, d in rows])
+    else:
+        console.print_table("Built-in recipes", ["recipe", "description"], rows)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Built-in recipe name or path to a TOML file.")],
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a recipe fully resolved (defaults, base recipe and --set overrides applied).
+
+    Examples:
+
+        ftsgd recipes show sgd-freeze-embed
+
+        ftsgd recipes show my-recipe.toml --set optim.lr=3e-4 > resolved.toml
+    """
+    from ftsgd.recipe import load_recipe, recipe_to_dict, recipe_to_toml
+
+    with _user_errors():
+        recipe = load_recipe(name, _overrides(sets))
+    if as_json:
+        console.print_json(recipe_to_dict(recipe))
+    else:
+        sys.stdout.write(recipe_to_toml(recipe))
+
+
+@recipes_app.command("keys")
+def recipes_keys(as_json: JsonOpt = False) -> None:
+    """Document every recipe key: type, default and meaning.
+
+    Examples:
+
+        ftsgd recipes keys
+    """
+    from ftsgd.recipe import describe_keys
+
+    rows = describe_keys()
+    if as_json:
+        console.print_json(
+            [dict(zip(("key", "type", "default", "description"), r, strict=True)) for r in rows]
+        )
+    else:
+        console.print_table("Recipe keys", ["key", "type", "default", "description"], rows)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(
+    model: Annotated[
+        str | None, typer.Argument(help="timm model name (or set model.name in the recipe).")
+    ] = None,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    model_opt: ModelOpt = None,
+    weights: WeightsOpt = None,
+    num_classes: Annotated[
+        int | None, typer.Option("--num-classes", "-n", min=1, help="Classifier size of your task.")
+    ] = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
+
+    Examples:
+
+        ftsgd inspect vit_base_patch16_clip_224
+
+        ftsgd inspect convnext_base --recipe sgd-freeze-embed --set freeze.policy=embed+stage1
+
+        ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 --json
+    """
+    from ftsgd.inspection import inspect_model
+    from ftsgd.recipe import load_recipe
+
+    with _user_errors():
+        if model and model_opt and model != model_opt:
+            raise UsageError(f"two model names given ({model!r} and --model {model_opt!r}); pass one")
+        loaded = load_recipe(
+            recipe, _overrides(sets, **{"model.name": model or model_opt, "model.weights": weights})
+        )
+        report = inspect_model(loaded, num_classes)
+    if as_json:
+        console.print_json(report)
+        return
+    _print_inspect(report)
+
+
+def _print_inspect(r: dict[str, Any]) -> None:
+    from ftsgd.memory import format_bytes
+
+    console.print_kv(
+        [
+            ("model", r["model"]),
+            ("recipe", f"{r['recipe']} (freeze.policy = {r['policy']}, optim.name = {r['optimizer']})"),
+            ("embedding", ", ".join(r["embedding"]) or "-"),
+            ("found by", r["embedding_method"]),
+            *[("check", c) for c in r["embedding_checks"]],
+        ]
+    )
+    if r.get("weights"):
+        w = r["weights"]
+        console.info(
+            f"weights: {w['path']}: {w['loaded']} tensors loaded, {len(w['missing'])} missing, "
+            f"{len(w['unexpected'])} unexpected, {len(w['reinitialised'])} re-initialised (head)"
+        )
+    rows = [
+        [b["name"], b["type"], f"{b['params']:,}", f"{b['frozen_params']:,}", b["status"]]
+        for b in r["blocks"]
+    ]
+    console.print_table("Top-level blocks", ["block", "type", "params", "frozen", "status"], rows)
+    console.print_kv(
+        [
+            ("total params", f"{r['total_params']:,}"),
+            ("frozen params", f"{r['frozen_params']:,} ({100 * r['frozen_fraction']:.2f}%)"),
+            ("trainable params", f"{r['trainable_params']:,}"),
+        ]
+    )
+    m = r["memory"]
+    mem_rows = [
+        ["weights", format_bytes(m["weights"])],
+        ["gradients", format_bytes(m["gradients"])],
+        ["optimizer state", format_bytes(m["optimizer_state"])],
+    ]
+    if m.get("activations"):
+        mem_rows.append(["activations", format_bytes(m["activations"])])
+    mem_rows += [
+        ["total (this recipe)", format_bytes(m["total"])],
+        ["total (adamw, nothing frozen)", format_bytes(m["adamw_total"])],
+        ["ratio to adamw", f"{m['ratio']:.2f}x"],
+        ["bytes per parameter", f"{m['bytes_per_param']:.1f}"],
+    ]
+    console.print_table("Training-state memory estimate", ["", "bytes"], mem_rows)
+
+
+# --------------------------------------------------------------------------- train / eval / demo
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Dataset folder with train/ and val/ (and more splits).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create (or --resume).")],
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe", "-r", help=f"Built-in recipe name or TOML path [default: {DEFAULT_RECIPE}]."
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    sets: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final results.")] = False,
+) -> None:
+    """Fine-tune a model on an image-folder dataset and export the best weights.
+
+    Examples:
+
+        ftsgd train --data ~/data/birds --out runs/birds --model vit_base_patch16_clip_224 --weights clip_b16.safetensors
+
+        ftsgd train --data ~/data/birds --out runs/birds-adamw --recipe adamw --model convnext_tiny --set optim.lr=3e-5
+
+        ftsgd train --data ~/data/birds --out runs/birds --resume
+    """
+    from ftsgd.train import train_from_cli
+
+    with _user_errors():
+        summary = train_from_cli(
+            data=data,
+            out=out,
+            recipe=recipe,
+            overrides=_overrides(sets, **{"model.name": model, "model.weights": weights}),
+            resume=resume,
+            quiet=quiet or as_json,
+            argv=sys.argv,
+        )
+    if as_json:
+        console.print_json(summary)
+
+
+@app.command("eval")
+def eval_(
+    weights: Annotated[Path, typer.Argument(help="A run directory or an exported model.safetensors.")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Dataset folder holding the splits to evaluate.")
+    ],
+    split: Annotated[
+        list[str] | None,
+        typer.Option("--split", help="Split to evaluate (repeatable); default: every split."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Evaluation batch size.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate exported weights on image-folder splits: top-1/top-5, loss and per-class accuracy.
+
+    Examples:
+
+        ftsgd eval runs/birds --data ~/data/birds
+
+        ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val --split ood --json
+    """
+    from ftsgd.evaluate import print_eval_results, run_eval
+
+    with _user_errors():
+        results = run_eval(weights, data, splits=list(split or []), batch_size=batch_size, device=device)
+    if as_json:
+        console.print_json(results)
+    else:
+        print_eval_results(results)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the demo.")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 4,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing demo run directory.")] = False,
+) -> None:
+    """Fine-tune a tiny ViT on a generated dataset with train/, val/ and a shifted ood/ split.
+
+    Everything runs offline on the CPU in a few minutes: it shows the whole pipeline (embedding
+    detection, freezing, training, ID/OOD evaluation, safetensors export) on real files.
+
+    Examples:
+
+        ftsgd demo
+
+        ftsgd demo --out /tmp/demo --epochs 2 --force
+    """
+    from ftsgd.train import run_demo
+
+    with _user_errors():
+        run_demo(out=out, epochs=epochs, force=force, argv=sys.argv)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

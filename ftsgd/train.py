@@ -1,0 +1,640 @@
+"""The fine-tuning loop: data, model, freezing, optimizer, AMP, evaluation, checkpoints and export.
+
+One plain function (:func:`train`) runs a whole fine-tune from a validated recipe into a run
+directory. Everything a resumed run needs lives in ``checkpoint.pt`` and is a pure function of the
+recipe and the step counters otherwise (the data order and augmentations are seeded per epoch and
+per sample, the learning rate is computed from epoch/step), which is what makes a resumed run end
+with exactly the weights of an uninterrupted one.
+
+Run directory layout::
+
+    recipe.toml        the resolved recipe (written first)
+    checkpoint.pt      last resumable state (model, optimizer, scaler, RNG, counters, history)
+    metrics.jsonl      one JSON object per finished epoch
+    model.safetensors  best weights by ID-validation accuracy, with metadata, + config.json
+    summary.json       best epoch, each split's metrics at it, frozen parameters, command, versions
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import resource
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftsgd import __version__
+from ftsgd.console import print_table, training_progress
+from ftsgd.data import Split, build_loader, build_transform, discover_splits, resolve_num_workers
+from ftsgd.errors import ModelError, RecipeError, RunError, UsageError
+from ftsgd.evaluate import evaluate
+from ftsgd.export import export_model
+from ftsgd.fileio import atomic_torch_save, atomic_write_text
+from ftsgd.freeze import apply_freeze, find_embedding, frozen_parameter_names, train_mode
+from ftsgd.models import build_model, model_data_config
+from ftsgd.optim import create_optimizer, lr_at, param_groups, set_lr
+from ftsgd.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+
+DEFAULT_RECIPE = "sgd-freeze-embed"
+CHECKPOINT = "checkpoint.pt"
+RECIPE_FILE = "recipe.toml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunState:
+    """Counters and results a resumed run continues from (saved inside every checkpoint)."""
+
+    epoch: int = 0
+    """Current epoch (0-based); equals ``train.epochs`` once the run is complete."""
+    step_in_epoch: int = 0
+    """Optimizer steps already done in ``epoch``."""
+    global_step: int = 0
+    best_epoch: int = 0
+    """1-based epoch of the best ID-validation accuracy so far (0: none yet)."""
+    best_accuracy: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One record per finished epoch (what metrics.jsonl holds)."""
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError('train.device = "cuda" but no CUDA device is available; use "auto" or "cpu"')
+    return torch.device(name)
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.amp``: bf16 where supported, fp16 otherwise on CUDA; none on CPU."""
+    if device.type != "cuda" or mode == "none":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def input_config(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+    """The model's data config (mean, std, crop, interpolation) at the resolution it will be fed.
+
+    ``data.img_size`` wins; otherwise an ``img_size`` model kwarg (a ViT built for 64 px keeps a
+    pretrained_cfg that still says 224) sets the input size.
+    """
+    cfg = dict(model_data_config(model))
+    size: Any = recipe.data.img_size or recipe.model.kwargs.get("img_size")
+    if size:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        cfg["input_size"] = (3, int(h), int(w))
+    return cfg
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "ftsgd": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _check_new_run_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        hint = " (it holds a run: add --resume to continue it)" if (out / RECIPE_FILE).exists() else ""
+        raise UsageError(f"run directory {out} already exists and is not empty{hint}; choose another --out")
+
+
+def _read_checkpoint(out: Path) -> dict[str, Any]:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(
+            f"cannot resume: {path} does not exist (the run wrote no checkpoint yet); start it again "
+            f"without --resume into a new --out"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot resume: {path} is corrupt or not an ftsgd checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"cannot resume: {path} is not an ftsgd checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def _load_run_recipe(out: Path, data: Path) -> Recipe:
+    import tomllib
+
+    path = out / RECIPE_FILE
+    if not path.is_file():
+        raise UsageError(f"cannot resume: {out} is not an ftsgd run directory (no {RECIPE_FILE})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot resume: {path} is corrupt ({exc})") from None
+    raw.setdefault("data", {})["root"] = str(data.expanduser().resolve())
+    try:
+        return recipe_from_dict(raw)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, source=str(path)) from None
+
+
+def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train_from_cli(
+    *,
+    data: Path,
+    out: Path,
+    recipe: str | None,
+    overrides: list[str],
+    resume: bool,
+    quiet: bool,
+    argv: list[str],
+) -> dict[str, Any]:
+    """``ftsgd train``: resolve the recipe (or the run's own, with ``--resume``) and train."""
+    if resume:
+        if recipe is not None or overrides:
+            raise UsageError(
+                "--resume continues with the run's own recipe.toml; drop --recipe, --set, --model and "
+                "--weights (start a new --out to change the recipe)"
+            )
+        resolved = _load_run_recipe(out, data)
+    else:
+        _check_new_run_dir(out)
+        root = f"data.root={json.dumps(str(data.expanduser().resolve()))}"
+        resolved = load_recipe(recipe or DEFAULT_RECIPE, [*overrides, root])
+    return train(resolved, out, resume=resume, quiet=quiet, argv=argv)
+
+
+def train(
+    recipe: Recipe,
+    out: Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    argv: list[str] | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``recipe.model`` on ``recipe.data`` into the run directory ``out``.
+
+    Args:
+        recipe: A validated recipe with ``model.name`` and ``data.root`` set.
+        out: The run directory (created; must be new unless ``resume``).
+        resume: Continue from ``out/checkpoint.pt``.
+        quiet: Print nothing but errors.
+        argv: The command line, recorded in summary.json.
+        stop_after_steps: Stop (after writing a checkpoint) once this many optimizer steps are done
+            in total; used to test interruption and resume.
+
+    Returns:
+        The summary (also written to ``out/summary.json``).
+    """
+    if not recipe.model.name:
+        raise ModelError(
+            "no model given: pass --model NAME (a timm model name) or set model.name in the recipe"
+        )
+    t = recipe.train
+    device = resolve_device(t.device)
+    amp_dtype = resolve_amp(t.amp, device)
+    ckpt = _read_checkpoint(out) if resume else None
+
+    class_names, splits = discover_splits(recipe.data)
+    model, weights_report = build_model(recipe.model, num_classes=len(class_names))
+    data_config = input_config(model, recipe)
+    embedding = find_embedding(model, data_config["input_size"])
+    frozen = frozen_parameter_names(model, recipe.freeze, embedding)
+    apply_freeze(model, frozen)
+    if t.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise RecipeError([f"train.grad_checkpointing: {recipe.model.name} does not support it"])
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(param_groups(model, recipe.optim), recipe.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    forward = torch.compile(model) if t.compile else model
+
+    state = RunState()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = RunState(**ckpt["state"])
+        _set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RECIPE_FILE, recipe_to_toml(recipe))
+
+    train_split = splits[recipe.data.train if recipe.data.train in splits else "train"]
+    eval_splits = {name: s for name, s in splits.items() if s is not train_split}
+    steps_per_epoch = math.ceil(len(train_split.samples) / t.batch_size)
+    micro = t.micro_batch_size or t.batch_size
+    workers = resolve_num_workers(recipe.data.num_workers)
+    pin = recipe.data.pin_memory and device.type == "cuda"
+    train_tf = build_transform(data_config, recipe.data.augment, training=True)
+    eval_tf = build_transform(data_config, "none", training=False)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_set = set(frozen)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_frozen = sum(p.numel() for n, p in model.named_parameters() if n in frozen_set)
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "state": asdict(state),
+                "rng": _rng_state(),
+            },
+            out / CHECKPOINT,
+        )
+
+    def export_best() -> None:
+        export_model(
+            model,
+            out / WEIGHTS,
+            architecture=recipe.model.name,
+            class_names=class_names,
+            data_config=data_config,
+            recipe_name=recipe.name,
+            model_kwargs=dict(recipe.model.kwargs),
+        )
+
+    def evaluate_all() -> dict[str, dict[str, Any]]:
+        results = {}
+        for name, split in eval_splits.items():
+            loader = build_loader(
+                split,
+                eval_tf,
+                batch_size=max(micro, 1),
+                training=False,
+                seed=t.seed,
+                num_workers=workers,
+                pin_memory=pin,
+            )
+            results[name] = evaluate(
+                forward,
+                loader,
+                device=device,
+                class_names=class_names,
+                amp_dtype=amp_dtype,
+                channels_last=t.channels_last,
+            )
+        return results
+
+    if resume:
+        _write_metrics(out, state.history)  # drop lines of an epoch the checkpoint never saw finish
+    progress = training_progress(quiet, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
+    with progress:
+        if resume:
+            progress.message(
+                f"resuming {out} at epoch {state.epoch + 1}, step {state.step_in_epoch}/{steps_per_epoch}"
+            )
+        else:
+            progress.message(
+                f"{recipe.model.name}: {len(class_names)} classes, {len(train_split.samples)} training images, "
+                f"frozen {len(frozen)} tensors ({n_frozen:,} of {n_total:,} parameters, policy "
+                f"{recipe.freeze.policy}), device {device.type}"
+                f"{', amp ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
+            )
+        while state.epoch < t.epochs:
+            epoch = state.epoch
+            lr = lr_at(
+                recipe.schedule,
+                recipe.optim.lr,
+                epochs=t.epochs,
+                steps_per_epoch=steps_per_epoch,
+                epoch=epoch,
+                step=state.step_in_epoch,
+            )
+            progress.start_epoch(epoch, state.step_in_epoch, lr)
+            loader = build_loader(
+                train_split,
+                train_tf,
+                batch_size=t.batch_size,
+                training=True,
+                seed=t.seed,
+                epoch=epoch,
+                start_batch=state.step_in_epoch,
+                num_workers=workers,
+                pin_memory=pin,
+            )
+            train_mode(model)
+            tick = time.perf_counter()
+            for x, y in loader:
+                lr = lr_at(
+                    recipe.schedule,
+                    recipe.optim.lr,
+                    epochs=t.epochs,
+                    steps_per_epoch=steps_per_epoch,
+                    epoch=epoch,
+                    step=state.step_in_epoch,
+                )
+                set_lr([optimizer], lr)
+                loss_sum, correct = _train_step(
+                    forward,
+                    x,
+                    y,
+                    micro=micro,
+                    loss_fn=loss_fn,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    trainable=trainable,
+                    grad_clip=t.grad_clip,
+                    device=device,
+                    amp_dtype=amp_dtype,
+                    channels_last=t.channels_last,
+                )
+                if not math.isfinite(loss_sum):
+                    raise RunError(
+                        f"training loss became {loss_sum / len(y)} at epoch {epoch + 1}, step "
+                        f"{state.step_in_epoch + 1} (global step {state.global_step + 1}); the last good "
+                        f'checkpoint is {out / CHECKPOINT}. Try a lower optim.lr or train.amp = "bf16"/"none"'
+                    )
+                now = time.perf_counter()
+                state.epoch_seconds += now - tick
+                tick = now
+                state.step_in_epoch += 1
+                state.global_step += 1
+                state.epoch_loss_sum += loss_sum
+                state.epoch_correct += correct
+                state.epoch_seen += len(y)
+                progress.step(
+                    epoch,
+                    state.step_in_epoch,
+                    loss_sum / len(y),
+                    lr,
+                    state.epoch_seen / max(state.epoch_seconds, 1e-9),
+                )
+                at_end = state.step_in_epoch == steps_per_epoch
+                stop = stop_after_steps is not None and state.global_step >= stop_after_steps
+                if not at_end and (
+                    stop or (t.checkpoint_every and state.global_step % t.checkpoint_every == 0)
+                ):
+                    save_checkpoint()
+                if stop and not at_end:
+                    return {"stopped_at_step": state.global_step}
+            results = evaluate_all()
+            record = {
+                "epoch": epoch + 1,
+                "step": state.global_step,
+                "lr": lr,
+                "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
+                "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
+                "splits": {name: _split_metrics(r) for name, r in results.items()},
+                "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
+                "epoch_time_s": state.epoch_seconds,
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            val_name = recipe.data.val if recipe.data.val in results else "val"
+            val_acc = results[val_name]["accuracy"]
+            best = val_acc > state.best_accuracy
+            if best:
+                state.best_accuracy, state.best_epoch = val_acc, epoch + 1
+                export_best()
+            state.history.append(record)
+            state.train_seconds += state.epoch_seconds
+            state = replace(
+                state,
+                epoch=epoch + 1,
+                step_in_epoch=0,
+                epoch_loss_sum=0.0,
+                epoch_correct=0,
+                epoch_seen=0,
+                epoch_seconds=0.0,
+            )
+            save_checkpoint()
+            _write_metrics(out, state.history)
+            progress.end_epoch(record, best)
+            if (
+                stop_after_steps is not None
+                and state.global_step >= stop_after_steps
+                and state.epoch < t.epochs
+            ):
+                return {"stopped_at_step": state.global_step}
+
+    summary = _summary(
+        recipe,
+        out,
+        state,
+        class_names=class_names,
+        splits=splits,
+        val_name=recipe.data.val,
+        frozen=frozen,
+        embedding=list(embedding.modules),
+        n_total=n_total,
+        n_frozen=n_frozen,
+        weights_report=asdict(weights_report) if weights_report else None,
+        device=device,
+        amp_dtype=amp_dtype,
+        argv=argv or sys.argv,
+        data_config=data_config,
+    )
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    if not quiet:
+        _print_results(summary)
+    return summary
+
+
+def _train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    micro: int,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    trainable: list[nn.Parameter],
+    grad_clip: float,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> tuple[float, int]:
+    """One optimizer step over a batch, as micro-batches whose gradients add up to the batch mean.
+
+    Returns the summed loss over the batch's images and the number predicted correctly.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    n = len(y)
+    loss_total = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
+        xs = xs.to(device, non_blocking=True)
+        ys = ys.to(device, non_blocking=True)
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(xs)
+        loss = loss_fn(logits.float(), ys)
+        scaler.scale(loss * (len(ys) / n)).backward()
+        loss_total += loss.detach() * len(ys)
+        correct += (logits.detach().argmax(dim=1) == ys).sum()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss_total.item()), int(correct.item())
+
+
+def _split_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    keep = ("accuracy", "top5", "loss", "n")
+    return {k: result[k] for k in keep if k in result}
+
+
+def _summary(
+    recipe: Recipe,
+    out: Path,
+    state: RunState,
+    *,
+    class_names: list[str],
+    splits: dict[str, Split],
+    val_name: str,
+    frozen: list[str],
+    embedding: list[str],
+    n_total: int,
+    n_frozen: int,
+    weights_report: dict[str, Any] | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    argv: list[str],
+    data_config: dict[str, Any],
+) -> dict[str, Any]:
+    best = state.history[state.best_epoch - 1] if state.best_epoch else state.history[-1]
+    return {
+        "run_dir": str(out),
+        "recipe": recipe.name,
+        "model": recipe.model.name,
+        "weights": recipe.model.weights or None,
+        "weights_report": weights_report,
+        "data": recipe.data.root,
+        "classes": class_names,
+        "num_classes": len(class_names),
+        "split_sizes": {name: len(s.samples) for name, s in splits.items()},
+        "epochs": recipe.train.epochs,
+        "steps": state.global_step,
+        "best_epoch": state.best_epoch,
+        "val_split": val_name,
+        "val_accuracy": best["splits"][val_name]["accuracy"] if val_name in best["splits"] else None,
+        "best": best["splits"],
+        "final": state.history[-1]["splits"],
+        "freeze_policy": recipe.freeze.policy,
+        "embedding": embedding,
+        "frozen": frozen,
+        "frozen_params": n_frozen,
+        "trainable_params": n_total - n_frozen,
+        "total_params": n_total,
+        "optimizer": recipe.optim.name,
+        "lr": recipe.optim.lr,
+        "device": str(device),
+        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none",
+        "input_size": list(data_config["input_size"]),
+        "train_time_s": state.train_seconds,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in state.history),
+        "model_file": WEIGHTS,
+        "command": shlex.join(argv),
+        "versions": _versions(),
+    }
+
+
+def _print_results(summary: dict[str, Any]) -> None:
+    rows = []
+    for name, m in summary["best"].items():
+        role = "ID" if name == summary["val_split"] else "eval"
+        rows.append([name, role, f"{100 * m['accuracy']:.2f}%", f"{m['loss']:.4f}", m["n"]])
+    print_table(
+        f"Best epoch {summary['best_epoch']}/{summary['epochs']} (by {summary['val_split']} accuracy)",
+        ["split", "", "accuracy", "loss", "images"],
+        rows,
+    )
+    from ftsgd.console import info
+
+    info(f"weights: {Path(summary['run_dir']) / summary['model_file']}")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def run_demo(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dict[str, Any]:
+    """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``."""
+    import shutil
+
+    from ftsgd.synthetic import make_image_folder
+
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+        shutil.rmtree(out)
+    data = make_image_folder(out / "data", classes=4, size=32, seed=0)
+    recipe = load_recipe(
+        DEFAULT_RECIPE,
+        [
+            'model.name="test_vit"',
+            "model.kwargs={img_size=32}",
+            f"train.epochs={epochs}",
+            "train.batch_size=16",
+            "optim.lr=0.01",
+            'data.augment="flip"',
+            "data.num_workers=0",
+            f"data.root={json.dumps(str(data.resolve()))}",
+        ],
+    )
+    return train(recipe, out / "run", argv=argv)
