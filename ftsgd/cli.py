@@ -352,7 +352,7 @@ def eval_(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the demo.")] = Path("runs/demo"),
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 4,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 8,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing demo run directory.")] = False,
 ) -> None:
     """Fine-tune a tiny ViT on a generated dataset with train/, val/ and a shifted ood/ split.

@@ -70,14 +70,19 @@ class OptimConfig:
     name: str = "sgd"
     """sgd | adamw | any optimizer name timm's ``create_optimizer_v2`` knows."""
     lr: float = 1e-3
+    """Peak learning rate (paper grids: SGD 3e-5..1e-2, AdamW 3e-7..1e-4)."""
     momentum: float = 0.9
     """SGD momentum in [0, 1); 0 keeps no optimizer state (8 bytes/parameter)."""
     nesterov: bool = False
+    """Nesterov momentum (SGD)."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (SGD) weight decay; the paper uses 0."""
     decay_bias_and_norm: bool = False
     """Apply weight decay to biases and normalisation parameters too (timm's default is to skip them)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW moment coefficients."""
     eps: float = 1e-8
+    """Adam/AdamW denominator epsilon."""
     step_in_backward: bool = False
     """Apply each parameter's update as soon as its gradient is ready and free the gradient."""
 
@@ -97,6 +102,7 @@ class ScheduleConfig:
     decay_epochs: int = 10
     """step schedule: multiply the learning rate by ``decay_rate`` every this many epochs."""
     decay_rate: float = 0.1
+    """step schedule: the factor applied every ``decay_epochs``."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class DataConfig:
     num_workers: int = -1
     """DataLoader worker processes; -1 = min(8, CPU count - 1)."""
     pin_memory: bool = True
+    """Pin host memory for faster copies to the GPU (ignored on CPU)."""
     on_bad_image: str = "error"
     """error | skip: what the pre-flight scan does with unreadable images."""
 
@@ -127,11 +134,13 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 10
+    """Training epochs; the best epoch by ID-validation accuracy is exported."""
     batch_size: int = 32
     """Images per optimizer step."""
     micro_batch_size: int = 0
     """Images per forward/backward pass; 0 = batch_size. batch_size must be a multiple of it."""
     seed: int = 0
+    """Seeds initialisation, data order, augmentation and dropout (the paper used 0, 1, 2)."""
     device: str = "auto"
     """auto | cpu | cuda."""
     amp: str = "auto"
@@ -139,7 +148,9 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
     label_smoothing: float = 0.0
+    """Cross-entropy label smoothing in [0, 1)."""
     channels_last: bool = False
+    """Channels-last memory format (faster convolutions with AMP on recent GPUs)."""
     grad_checkpointing: bool = False
     """timm's ``set_grad_checkpointing``: recompute activations in backward to save memory."""
     compile: bool = False

@@ -96,16 +96,10 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def input_config(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
-    """The model's data config (mean, std, crop, interpolation) at the resolution it will be fed.
-
-    ``data.img_size`` wins; otherwise an ``img_size`` model kwarg (a ViT built for 64 px keeps a
-    pretrained_cfg that still says 224) sets the input size.
-    """
+    """The model's data config (mean, std, crop, interpolation), at ``data.img_size`` when set."""
     cfg = dict(model_data_config(model))
-    size: Any = recipe.data.img_size or recipe.model.kwargs.get("img_size")
-    if size:
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        cfg["input_size"] = (3, int(h), int(w))
+    if recipe.data.img_size:
+        cfg["input_size"] = (3, recipe.data.img_size, recipe.data.img_size)
     return cfg
 
 
@@ -250,6 +244,8 @@ def train(
     ckpt = _read_checkpoint(out) if resume else None
 
     class_names, splits = discover_splits(recipe.data)
+    torch.manual_seed(t.seed)  # seeds the new head's (and a random init's) weights too
+    random.seed(t.seed)
     model, weights_report = build_model(recipe.model, num_classes=len(class_names))
     data_config = input_config(model, recipe)
     embedding = find_embedding(model, data_config["input_size"])
@@ -274,8 +270,6 @@ def train(
         state = RunState(**ckpt["state"])
         _set_rng_state(ckpt["rng"])
     else:
-        torch.manual_seed(t.seed)
-        random.seed(t.seed)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RECIPE_FILE, recipe_to_toml(recipe))
 
@@ -623,7 +617,9 @@ def run_demo(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dict[st
         if not force:
             raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
         shutil.rmtree(out)
-    data = make_image_folder(out / "data", classes=4, size=32, seed=0)
+    data = make_image_folder(
+        out / "data", classes=4, size=32, seed=0, per_class={"train": 48, "val": 16, "ood": 16}
+    )
     recipe = load_recipe(
         DEFAULT_RECIPE,
         [

@@ -1,0 +1,593 @@
+"""Image-folder splits, transforms and deterministic, resumable data loaders.
+
+A dataset is a folder ``root`` holding ``train/`` and ``val/`` in the image-folder layout (one
+sub-folder per class, images inside, nested folders allowed). Every other sub-folder with that layout
+(``ood/``, ``test/``, ...) is an extra evaluation split, because measuring accuracy under distribution
+shift is the point of the method; ``data.eval_splits`` lists them explicitly instead.
+
+Determinism is designed for exact resume: the sample order of an epoch is a permutation drawn from
+``(seed, epoch)`` alone, and the random augmentation of sample ``i`` in epoch ``e`` is drawn from RNGs
+seeded by ``(seed, e, i)`` alone. So an epoch resumed at batch ``k`` yields exactly the batches the
+uninterrupted run would have seen, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from ftsgd.errors import DataError
+from ftsgd.recipe import AUGMENTS, DataConfig
+
+IMG_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
+"""File extensions read as images (compared case-insensitively), as in timm and torchvision."""
+
+LAYOUT_HINT = (
+    "expected layout: <root>/train/<class>/<image>, <root>/val/<class>/<image>, and optionally more "
+    "evaluation splits such as <root>/ood/<class>/<image>"
+)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of an image-folder dataset.
+
+    Attributes:
+        name: Split name used in logs and metrics (``train``, ``val``, or the folder name).
+        root: The split's folder.
+        samples: ``(file, label)`` pairs in a stable order; ``label`` indexes the *train* class list,
+            so the same class has the same label in every split even when a split lacks some classes.
+        classes: The class folder names present in this split, sorted.
+    """
+
+    name: str
+    root: Path
+    samples: tuple[tuple[Path, int], ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _is_hidden(name: str) -> bool:
+    # .ipynb_checkpoints, .DS_Store and friends are never classes or images.
+    return name.startswith(".")
+
+
+def is_image_file(path: Path | str) -> bool:
+    """Return whether ``path`` has one of the :data:`IMG_EXTENSIONS` (case-insensitive)."""
+    return str(path).lower().endswith(IMG_EXTENSIONS)
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Return the sorted class folder names of a split (hidden folders are ignored).
+
+    Args:
+        split_dir: A split folder in the image-folder layout.
+
+    Returns:
+        Sorted names of the non-hidden sub-folders.
+    """
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+
+
+def _list_images(class_dir: Path) -> list[Path]:
+    """All image files under ``class_dir`` (recursively, following links), in a stable sorted order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        found.extend(Path(dirpath, f) for f in filenames if not _is_hidden(f) and is_image_file(f))
+    return sorted(found)
+
+
+def _has_image_folder_layout(folder: Path) -> bool:
+    """Cheaply decide whether ``folder`` looks like a split: a class sub-folder holding an image.
+
+    Stops at the first image found so discovery stays fast on large datasets.
+    """
+    for class_dir in find_classes(folder):
+        for _dirpath, dirnames, filenames in os.walk(folder / class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+            if any(not _is_hidden(f) and is_image_file(f) for f in filenames):
+                return True
+    return False
+
+
+def _resolve(root: Path, entry: str) -> Path:
+    """A split given as a folder name under ``root`` or as an absolute (or ``~``) path."""
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _shorten(items: list[str], limit: int = 20) -> str:
+    """Comma-join at most ``limit`` items, so a 1000-class dataset does not flood the terminal."""
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _load_split(
+    name: str, split_dir: Path, class_to_idx: dict[str, int], known: str, *, discovered: bool = False
+) -> Split:
+    """Read one split folder, map its classes to train labels by name and check it is usable.
+
+    Args:
+        name: Split name for messages.
+        split_dir: The split's folder (must exist).
+        class_to_idx: Class name -> label, from the train split or the model's metadata.
+        known: Where the class list came from, for the mismatch message.
+        discovered: The split was found automatically (not named by the user), so the message also
+            says how to leave it out.
+    """
+    if not split_dir.is_dir():
+        raise DataError(f"{name} split: {split_dir} is not a folder; {LAYOUT_HINT}")
+    classes = find_classes(split_dir)
+    if not classes:
+        loose = [f for f in os.listdir(split_dir) if is_image_file(f)]
+        why = (
+            f"it holds {len(loose)} image(s) directly instead of one sub-folder per class"
+            if loose
+            else "it has no class sub-folders"
+        )
+        raise DataError(
+            f"{name} split {split_dir} is empty: {why}. Put each class's images in their own "
+            f"sub-folder, e.g. {split_dir}/<class>/<image>; {LAYOUT_HINT}"
+        )
+    unknown = [c for c in classes if c not in class_to_idx]
+    if unknown:
+        shown = _shorten([repr(c) for c in unknown])
+        skip = (
+            f" If {split_dir.name}/ is not an evaluation split, list the splits to evaluate in "
+            "data.eval_splits instead of relying on auto-discovery."
+            if discovered
+            else ""
+        )
+        raise DataError(
+            f"{name} split {split_dir} has {len(unknown)} class folder(s) that {known} lacks: {shown}. "
+            f"Known classes: {_shorten(list(class_to_idx))}. Rename or remove those folders.{skip}"
+        )
+    samples: list[tuple[Path, int]] = []
+    empty: list[str] = []
+    for c in classes:
+        files = _list_images(split_dir / c)
+        if not files:
+            empty.append(c)
+        samples.extend((f, class_to_idx[c]) for f in files)
+    if empty:
+        raise DataError(
+            f"{name} split {split_dir}: class folder(s) without images: {', '.join(empty)}. "
+            f"Add images ({', '.join(IMG_EXTENSIONS)}) or remove the empty folder(s)."
+        )
+    return Split(name=name, root=split_dir, samples=tuple(samples), classes=tuple(classes))
+
+
+def discover_splits(
+    cfg: DataConfig, class_names: list[str] | None = None
+) -> tuple[list[str], dict[str, Split]]:
+    """Find the train, validation and extra evaluation splits of a dataset folder.
+
+    Args:
+        cfg: The recipe's data section: ``root``, ``train``, ``val`` and ``eval_splits`` are used.
+            ``train``, ``val`` and ``eval_splits`` entries are folder names under ``root`` or
+            absolute paths.
+        class_names: The class list to label against (``ftsgd eval`` passes the model's classes from
+            its metadata). Folders are matched to it by name, so a dataset whose folders sort
+            differently still gets the labels the model was trained with. Without it, the classes
+            are the sorted folder names of the train split.
+
+    Returns:
+        ``(classes, splits)``: the class list and the splits keyed by name: ``"train"``, ``"val"``,
+        then the extra evaluation splits keyed by folder name, in sorted (auto-discovered) or given
+        order. With ``class_names``, a missing train or val folder is not an error (evaluating a
+        trained model needs no training data); that split is just absent from the dict.
+
+    Raises:
+        DataError: Missing root/train/val, a split whose class folder is not a known class, an empty
+            split or class folder, two evaluation splits with the same name, or an explicitly listed
+            split that does not exist.
+    """
+    if not cfg.root:
+        raise DataError(f"no dataset folder given: pass --data DIR (or set data.root); {LAYOUT_HINT}")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"dataset folder {root} {what}; {LAYOUT_HINT}")
+
+    eval_mode = class_names is not None
+    train_dir, val_dir = _resolve(root, cfg.train), _resolve(root, cfg.val)
+    for key, path in (("train", train_dir), ("val", val_dir)):
+        if not eval_mode and not path.is_dir():
+            raise DataError(
+                f"{key} split folder {path} does not exist (data.{key} = {getattr(cfg, key)!r}); {LAYOUT_HINT}"
+            )
+
+    if class_names is not None:
+        if not class_names:
+            raise DataError("the model's class list is empty; its metadata is missing or damaged")
+        classes = list(class_names)
+        known = "the model's class list"
+    else:
+        classes = find_classes(train_dir)
+        known = f"the train split ({train_dir})"
+        if not classes:
+            # Let _load_split explain (loose images vs. nothing at all).
+            _load_split("train", train_dir, {}, known)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    splits: dict[str, Split] = {}
+    taken: list[Path] = []
+    for key, path in (("train", train_dir), ("val", val_dir)):
+        if path.is_dir():
+            splits[key] = _load_split(key, path, class_to_idx, known)
+            taken.append(path)
+
+    extra: list[tuple[str, Path]] = []
+    discovered = not cfg.eval_splits
+    if cfg.eval_splits:
+        for entry in cfg.eval_splits:
+            path = _resolve(root, entry)
+            if not path.is_dir():
+                raise DataError(f"evaluation split {entry!r} (data.eval_splits): {path} does not exist")
+            extra.append((path.name, path))
+    else:
+        for name in find_classes(root):  # sorted, non-hidden sub-folders
+            path = root / name
+            if not any(_same_dir(path, t) for t in taken) and _has_image_folder_layout(path):
+                extra.append((name, path))
+
+    for name, path in extra:
+        if any(_same_dir(path, t) for t in taken):
+            continue  # e.g. eval_splits = ["val", "ood"]: val is evaluated anyway
+        if name in splits:
+            raise DataError(
+                f"two splits are both named {name!r}: {splits[name].root} and {path}. "
+                "Split names label the metrics, so give the folders different names."
+            )
+        splits[name] = _load_split(name, path, class_to_idx, known, discovered=discovered)
+        taken.append(path)
+
+    if not splits:
+        raise DataError(f"no splits found under {root}; {LAYOUT_HINT}")
+    return classes, splits
+
+
+# --------------------------------------------------------------------------- image loading
+
+
+def _to_uint8(arr: np.ndarray, bits16: bool) -> np.ndarray:
+    """Scale a high-bit-depth single-channel array to 0..255.
+
+    16-bit data is mapped linearly from its full 0..65535 range (dividing by 257 maps 65535 to 255
+    exactly), so relative brightness between images is preserved; clipping would turn almost every
+    16-bit image white. Float data in 0..1 is scaled by 255; anything else falls back to a per-image
+    min-max stretch, the only option without knowing the sensor's range.
+    """
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    arr = np.nan_to_num(arr.astype(np.float64))
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if bits16 or (lo >= 0 and 255 < hi <= 65535):
+        out = arr / 257.0
+    elif is_float and lo >= 0 and hi <= 1.0:
+        out = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        out = arr
+    else:
+        out = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to 8-bit RGB.
+
+    ``Image.convert("RGB")`` handles the 8-bit modes (L, LA, P, RGBA, CMYK, ...) but clips 16-bit
+    and 32-bit greyscale ("I;16", "I", "F") instead of scaling, which turns typical 16-bit scans
+    white; those are scaled to 8 bits first. Alpha is dropped as timm and torchvision do, so
+    images look the same as in the pipelines the pretrained weights came from.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img)
+        return Image.fromarray(_to_uint8(arr, bits16=img.mode.startswith("I;16"))).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's "palette with transparency" warning
+    return img.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image file as 8-bit RGB (first frame of multi-frame files).
+
+    Raises:
+        DataError: The file cannot be decoded; the message names it.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}. Remove or replace the file.") from exc
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _transform_kwargs(data_config: dict[str, Any]) -> dict[str, Any]:
+    """Keep the data-config keys ``timm.data.create_transform`` accepts.
+
+    A model's pretrained config can carry extra keys (``first_conv``, ``num_classes``, ...); passing
+    them on would raise a TypeError deep inside timm.
+    """
+    from timm.data import create_transform
+
+    accepted = set(inspect.signature(create_transform).parameters)
+    return {k: v for k, v in data_config.items() if k in accepted and k != "is_training"}
+
+
+def build_transform(data_config: dict[str, Any], augment: str, training: bool) -> Callable[[Any], Any]:
+    """Build the image -> normalised tensor transform for one split.
+
+    Args:
+        data_config: The model's timm data config (``input_size``, ``interpolation``, ``mean``,
+            ``std``, ``crop_pct``, ``crop_mode``), e.g. from ``timm.data.resolve_model_data_config``;
+            normalising with the model's own statistics matters for fine-tuning pretrained weights.
+        augment: ``rrc_flip``: timm's training transform (random-resized crop + horizontal flip),
+            with colour jitter, auto-augment and random erasing off, as in the paper.
+            ``flip``: the eval transform (resize + centre crop) plus a random horizontal flip.
+            ``none``: the eval transform.
+        training: False gives the eval transform whatever ``augment`` says.
+
+    Returns:
+        A callable turning a PIL RGB image into a CHW float tensor.
+    """
+    from timm.data import create_transform
+
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; expected one of {', '.join(AUGMENTS)}")
+    kwargs = _transform_kwargs(data_config)
+    if training and augment == "rrc_flip":
+        return create_transform(**kwargs, is_training=True, color_jitter=None, auto_augment=None, re_prob=0.0)
+    eval_tf = create_transform(**kwargs, is_training=False)
+    if training and augment == "flip":
+        # Flipping the normalised tensor is the same as flipping the image before ToTensor.
+        return T.Compose([eval_tf, T.RandomHorizontalFlip(p=0.5)])
+    return eval_tf
+
+
+# --------------------------------------------------------------------------- dataset and sampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, epoch, index)``.
+
+    A cryptographic hash rather than arithmetic mixing, so neighbouring samples and epochs get
+    unrelated random streams.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class ImageDataset(Dataset):
+    """A :class:`Split` as a map-style dataset of ``(image tensor, label)`` pairs.
+
+    When ``training``, the transform's randomness for sample ``i`` comes from Python's ``random``,
+    numpy's and torch's CPU RNGs seeded by ``(seed, epoch, i)`` just before the transform runs, and
+    the previous RNG states are restored afterwards. The augmentation is thereby independent of the
+    worker process, of the number of workers and of where an epoch was resumed; restoring matters in
+    the main process (``num_workers=0``), where the training loop's own RNG stream (dropout, ...)
+    must not depend on how many images were loaded. Only the CPU generator is touched, never CUDA's.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        transform: Callable[[Any], Any] | None,
+        *,
+        training: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        self.split = split
+        self.samples = split.samples
+        self.transform = transform
+        self.training = training
+        self.seed = seed
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations ``__getitem__`` draws."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        img = load_image(path)
+        if self.transform is None:
+            return img, label
+        if not self.training:
+            return self.transform(img), label
+        s = sample_seed(self.seed, self.epoch, index)
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reseed CUDA too
+            return self.transform(img), label
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
+
+
+class EpochSampler(Sampler[int]):
+    """Sample order for one epoch: a ``(seed, epoch)`` permutation, or sequential for evaluation.
+
+    ``start`` skips the first items of the epoch's order, so a run resumed at batch ``k`` passes
+    ``start = k * batch_size`` and continues exactly where the interrupted run was.
+    """
+
+    def __init__(
+        self, num_samples: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, start: int = 0
+    ) -> None:
+        if num_samples < 0 or start < 0:
+            raise ValueError(f"num_samples and start must be >= 0, got {num_samples} and {start}")
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = epoch
+        self.start = start
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Move to ``epoch``, skipping its first ``start`` items."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        """The full order of the current epoch, before skipping ``start`` items."""
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Seed a worker's global RNGs from its torch seed (itself from the loader's seeded generator).
+
+    Per-sample seeding in :class:`ImageDataset` already makes augmentation deterministic; this only
+    keeps any other randomness in a worker reproducible instead of inherited from the parent.
+    """
+    s = torch.initial_seed()
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def resolve_num_workers(n: int) -> int:
+    """Turn ``data.num_workers`` into a worker count.
+
+    Args:
+        n: ``-1`` for automatic, otherwise the count itself (0 = load in the main process).
+
+    Returns:
+        ``min(8, usable CPUs - 1)`` for ``-1`` (one CPU stays with the training loop), else ``n``.
+        Usable CPUs respect the process's CPU affinity (containers, Slurm) where the OS reports it.
+    """
+    if n >= 0:
+        return n
+    if n != -1:
+        raise ValueError(f"num_workers must be -1 (auto) or >= 0, got {n}")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+def build_loader(
+    split: Split,
+    transform: Callable[[Any], Any] | None,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    epoch: int = 0,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A deterministic DataLoader for one epoch of a split.
+
+    Args:
+        split: The split to load.
+        transform: From :func:`build_transform`.
+        batch_size: Images per batch; the last batch may be smaller (nothing is dropped).
+        training: Shuffle with the ``(seed, epoch)`` permutation and draw augmentations per sample;
+            False loads in file order.
+        seed: The run's seed.
+        epoch: Epoch whose order and augmentations to use. For later epochs either build a new loader
+            or call ``loader.dataset.set_epoch(e)`` and ``loader.sampler.set_epoch(e)``; workers are
+            not persistent, so both take effect on the next iteration.
+        start_batch: Skip this many batches of the epoch (resume mid-epoch).
+        num_workers: Worker processes (already resolved, see :func:`resolve_num_workers`).
+        pin_memory: Pin batches for faster host-to-GPU copies.
+
+    Returns:
+        The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    dataset = ImageDataset(split, transform, training=training, seed=seed, epoch=epoch)
+    sampler = EpochSampler(
+        len(dataset),
+        shuffle=training,
+        seed=seed,
+        epoch=epoch,
+        start=min(len(dataset), start_batch * batch_size),
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed * 100003 + epoch),
+    )
+
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "EpochSampler",
+    "ImageDataset",
+    "Split",
+    "build_loader",
+    "build_transform",
+    "discover_splits",
+    "find_classes",
+    "is_image_file",
+    "load_image",
+    "resolve_num_workers",
+    "to_rgb",
+]

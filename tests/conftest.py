@@ -1,0 +1,49 @@
+"""Shared fixtures: a synthetic dataset for the whole session and a factory for custom layouts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ftsgd.synthetic import make_image_folder
+
+MakeFolder = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class synthetic dataset (train/val/ood, 32x32 PNGs), written once per test session.
+
+    Treat it as read-only; tests that change files use ``make_folder`` or copy it.
+    """
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, size=32)
+
+
+@pytest.fixture
+def make_folder(tmp_path: Path) -> MakeFolder:
+    """Factory for small custom image-folder layouts.
+
+    ``make_folder({"train": {"cat": 2, "dog": 1}, "val": {"cat": 1, "dog": 0}})`` writes random
+    ``size`` x ``size`` images (a count of 0 makes an empty class folder) and returns the root.
+    """
+    counter = iter(range(1_000_000))
+
+    def make(
+        layout: dict[str, dict[str, int]], *, size: int = 16, fmt: str = "png", root: Path | None = None
+    ) -> Path:
+        root = root if root is not None else tmp_path / f"ds{next(counter)}"
+        rng = np.random.default_rng(0)
+        for split, classes in layout.items():
+            for cls, n in classes.items():
+                folder = root / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{i}.{fmt}")
+        return root
+
+    return make

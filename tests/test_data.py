@@ -1,0 +1,409 @@
+"""Split discovery, image loading, transforms and deterministic, resumable loaders."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ftsgd.data import (
+    EpochSampler,
+    ImageDataset,
+    Split,
+    build_loader,
+    build_transform,
+    discover_splits,
+    find_classes,
+    load_image,
+    resolve_num_workers,
+)
+from ftsgd.errors import DataError
+from ftsgd.recipe import DataConfig
+
+# Like timm's test_vit data config, but tiny and with per-channel statistics so a mix-up shows.
+DATA_CONFIG = {
+    "input_size": (3, 16, 16),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.4, 0.3),
+    "std": (0.2, 0.25, 0.5),
+    "crop_pct": 0.95,
+    "crop_mode": "center",
+}
+
+
+def _cfg(root: Path, **kwargs: object) -> DataConfig:
+    return DataConfig(root=str(root), **kwargs)
+
+
+def _batches(loader: torch.utils.data.DataLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_discovers_train_val_and_ood(image_folder: Path) -> None:
+    classes, splits = discover_splits(_cfg(image_folder))
+    assert classes == ["circle", "square", "triangle"]
+    assert list(splits) == ["train", "val", "ood"]
+    assert [len(s) for s in splits.values()] == [72, 24, 24]
+    train = splits["train"]
+    assert isinstance(train, Split) and train.root == image_folder / "train"
+    assert train.classes == ("circle", "square", "triangle")
+    assert [label for _, label in train.samples] == [0] * 24 + [1] * 24 + [2] * 24
+    assert all(path.parent.name == classes[label] for path, label in splits["ood"].samples)
+
+
+def test_extra_splits_auto_found_and_non_splits_ignored(make_folder) -> None:
+    layout = {s: {"a": 1, "b": 1} for s in ("train", "val", "test", "ood")}
+    root = make_folder(layout)
+    (root / "runs").mkdir()
+    (root / "runs" / "log.txt").write_text("not a split")
+    (root / "notes" / "drafts").mkdir(parents=True)  # class-like folder, but no images
+    make_folder({".cache": {"a": 1}}, root=root)  # hidden folders are never splits
+    (root / "README.md").write_text("hi")
+    _, splits = discover_splits(_cfg(root))
+    assert list(splits) == ["train", "val", "ood", "test"]
+
+
+def test_explicit_eval_splits_names_and_absolute_paths(make_folder, tmp_path: Path) -> None:
+    root = make_folder({s: {"a": 1, "b": 1} for s in ("train", "val", "test", "ood")})
+    elsewhere = make_folder({"shifted": {"b": 2}})
+    cfg = _cfg(root, eval_splits=["val", "test", str(elsewhere / "shifted")])
+    _, splits = discover_splits(cfg)
+    assert list(splits) == ["train", "val", "test", "shifted"]  # "ood" not listed; "val" not repeated
+    assert splits["shifted"].classes == ("b",)
+    assert [label for _, label in splits["shifted"].samples] == [1, 1]
+
+    with pytest.raises(DataError, match=r"evaluation split 'nope'.*does not exist"):
+        discover_splits(_cfg(root, eval_splits=["nope"]))
+
+
+def test_absolute_train_and_val_paths(make_folder) -> None:
+    data = make_folder({"tr": {"x": 2, "y": 1}, "va": {"x": 1, "y": 1}})
+    empty_root = data.parent / "empty_root"
+    empty_root.mkdir()
+    classes, splits = discover_splits(_cfg(empty_root, train=str(data / "tr"), val=str(data / "va")))
+    assert classes == ["x", "y"]
+    assert list(splits) == ["train", "val"]
+    assert splits["train"].root == data / "tr"
+
+
+def test_class_missing_from_train_names_split_and_class(make_folder) -> None:
+    root = make_folder(
+        {"train": {"cat": 1, "dog": 1}, "val": {"cat": 1, "dog": 1}, "ood": {"cat": 1, "zebra": 1}}
+    )
+    with pytest.raises(DataError) as info:
+        discover_splits(_cfg(root))
+    msg = str(info.value)
+    assert "ood split" in msg and "'zebra'" in msg and "cat, dog" in msg
+    assert "'cat'" not in msg
+    assert "data.eval_splits" in msg  # ood/ was auto-discovered: say how to leave it out
+
+    root = make_folder({"train": {"cat": 1}, "val": {"cat": 1, "zebra": 1}})
+    with pytest.raises(DataError, match=r"val split .*lacks: 'zebra'") as info:
+        discover_splits(_cfg(root))
+    assert "eval_splits" not in str(info.value)
+
+
+def test_split_may_lack_some_classes(make_folder) -> None:
+    root = make_folder({"train": {"a": 1, "b": 1, "c": 1}, "val": {"c": 2}})
+    _, splits = discover_splits(_cfg(root))
+    assert splits["val"].classes == ("c",)
+    assert [label for _, label in splits["val"].samples] == [2, 2]
+
+
+def test_missing_root_train_or_val(make_folder, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no dataset folder given"):
+        discover_splits(DataConfig())
+    with pytest.raises(DataError, match=r"does not exist; expected layout: <root>/train/<class>"):
+        discover_splits(_cfg(tmp_path / "missing"))
+    root = make_folder({"train": {"a": 1}})
+    with pytest.raises(DataError) as info:
+        discover_splits(_cfg(root))
+    assert str(root / "val") in str(info.value) and "expected layout" in str(info.value)
+    root = make_folder({"val": {"a": 1}})
+    with pytest.raises(
+        DataError, match=r"train split folder .*train does not exist \(data.train = 'train'\)"
+    ):
+        discover_splits(_cfg(root))
+
+
+def test_empty_class_folder_and_empty_split(make_folder) -> None:
+    root = make_folder({"train": {"a": 2, "b": 0}, "val": {"a": 1}})
+    with pytest.raises(DataError, match=r"train split .*class folder\(s\) without images: b"):
+        discover_splits(_cfg(root))
+    root = make_folder({"train": {"a": 1}})
+    (root / "val").mkdir()
+    with pytest.raises(DataError, match=r"val split .* is empty: it has no class sub-folders"):
+        discover_splits(_cfg(root))
+    root = make_folder({"val": {"a": 1}})
+    make_folder({"": {"train": 2}}, root=root)  # images directly in train/
+    with pytest.raises(DataError, match=r"holds 2 image\(s\) directly instead of one sub-folder per class"):
+        discover_splits(_cfg(root))
+
+
+def test_extensions_case_insensitive_nested_and_non_images_ignored(make_folder) -> None:
+    root = make_folder({"train": {"a": 1}, "val": {"a": 1}})
+    Image.new("RGB", (8, 8)).save(root / "train" / "a" / "UPPER.JPG", format="JPEG")
+    (root / "train" / "a" / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "a" / "sub" / "deep.BMP", format="BMP")
+    (root / "train" / "a" / "labels.csv").write_text("x")
+    (root / "train" / "a" / ".hidden.png").write_bytes(b"")
+    _, splits = discover_splits(_cfg(root))
+    names = sorted(p.name for p, _ in splits["train"].samples)
+    assert names == ["0.png", "UPPER.JPG", "deep.BMP"]
+
+
+def test_class_names_matched_by_name(make_folder) -> None:
+    # Folder order (sorted: apple, banana, cherry) differs from the model's class order.
+    model_classes = ["cherry", "apple", "banana"]
+    root = make_folder({"val": {"apple": 1, "banana": 2, "cherry": 1}, "test": {"banana": 1}})
+    classes, splits = discover_splits(_cfg(root), class_names=model_classes)
+    assert classes == model_classes
+    assert "train" not in splits  # evaluating needs no training data
+    labels = {p.parent.name: label for p, label in splits["val"].samples}
+    assert labels == {"cherry": 0, "apple": 1, "banana": 2}
+    assert [label for _, label in splits["test"].samples] == [2]
+
+    with pytest.raises(DataError, match=r"val split .*the model's class list lacks: 'banana'"):
+        discover_splits(_cfg(root), class_names=["apple", "cherry"])
+
+
+def test_duplicate_split_names_rejected(make_folder) -> None:
+    root = make_folder({"train": {"a": 1}, "val": {"a": 1}})
+    one = make_folder({"test": {"a": 1}})
+    two = make_folder({"test": {"a": 1}})
+    with pytest.raises(DataError, match="two splits are both named 'test'"):
+        discover_splits(_cfg(root, eval_splits=[str(one / "test"), str(two / "test")]))
+
+
+def test_find_classes_sorted_and_skips_hidden(tmp_path: Path) -> None:
+    for name in ("b", "a", ".ipynb_checkpoints", "C"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "file.png").write_bytes(b"")
+    assert find_classes(tmp_path) == ["C", "a", "b"]
+
+
+# --------------------------------------------------------------------------- image loading
+
+
+def _odd_images(folder: Path) -> dict[str, Path]:
+    """Images in modes a plain ``convert('RGB')`` pipeline gets wrong or crashes on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grad = np.linspace(0, 255, 16 * 16).reshape(16, 16).astype(np.uint8)
+    paths = {}
+
+    def save(name: str, img: Image.Image, **kw: object) -> None:
+        paths[name] = folder / name
+        img.save(paths[name], **kw)
+
+    save("grey.png", Image.fromarray(grad))
+    save("grey.pgm", Image.fromarray(grad))
+    save("la.png", Image.fromarray(np.stack([grad, grad], -1)))
+    save("rgba.png", Image.fromarray(np.dstack([grad, grad, grad, np.full_like(grad, 128)])))
+    pal = Image.fromarray(grad).convert("P")
+    pal.info["transparency"] = 0
+    save("palette.png", pal, transparency=0)
+    save("cmyk.jpg", Image.new("CMYK", (16, 16), (10, 20, 30, 40)))
+    save("bilevel.bmp", Image.fromarray(grad > 128).convert("1"))
+    save("grey16.png", Image.fromarray(grad.astype(np.uint16) * 257))
+    save("grey16.tif", Image.fromarray(grad.astype(np.uint16) * 257))
+    save("grey32.tif", Image.fromarray(grad.astype(np.int32) * 257))  # mode "I", 16-bit values
+    save("float.tif", Image.fromarray(grad.astype(np.float32) / 255.0))
+    return paths
+
+
+def test_odd_modes_load_as_rgb_tensors(tmp_path: Path) -> None:
+    paths = _odd_images(tmp_path / "train" / "a")
+    for path in paths.values():
+        img = load_image(path)
+        assert img.mode == "RGB" and img.size == (16, 16), path.name
+    _, splits = discover_splits(_cfg(tmp_path, val="train"))
+    ds = ImageDataset(splits["train"], build_transform(DATA_CONFIG, "none", training=False))
+    assert len(ds) == len(paths)
+    for i in range(len(ds)):
+        x, label = ds[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == 0
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "grey16.tif", "grey32.tif", "float.tif"])
+def test_high_bit_depth_is_scaled_not_clipped(tmp_path: Path, name: str) -> None:
+    path = _odd_images(tmp_path)[name]
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I", "F")
+    expected = np.linspace(0, 255, 16 * 16).reshape(16, 16).astype(np.uint8)
+    got = np.asarray(load_image(path))
+    assert np.abs(got[..., 0].astype(int) - expected).max() <= 1
+    assert (got[..., 0] == got[..., 2]).all()
+
+
+def test_unreadable_image_is_a_data_error(make_folder) -> None:
+    root = make_folder({"train": {"a": 1}, "val": {"a": 1}})
+    bad = root / "train" / "a" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    _, splits = discover_splits(_cfg(root))
+    ds = ImageDataset(splits["train"], None)
+    with pytest.raises(DataError, match=r"cannot read image .*broken.png.*Remove or replace"):
+        ds[[p.name for p, _ in ds.samples].index("broken.png")]
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_eval_transform_normalises_with_model_mean_std() -> None:
+    rgb = (10, 128, 250)
+    x = build_transform(DATA_CONFIG, "rrc_flip", training=False)(Image.new("RGB", (40, 30), rgb))
+    assert x.shape == (3, 16, 16)
+    for c in range(3):
+        expected = (rgb[c] / 255.0 - DATA_CONFIG["mean"][c]) / DATA_CONFIG["std"][c]
+        torch.testing.assert_close(x[c], torch.full((16, 16), expected), atol=1e-5, rtol=0)
+
+
+def test_training_transforms_normalise_too_and_ignore_extra_config_keys() -> None:
+    config = {**DATA_CONFIG, "first_conv": "patch_embed.proj", "num_classes": 1000}
+    img = Image.new("RGB", (24, 24), (255, 0, 51))
+    expected = torch.tensor(
+        [(v / 255.0 - m) / s for v, m, s in zip((255, 0, 51), config["mean"], config["std"], strict=True)]
+    )
+    for augment in ("rrc_flip", "flip", "none"):
+        x = build_transform(config, augment, training=True)(img)
+        assert x.shape == (3, 16, 16)
+        torch.testing.assert_close(x.mean(dim=(1, 2)), expected, atol=1e-4, rtol=0)
+
+
+def test_rrc_flip_has_no_colour_jitter_or_erasing() -> None:
+    names = [type(t).__name__ for t in build_transform(DATA_CONFIG, "rrc_flip", training=True).transforms]
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert not any("Jitter" in n or "Erasing" in n or "Augment" in n for n in names)
+
+
+def test_unknown_augment_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown augment"):
+        build_transform(DATA_CONFIG, "mixup", training=True)
+
+
+def test_augment_none_equals_eval(image_folder: Path) -> None:
+    _, splits = discover_splits(_cfg(image_folder))
+    train = splits["train"]
+    eval_ds = ImageDataset(train, build_transform(DATA_CONFIG, "rrc_flip", training=False))
+    none_ds = ImageDataset(train, build_transform(DATA_CONFIG, "none", training=True), training=True, epoch=3)
+    for i in (0, 30, 71):
+        assert torch.equal(eval_ds[i][0], none_ds[i][0])
+
+
+def test_flip_is_eval_or_its_mirror(image_folder: Path) -> None:
+    _, splits = discover_splits(_cfg(image_folder))
+    eval_ds = ImageDataset(splits["train"], build_transform(DATA_CONFIG, "none", training=False))
+    flip_ds = ImageDataset(
+        splits["train"], build_transform(DATA_CONFIG, "flip", training=True), training=True
+    )
+    flipped = 0
+    for i in range(12):
+        ref, got = eval_ds[i][0], flip_ds[i][0]
+        if torch.equal(got, ref.flip(-1)) and not torch.equal(got, ref):
+            flipped += 1
+        else:
+            assert torch.equal(got, ref)
+    assert 0 < flipped < 12
+
+
+def test_rrc_flip_pure_function_of_seed_epoch_index(image_folder: Path) -> None:
+    _, splits = discover_splits(_cfg(image_folder))
+    tf = build_transform(DATA_CONFIG, "rrc_flip", training=True)
+    a = ImageDataset(splits["train"], tf, training=True, seed=1)
+    b = ImageDataset(splits["train"], tf, training=True, seed=1)
+    b[5], b[9]  # loading other samples first must not matter
+    assert torch.equal(a[7][0], b[7][0])
+    first = a[7][0]
+    a.set_epoch(1)
+    assert not torch.equal(a[7][0], first)
+    c = ImageDataset(splits["train"], tf, training=True, seed=2)
+    assert not torch.equal(c[7][0], first)
+
+
+# --------------------------------------------------------------------------- sampler and loader
+
+
+def test_epoch_sampler_orders() -> None:
+    s = EpochSampler(10, shuffle=True, seed=3, epoch=0)
+    e0 = list(s)
+    assert sorted(e0) == list(range(10)) and e0 != list(range(10))
+    assert list(EpochSampler(10, shuffle=True, seed=3, epoch=0)) == e0
+    s.set_epoch(1)
+    assert list(s) != e0
+    s.set_epoch(0, start=4)
+    assert list(s) == e0[4:] and len(s) == 6
+    assert list(EpochSampler(5, shuffle=False, seed=3, epoch=7, start=2)) == [2, 3, 4]
+    assert len(EpochSampler(5, start=9)) == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_epoch_equals_tail_of_full_epoch(image_folder: Path, num_workers: int) -> None:
+    _, splits = discover_splits(_cfg(image_folder))
+    tf = build_transform(DATA_CONFIG, "rrc_flip", training=True)
+    kwargs = {"batch_size": 8, "training": True, "seed": 5, "epoch": 2}
+    full = _batches(build_loader(splits["train"], tf, **kwargs))
+    assert len(full) == 9  # 72 images, nothing dropped
+    resumed_loader = build_loader(splits["train"], tf, start_batch=4, num_workers=num_workers, **kwargs)
+    assert len(resumed_loader) == 5
+    resumed = _batches(resumed_loader)
+    assert len(resumed) == 5
+    for (xa, ya), (xb, yb) in zip(full[4:], resumed, strict=True):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+    if num_workers:
+        # The whole epoch, too, does not depend on the number of workers.
+        same = _batches(build_loader(splits["train"], tf, num_workers=num_workers, **kwargs))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(full, same, strict=True))
+
+
+def test_epochs_differ_and_eval_loader_is_sequential(image_folder: Path) -> None:
+    _, splits = discover_splits(_cfg(image_folder))
+    tf = build_transform(DATA_CONFIG, "rrc_flip", training=True)
+    e0 = torch.cat([y for _, y in build_loader(splits["train"], tf, batch_size=16, training=True, seed=0)])
+    e1 = torch.cat(
+        [y for _, y in build_loader(splits["train"], tf, batch_size=16, training=True, seed=0, epoch=1)]
+    )
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) and not torch.equal(e0, e1)
+    val = splits["val"]
+    loader = build_loader(
+        val, build_transform(DATA_CONFIG, "rrc_flip", False), batch_size=5, training=False, seed=0
+    )
+    labels = torch.cat([y for _, y in loader]).tolist()
+    assert labels == [label for _, label in val.samples] and len(loader) == 5  # 24 = 4*5 + 4
+
+
+def test_main_process_loading_leaves_global_rng_alone(image_folder: Path) -> None:
+    _, splits = discover_splits(_cfg(image_folder))
+    tf = build_transform(DATA_CONFIG, "rrc_flip", training=True)
+
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), torch.rand(()).item()
+
+    def seed_all() -> None:
+        random.seed(123)
+        np.random.seed(123)
+        torch.manual_seed(123)
+
+    seed_all()
+    expected = draws()
+    seed_all()
+    for _ in build_loader(splits["train"], tf, batch_size=16, training=True, seed=0, num_workers=0):
+        pass
+    assert draws() == expected
+
+
+def test_resolve_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_num_workers(0) == 0
+    assert resolve_num_workers(3) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert resolve_num_workers(-1) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert resolve_num_workers(-1) == 8
+    with pytest.raises(ValueError):
+        resolve_num_workers(-2)

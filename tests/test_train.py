@@ -1,0 +1,220 @@
+"""End-to-end fine-tuning on generated image folders with real tiny timm models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from ftsgd.errors import UsageError
+from ftsgd.recipe import load_recipe
+from ftsgd.train import train
+
+MODELS = {
+    "test_vit": "model.kwargs={img_size=32}",
+    "test_resnet": "model.kwargs={}",
+    "test_convnext": "model.kwargs={}",
+}
+
+
+def make_weights(tmp_path: Path, name: str, kwargs: dict, seed: int = 1) -> Path:
+    """A stand-in for pretrained weights: a seeded random init saved as safetensors (1000 classes)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    path = tmp_path / f"{name}-init.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def recipe_for(data: Path, model: str, *extra: str, base: str = "sgd-freeze-embed"):
+    return load_recipe(
+        base,
+        [
+            f'model.name="{model}"',
+            MODELS.get(model, "model.kwargs={}"),
+            f'data.root="{data}"',
+            "data.num_workers=0",
+            'data.augment="flip"',
+            "data.img_size=32",
+            "train.batch_size=16",
+            "train.epochs=3",
+            "optim.lr=0.02",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fine_tune_end_to_end(model: str, image_folder: Path, tmp_path: Path) -> None:
+    kwargs = {"img_size": 32} if model == "test_vit" else {}
+    weights = make_weights(tmp_path, model, kwargs)
+    recipe = recipe_for(image_folder, model, f'model.weights="{weights}"')
+    out = tmp_path / "run"
+    summary = train(recipe, out, quiet=True)
+
+    # run directory contents
+    for name in (
+        "recipe.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "config.json",
+        "checkpoint.pt",
+    ):
+        assert (out / name).is_file(), name
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for r in history:
+        assert set(r["splits"]) == {"val", "ood"}
+        assert r["images_per_s"] > 0 and r["epoch_time_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert 0 <= r["train_accuracy"] <= 1
+    # cosine stepped per epoch, as the paper did
+    assert [r["lr"] for r in history] == pytest.approx(
+        [0.02 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]
+    )
+    # loss goes down
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+    # summary: best epoch by val accuracy
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    best = max(range(3), key=lambda i: (history[i]["splits"]["val"]["accuracy"], -i))
+    assert summary["best_epoch"] == best + 1
+    assert summary["best"] == history[best]["splits"]
+    assert summary["classes"] == ["circle", "square", "triangle"]
+    assert summary["frozen"] and summary["frozen_params"] > 0
+    assert "versions" in summary and summary["command"]
+
+    # frozen parameters bit-for-bit unchanged, trainable ones moved
+    init = load_file(str(weights))
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    frozen = set(summary["frozen"])
+    head = {k for k in final if k.startswith(("head", "fc."))}
+    for name, tensor in final.items():
+        if name in frozen:
+            assert torch.equal(tensor, init[name]), f"frozen {name} changed"
+    moved = [
+        n
+        for n, t in final.items()
+        if n not in frozen
+        and n not in head
+        and t.is_floating_point()
+        and n in init
+        and init[n].shape == t.shape
+        and not torch.equal(t, init[n])
+    ]
+    assert len(moved) > 0
+    trainable_params = [
+        n for n in final if n not in frozen and n in init and "running" not in n and "num_batches" not in n
+    ]
+    assert set(moved) <= set(trainable_params) | {n for n in final if "running" in n}
+
+
+def test_exported_weights_load_in_timm_with_identical_logits(image_folder: Path, tmp_path: Path) -> None:
+    recipe = recipe_for(image_folder, "test_vit", "train.epochs=1")
+    out = tmp_path / "run"
+    train(recipe, out, quiet=True)
+    ours = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    model = timm.create_model(
+        "test_vit",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(out / "model.safetensors"), "num_classes": 3},
+        num_classes=3,
+        img_size=32,
+    ).eval()
+    reference = timm.create_model("test_vit", num_classes=3, img_size=32).eval()
+    reference.load_state_dict(ours)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_resume_reproduces_uninterrupted_run_bitwise(image_folder: Path, tmp_path: Path) -> None:
+    extra = ("train.checkpoint_every=2", "train.epochs=2", 'data.augment="rrc_flip"')
+    full = tmp_path / "full"
+    train(recipe_for(image_folder, "test_vit", *extra), full, quiet=True)
+
+    for stop in (3, 7):  # mid-epoch 1, and mid-epoch 2 (5 steps per epoch)
+        part = tmp_path / f"part{stop}"
+        result = train(recipe_for(image_folder, "test_vit", *extra), part, quiet=True, stop_after_steps=stop)
+        assert result == {"stopped_at_step": stop}
+        assert not (part / "summary.json").exists()
+        resumed = train(load_recipe(str(part / "recipe.toml")), part, resume=True, quiet=True)
+        a = torch.load(full / "checkpoint.pt", weights_only=True)
+        b = torch.load(part / "checkpoint.pt", weights_only=True)
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        assert (
+            load_file(str(full / "model.safetensors")).keys()
+            == load_file(str(part / "model.safetensors")).keys()
+        )
+        for key, value in load_file(str(full / "model.safetensors")).items():
+            assert torch.equal(value, load_file(str(part / "model.safetensors"))[key])
+        full_lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+        part_lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+        strip = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
+        assert [{k: v for k, v in r.items() if k not in strip} for r in full_lines] == [
+            {k: v for k, v in r.items() if k not in strip} for r in part_lines
+        ]
+        assert resumed["best_epoch"] == json.loads((full / "summary.json").read_text())["best_epoch"]
+
+
+def test_existing_run_dir_is_never_overwritten(image_folder: Path, tmp_path: Path) -> None:
+    from ftsgd.train import train_from_cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UsageError, match="already exists"):
+        train_from_cli(
+            data=image_folder,
+            out=out,
+            recipe=None,
+            overrides=['model.name="test_vit"'],
+            resume=False,
+            quiet=True,
+            argv=[],
+        )
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_resume_of_corrupt_run_dir_is_a_usage_error(tmp_path: Path, image_folder: Path) -> None:
+    from ftsgd.train import train_from_cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(UsageError, match="not an ftsgd run directory"):
+        train_from_cli(
+            data=image_folder, out=out, recipe=None, overrides=[], resume=True, quiet=True, argv=[]
+        )
+    (out / "recipe.toml").write_text('[model]\nname = "test_vit"\n')
+    with pytest.raises(UsageError, match=r"checkpoint\.pt does not exist"):
+        train_from_cli(
+            data=image_folder, out=out, recipe=None, overrides=[], resume=True, quiet=True, argv=[]
+        )
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="corrupt"):
+        train_from_cli(
+            data=image_folder, out=out, recipe=None, overrides=[], resume=True, quiet=True, argv=[]
+        )
+
+
+def test_micro_batches_give_the_same_step_as_one_batch(image_folder: Path, tmp_path: Path) -> None:
+    common = ("train.epochs=1", "optim.momentum=0", 'data.augment="none"')
+    one = train(recipe_for(image_folder, "test_vit", *common), tmp_path / "a", quiet=True)
+    two = train(
+        recipe_for(image_folder, "test_vit", *common, "train.micro_batch_size=8"),
+        tmp_path / "b",
+        quiet=True,
+    )
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert one["steps"] == two["steps"] == 5
