@@ -96,3 +96,69 @@ def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class StepInBackward:
+    """Apply each parameter's update inside backward, as soon as its gradient is complete.
+
+    Every trainable parameter gets its own small optimizer (same class and settings as the normal
+    path, so the arithmetic matches) and a ``register_post_accumulate_grad_hook`` that steps it and
+    frees the gradient at once. No full set of gradients ever exists: with SGD without momentum the
+    training state is then little more than the weights themselves.
+
+    It quacks enough like an optimizer for the training loop: ``param_groups`` (for the learning-rate
+    schedule), ``zero_grad``, ``state_dict``/``load_state_dict`` (for checkpoints). ``step`` is a
+    no-op because the work already happened during backward.
+    """
+
+    def __init__(self, groups: list[dict], cfg: OptimConfig) -> None:
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._by_param: dict[nn.Parameter, torch.optim.Optimizer] = {}
+        self._handles = []
+        for group in groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            for param in group["params"]:
+                opt = create_optimizer([{"params": [param], **options}], cfg)
+                self.optimizers.append(opt)
+                self._by_param[param] = opt
+                self._handles.append(param.register_post_accumulate_grad_hook(self._step_param))
+
+    def _step_param(self, param: torch.Tensor) -> None:
+        opt = self._by_param[param]  # type: ignore[index]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        """Nothing to do: every parameter was updated during backward."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"per_parameter": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        per_param = state.get("per_parameter")
+        if not isinstance(per_param, list) or len(per_param) != len(self.optimizers):
+            raise ValueError("optimizer state does not match: it was not saved with optim.step_in_backward")
+        for opt, sd in zip(self.optimizers, per_param, strict=True):
+            opt.load_state_dict(sd)
+
+    def remove(self) -> None:
+        """Detach the hooks (the model can then be trained normally again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | StepInBackward:
+    """The optimizer a recipe asks for: a normal one, or per-parameter updates inside backward."""
+    groups = param_groups(model, cfg)
+    if cfg.step_in_backward:
+        return StepInBackward(groups, cfg)
+    return create_optimizer(groups, cfg)

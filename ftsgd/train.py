@@ -41,7 +41,7 @@ from ftsgd.export import export_model
 from ftsgd.fileio import atomic_torch_save, atomic_write_text
 from ftsgd.freeze import apply_freeze, find_embedding, frozen_parameter_names, train_mode
 from ftsgd.models import build_model, model_data_config
-from ftsgd.optim import create_optimizer, lr_at, param_groups, set_lr
+from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
 from ftsgd.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
 
 DEFAULT_RECIPE = "sgd-freeze-embed"
@@ -258,7 +258,7 @@ def train(
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(param_groups(model, recipe.optim), recipe.optim)
+    optimizer = build_optimizer(model, recipe.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     forward = torch.compile(model) if t.compile else model
 
@@ -381,7 +381,7 @@ def train(
                     epoch=epoch,
                     step=state.step_in_epoch,
                 )
-                set_lr([optimizer], lr)
+                set_lr([optimizer], lr)  # type: ignore[list-item]
                 loss_sum, correct = _train_step(
                     forward,
                     x,
@@ -494,7 +494,7 @@ def _train_step(
     *,
     micro: int,
     loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | StepInBackward,
     scaler: torch.amp.GradScaler,
     trainable: list[nn.Parameter],
     grad_clip: float,
@@ -521,6 +521,8 @@ def _train_step(
         scaler.scale(loss * (len(ys) / n)).backward()
         loss_total += loss.detach() * len(ys)
         correct += (logits.detach().argmax(dim=1) == ys).sum()
+    if isinstance(optimizer, StepInBackward):
+        return float(loss_total.item()), int(correct.item())  # already updated during backward
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
