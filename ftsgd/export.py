@@ -1,0 +1,315 @@
+"""Exporting a fine-tuned model as ``model.safetensors`` + ``config.json`` that timm can load directly.
+
+The export is meant to outlive ftsgd: the tensors are keyed exactly like the timm model's own
+``state_dict()`` and ``config.json`` follows timm's Hugging Face hub layout (see
+``timm.models._hub.save_config_for_hf``), so either of these rebuilds the model without ftsgd::
+
+    timm.create_model("local-dir:OUT", pretrained=True)
+    timm.create_model(arch, pretrained=True, num_classes=N, **model_kwargs,
+                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=N))
+
+(``num_classes`` must be in the overlay too: timm drops the classifier of a file whose configured
+``num_classes`` differs from the model's, and the architecture's default config says 1000.)
+
+Everything needed for inference (class names in order, preprocessing, the ``create_model`` keyword
+arguments) is also stored as string metadata inside the safetensors header, so the weights file alone
+is self-describing; :func:`read_export` decodes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from ftsgd import __version__
+from ftsgd.errors import ModelError, WeightsError
+from ftsgd.fileio import atomic_save_safetensors, atomic_write_text
+from ftsgd.models import _classifier_prefixes, model_data_config, unwrap_model
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_model", "load_exported_model", "read_export"]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+_RESERVED = (
+    "format",
+    "architecture",
+    "num_classes",
+    "class_names",
+    "input_size",
+    "mean",
+    "std",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "model_kwargs",
+    "recipe",
+    "ftsgd_version",
+)
+_JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
+
+_SOURCE_CFG_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "tag"}
+"""pretrained_cfg keys that locate or name the *source* weights; an export must not point back at them."""
+_SOURCE_LABEL_KEYS = {"label_names", "label_descriptions", "label_offset"}
+_TEST_TIME_KEYS = {"test_input_size", "test_crop_pct", "test_pool_size"}
+
+
+def _weights_path(path: Path | str) -> Path:
+    """``path`` itself if it names a ``.safetensors`` file, else ``path/model.safetensors``."""
+    path = Path(path).expanduser()
+    return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, storage-private copies of the model's state dict.
+
+    safetensors refuses tensors that share storage (tied weights, views) or are non-contiguous
+    (``channels_last``), and copying off the GPU is needed anyway.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        tensors[key] = value.detach().to(device="cpu", copy=True).contiguous()
+    return tensors
+
+
+def _timm_config(
+    model: nn.Module,
+    architecture: str,
+    class_names: list[str],
+    data_config: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``config.json`` in timm's hub format: root fields plus a ``pretrained_cfg`` describing the export."""
+    source = dict(getattr(model, "pretrained_cfg", None) or {})
+    pretrained_cfg = {
+        k: v
+        for k, v in source.items()
+        if k not in _SOURCE_CFG_KEYS | _SOURCE_LABEL_KEYS
+        and (v is not None or k in {"pool_size", "first_conv", "classifier"})
+    }
+    pretrained_cfg.pop("architecture", None)
+    input_size = list(data_config["input_size"])
+    if tuple(input_size[1:]) != tuple((source.get("input_size") or input_size)[1:]):
+        pretrained_cfg["pool_size"] = None  # the source's pooled feature size no longer applies
+    for key in _TEST_TIME_KEYS:  # test-time recommendations described the source weights
+        pretrained_cfg.pop(key, None)
+    classifiers = _classifier_prefixes(model)
+    pretrained_cfg.update(
+        input_size=input_size,
+        mean=list(data_config["mean"]),
+        std=list(data_config["std"]),
+        interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config["crop_mode"],
+        num_classes=len(class_names),
+        classifier=source.get("classifier") or (classifiers[0] if classifiers else None),
+        first_conv=source.get("first_conv"),
+        custom_load=False,
+    )
+    config: dict[str, Any] = {
+        "architecture": architecture,
+        "num_classes": len(class_names),
+        "num_features": int(getattr(model, "num_features", 0)) or None,
+    }
+    global_pool = getattr(model, "global_pool", None)
+    if isinstance(global_pool, str) and global_pool:
+        config["global_pool"] = global_pool
+    config["label_names"] = list(class_names)
+    # Like timm's exporter, leave out training-only drop rates; num_classes makes the config self-contained.
+    model_args = {
+        k: v for k, v in model_kwargs.items() if not (k.endswith("drop_rate") or k == "drop_block_rate")
+    }
+    model_args["num_classes"] = len(class_names)
+    config["model_args"] = model_args
+    config["pretrained_cfg"] = pretrained_cfg
+    return _jsonable(config)
+
+
+def export_model(
+    model: nn.Module,
+    path: Path | str,
+    *,
+    architecture: str,
+    class_names: list[str],
+    data_config: dict,
+    recipe_name: str,
+    model_kwargs: dict | None = None,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Write ``model.safetensors`` (weights + metadata) and ``config.json`` atomically.
+
+    Args:
+        model: The fine-tuned timm model; ``torch.compile`` and DDP wrappers are removed.
+        path: A ``.safetensors`` file name, or a directory that receives ``model.safetensors``
+            (created if missing). ``config.json`` goes next to the weights.
+        architecture: timm model name to rebuild with (``cfg.model.name``).
+        class_names: Label of each output index, in order; must match the classifier size.
+        data_config: Preprocessing used in training (``input_size``, ``mean``, ``std``, ...); missing
+            entries come from :func:`ftsgd.models.model_data_config`.
+        recipe_name: Recipe the model was trained with, for provenance.
+        model_kwargs: ``timm.create_model`` keyword arguments (``cfg.model.kwargs``), JSON-serialisable.
+        extra: More string metadata (e.g. run id, best epoch); may not override the standard keys.
+
+    Raises:
+        ValueError: ``class_names`` does not match the classifier, ``model_kwargs`` is not JSON
+            serialisable, or ``extra`` reuses a standard key (programming errors, not user input).
+        RunError: A file could not be written; any previous export is intact.
+    """
+    target = unwrap_model(model)
+    num_classes = int(getattr(target, "num_classes", len(class_names)))
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names given for a model with {num_classes} outputs")
+    kwargs = dict(model_kwargs or {})
+    kwargs.pop("num_classes", None)
+    try:
+        kwargs_json = json.dumps(_jsonable(kwargs), sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model_kwargs must be JSON-serialisable to export: {exc}") from exc
+    clash = sorted(set(extra or {}) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra metadata may not override standard keys: {', '.join(clash)}")
+
+    data = {**model_data_config(target), **dict(data_config)}
+    metadata = {
+        "format": "pt",
+        "architecture": architecture,
+        "num_classes": str(num_classes),
+        "class_names": json.dumps(list(class_names), ensure_ascii=False),
+        "input_size": json.dumps([int(v) for v in data["input_size"]]),
+        "mean": json.dumps([float(v) for v in data["mean"]]),
+        "std": json.dumps([float(v) for v in data["std"]]),
+        "interpolation": str(data["interpolation"]),
+        "crop_pct": json.dumps(float(data["crop_pct"])),
+        "crop_mode": str(data.get("crop_mode", "center")),
+        "model_kwargs": kwargs_json,
+        "recipe": recipe_name,
+        "ftsgd_version": __version__,
+    }
+    metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
+
+    weights_path = _weights_path(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    config = _timm_config(target, architecture, list(class_names), data, kwargs)
+    atomic_save_safetensors(_export_tensors(target), weights_path, metadata=metadata)
+    atomic_write_text(
+        weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    )
+
+
+def _decode(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
+    decoded: dict[str, Any] = dict(metadata)
+    for key in _JSON_KEYS:
+        if key in metadata:
+            try:
+                decoded[key] = json.loads(metadata[key])
+            except json.JSONDecodeError as exc:
+                raise WeightsError(
+                    f"export {path} has unreadable {key!r} metadata ({exc}); re-export the model"
+                ) from None
+    for key in ("input_size", "mean", "std"):
+        if isinstance(decoded.get(key), list):
+            decoded[key] = tuple(decoded[key])
+    return decoded
+
+
+def read_export(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an export's tensors and its decoded metadata.
+
+    Args:
+        path: The ``.safetensors`` file or the run/export directory holding ``model.safetensors``.
+
+    Returns:
+        ``(tensors, metadata)``; metadata has ``architecture`` (str), ``num_classes`` (int),
+        ``class_names`` (list), ``input_size``/``mean``/``std`` (tuples), ``interpolation``,
+        ``crop_pct`` (float), ``crop_mode``, ``model_kwargs`` (dict), ``recipe``, ``ftsgd_version``,
+        ``format`` and any extra keys as strings.
+
+    Raises:
+        WeightsError: Missing, truncated or corrupt file, or a safetensors file that is not an ftsgd
+            export (no ``architecture``/``class_names`` metadata).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights = _weights_path(path)
+    if not weights.is_file():
+        raise WeightsError(
+            f"no exported model at {weights}; pass the model.safetensors written by ftsgd (or its run directory)"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"could not read {weights}: it is truncated or not a valid safetensors file ({first}); re-export it"
+        ) from None
+    if "architecture" not in metadata or "class_names" not in metadata:
+        raise WeightsError(
+            f"{weights} is not an ftsgd export (its metadata has no architecture/class names); "
+            "to start training from plain weights pass them with --weights PATH"
+        )
+    return tensors, _decode(metadata, weights)
+
+
+def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an exported model with timm and load its weights, ready for inference.
+
+    The model's ``pretrained_cfg`` is overlaid with the exported preprocessing, so
+    :func:`ftsgd.models.model_data_config` on the result returns what the model was trained with.
+
+    Args:
+        path: The ``.safetensors`` file or the directory holding ``model.safetensors``.
+
+    Returns:
+        ``(model, metadata)`` with the model in eval mode on the CPU; metadata as in :func:`read_export`.
+
+    Raises:
+        WeightsError: The export cannot be read or its tensors do not fit the rebuilt model.
+        ModelError: This timm version cannot build the exported architecture with its kwargs.
+    """
+    tensors, meta = read_export(path)
+    arch = meta["architecture"]
+    num_classes = int(meta.get("num_classes", len(meta["class_names"])))
+    kwargs = dict(meta.get("model_kwargs") or {})
+    overlay = {
+        key: meta[key]
+        for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+        if key in meta
+    }
+    overlay["num_classes"] = num_classes
+    try:
+        model = timm.create_model(
+            arch, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
+        )
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelError(
+            f"timm {timm.__version__} cannot rebuild exported model {arch!r} with kwargs {kwargs!r}: {exc}"
+        ) from exc
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()
+        raise WeightsError(
+            f"the tensors in {_weights_path(path)} do not fit {arch!r} as built by timm "
+            f"{timm.__version__} ({' '.join(detail[:3])[:600]}); was it exported with another timm version?"
+        ) from None
+    model.eval()
+    return model, meta

@@ -1,0 +1,353 @@
+"""Model building and safe weight loading (tiny timm models, never the hub)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ftsgd import models
+from ftsgd.errors import ModelError, WeightsError
+from ftsgd.models import WeightsReport, build_model, load_weights, model_data_config, read_state_dict
+from ftsgd.recipe import ModelConfig
+
+
+def _resnet(num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
+
+
+def _vit(seed: int = 0, **kwargs: object) -> nn.Module:
+    torch.manual_seed(seed)
+    kwargs.setdefault("img_size", 32)
+    return timm.create_model("test_vit", pretrained=False, num_classes=4, **kwargs)
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+def _assert_same(model: nn.Module, sd: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key not in skip:
+            assert torch.equal(own[key], value), key
+
+
+@pytest.fixture(scope="module")
+def source() -> dict[str, torch.Tensor]:
+    """Weights of a 1000-class test_resnet (the stand-in for an ImageNet checkpoint)."""
+    return _contiguous(_resnet(seed=1).state_dict())
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".bin", ".pth.tar"])
+def test_roundtrip_loads_every_tensor(tmp_path: Path, source: dict[str, torch.Tensor], suffix: str) -> None:
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(source, path)
+    else:
+        torch.save(source, path)
+    model = _resnet(seed=2)
+    assert not torch.equal(model.state_dict()["conv1.0.weight"], source["conv1.0.weight"])
+    report = load_weights(model, path)
+    assert report == WeightsReport(str(path), len(source), (), (), ())
+    _assert_same(model, source)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 7, "arch": "test_resnet", "optimizer": {"state": {}}},
+        lambda sd: {"model": sd},
+        lambda sd: {"model_state_dict": sd, "step": 3},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}},
+        lambda sd: {f"model.{k}": v for k, v in sd.items()},  # Lightning
+        # timm's train.py: plain weights + EMA copy + argparse args; the plain weights win
+        lambda sd: {
+            "state_dict_ema": {k: torch.zeros_like(v) for k, v in sd.items()},
+            "state_dict": sd,
+            "args": argparse.Namespace(lr=0.1, model="test_resnet"),
+        },
+    ],
+    ids=["state_dict", "model", "model_state_dict", "module", "orig_mod", "lightning", "timm_train"],
+)
+def test_wrappers_and_prefixes_are_removed(tmp_path: Path, source: dict[str, torch.Tensor], wrap) -> None:
+    path = tmp_path / "ck.pth"
+    torch.save(wrap(source), path)
+    model = _resnet(seed=2)
+    report = load_weights(model, path)
+    assert report.loaded == len(source) and not report.missing and not report.unexpected
+    _assert_same(model, source)
+
+
+def test_prefix_is_kept_when_the_model_really_has_it(tmp_path: Path) -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Linear(2, 2)
+
+    torch.manual_seed(0)
+    src = Wrapper()
+    save_file(_contiguous(src.state_dict()), tmp_path / "w.safetensors")
+    dst = Wrapper()
+    assert load_weights(dst, tmp_path / "w.safetensors").loaded == 2
+    _assert_same(dst, src.state_dict())
+
+
+def test_imagenet_head_is_reinitialised_for_a_new_task(
+    tmp_path: Path, source: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "in1k.safetensors"
+    save_file(source, path)
+    model = _resnet(num_classes=3, seed=2)
+    fresh_head = model.fc.weight.detach().clone()
+    report = load_weights(model, path)
+    assert report.reinitialised == ("fc.weight", "fc.bias")
+    assert report.missing == () and report.unexpected == ()
+    assert report.loaded == len(source) - 2
+    assert torch.equal(model.fc.weight, fresh_head)
+    _assert_same(model, source, skip=report.reinitialised)
+
+    # through build_model, as the CLI does it
+    built, report2 = build_model(ModelConfig(name="test_resnet", weights=str(path)), num_classes=3)
+    assert report2 is not None and report2.reinitialised == ("fc.weight", "fc.bias")
+    assert built.fc.out_features == 3
+    _assert_same(built, source, skip=report2.reinitialised)
+
+
+def test_partial_file_reports_missing_and_unexpected(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
+    partial = {k: v for k, v in source.items() if not k.startswith("layer4.")}
+    partial["extra.weight"] = torch.zeros(2)
+    save_file(partial, tmp_path / "p.safetensors")
+    report = load_weights(_resnet(), tmp_path / "p.safetensors")
+    assert report.missing and all(k.startswith("layer4.") for k in report.missing)
+    assert report.unexpected == ("extra.weight",)
+
+
+def test_other_architecture_with_same_keys_lists_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "narrow.safetensors"
+    save_file(_contiguous(_vit(embed_dim=32, num_heads=2).state_dict()), path)
+    with pytest.raises(WeightsError) as info:
+        load_weights(_vit(), path)
+    msg = str(info.value)
+    assert "cls_token: file (1, 1, 32) vs model (1, 1, 64)" in msg
+    assert "more" in msg and "another architecture" in msg and str(path) in msg
+    assert info.value.exit_code == 2
+
+
+def test_unrelated_file_matches_nothing(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
+    path = tmp_path / "resnet.safetensors"
+    save_file(source, path)
+    with pytest.raises(WeightsError, match=rf"none of the {len(source)} tensors in .* match test_vit"):
+        load_weights(_vit(), path)
+
+
+def test_vit_position_embedding_is_resampled_for_a_new_img_size(tmp_path: Path) -> None:
+    """timm's checkpoint_filter_fn is applied when it makes the file fit (pos_embed 4x4 -> 8x8)."""
+    path = tmp_path / "vit32.safetensors"
+    src = _contiguous(_vit(img_size=32).state_dict())
+    save_file(src, path)
+    model = _vit(img_size=64, seed=3)
+    report = load_weights(model, path)
+    assert report.loaded == len(src) and not report.missing
+    assert src["pos_embed"].shape[1] == 1 + 2 * 2 and model.pos_embed.shape[1] == 1 + 4 * 4
+    assert torch.equal(model.patch_embed.proj.weight, src["patch_embed.proj.weight"])
+
+
+class _Payload:
+    """Unpickling this would run a shell command that creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch_zip", "torch_legacy", "raw_pickle"])
+def test_malicious_pickle_is_refused_without_running_it(
+    tmp_path: Path, source: dict[str, torch.Tensor], how: str
+) -> None:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": source, "hook": _Payload(marker)}
+    if how == "raw_pickle":
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=how == "torch_zip")
+    with pytest.raises(WeightsError) as info:
+        load_weights(_resnet(), path)
+    msg = str(info.value)
+    assert "contains Python objects other than tensors" in msg
+    assert "only loads tensors" in msg and "safetensors" in msg
+    assert "system" in msg  # names what it refused to import
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_truncated_file(tmp_path: Path, source: dict[str, torch.Tensor], suffix: str) -> None:
+    full = tmp_path / f"full{suffix}"
+    save_file(source, full) if suffix == ".safetensors" else torch.save(source, full)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated or not a valid weights file"):
+        read_state_dict(cut)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt", ".ckpt"])
+@pytest.mark.parametrize("content", [b"", b"garbage", os.urandom(4096)], ids=["empty", "text", "random"])
+def test_garbage_bytes(tmp_path: Path, suffix: str, content: bytes) -> None:
+    path = tmp_path / f"junk{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match="truncated or not a valid weights file"):
+        read_state_dict(path)
+
+
+def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"does not exist; check the path given with --weights"):
+        read_state_dict(tmp_path / "nope.safetensors")
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(WeightsError, match=r"unknown weights file type 'w.npz'.*\.safetensors"):
+        read_state_dict(tmp_path / "w.npz")
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model(ModelConfig(name="test_resnet", weights=str(tmp_path / "gone.pth")))
+
+
+def test_file_without_tensors(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
+    with pytest.raises(WeightsError, match=r"contains no tensors .*epoch, lr"):
+        read_state_dict(tmp_path / "meta.pth")
+
+
+def test_directory_with_model_safetensors(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
+    save_file(source, tmp_path / "model.safetensors")
+    assert set(read_state_dict(tmp_path)) == set(source)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WeightsError, match=r"holds none of model\.safetensors"):
+        read_state_dict(empty)
+
+
+def test_compiled_or_ddp_wrapper_loads_into_inner_model(
+    tmp_path: Path, source: dict[str, torch.Tensor]
+) -> None:
+    class Compiled(nn.Module):  # stands in for torch.compile's OptimizedModule (no compile needed)
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+    save_file(source, tmp_path / "w.safetensors")
+    inner = _resnet(seed=4)
+    assert load_weights(Compiled(inner), tmp_path / "w.safetensors").loaded == len(source)
+    _assert_same(inner, source)
+
+
+# ----------------------------------------------------------------------------------------- building
+
+
+def test_build_model_kwargs_and_data_config() -> None:
+    model, report = build_model(ModelConfig(name="test_vit", kwargs={"img_size": 32}), num_classes=5)
+    assert report is None and model.num_classes == 5
+    cfg = model_data_config(model)
+    # timm's resolve_data_config alone would say (3, 160, 160), which this ViT cannot take
+    assert cfg["input_size"] == (3, 32, 32)
+    assert set(cfg) >= {"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"}
+    assert model(torch.zeros(1, *cfg["input_size"])).shape == (1, 5)
+    default, _ = build_model(ModelConfig(name="test_resnet"))
+    assert default.num_classes == 1000
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ModelError) as info:
+        build_model(ModelConfig(name="vit_base_patch16_244"))
+    msg = str(info.value)
+    assert msg.startswith("unknown model 'vit_base_patch16_244'; did you mean: vit_base_patch16_224")
+    assert "timm.list_models('*vit*')" in msg
+    with pytest.raises(ModelError, match="no such architecture"):
+        build_model(ModelConfig(name="qqqqzzzz"))
+    with pytest.raises(ModelError, match=r"no model given; pass --model"):
+        build_model(ModelConfig(name=""))
+    with pytest.raises(ModelError, match=r"Invalid pretrained tag \(bogus\)"):
+        build_model(ModelConfig(name="test_resnet.bogus"))
+
+
+def test_bad_kwargs_name_model_kwargs() -> None:
+    with pytest.raises(ModelError) as info:
+        build_model(ModelConfig(name="test_vit", kwargs={"img_size": 32, "dropout_rat": 0.1}))
+    msg = str(info.value)
+    assert "model.kwargs" in msg and "dropout_rat" in msg and "test_vit" in msg
+    assert info.value.exit_code == 2
+
+
+def test_pretrained_offline_fails_fast_with_weights_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real path: this machine cannot reach the hub (skipped where it can, to avoid a download)."""
+    if models._reachable("huggingface.co", 443, 3.0):
+        pytest.skip("the hub is reachable here; the offline path cannot be exercised for real")
+    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: None)
+    start = time.monotonic()
+    with pytest.raises(ModelError) as info:
+        build_model(ModelConfig(name="test_resnet", pretrained=True), num_classes=3)
+    assert time.monotonic() - start < 15
+    msg = str(info.value)
+    assert "cannot download pretrained weights for 'test_resnet'" in msg and "--weights PATH" in msg
+
+
+def test_pretrained_on_a_black_holed_network_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network that swallows packets (DNS/connect hanging) still fails within the probe timeout."""
+
+    def hang(*_args: object, **_kwargs: object) -> None:
+        time.sleep(3)  # far beyond the probe's timeout; then fail like a real connect timeout would
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(models.socket, "create_connection", hang)
+    monkeypatch.setattr(models, "_PROBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(ModelError, match=r"unreachable.*--weights PATH"):
+        build_model(ModelConfig(name="test_resnet", pretrained=True))
+    assert time.monotonic() - start < 5
+
+
+def test_pretrained_respects_hf_hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: None)
+    monkeypatch.setattr(models, "_reachable", lambda *_a: pytest.fail("must not probe the network"))
+    with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE is set.*--weights PATH"):
+        build_model(ModelConfig(name="test_resnet", pretrained=True))
+
+
+def test_pretrained_uses_cached_weights_without_network(
+    tmp_path: Path, source: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = tmp_path / "model.safetensors"
+    save_file(source, cached)
+    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: str(cached))
+    monkeypatch.setattr(models, "_reachable", lambda *_a: pytest.fail("must not probe the network"))
+    model, report = build_model(ModelConfig(name="test_resnet", pretrained=True), num_classes=3)
+    assert report is None and model.num_classes == 3
+    _assert_same(model, source, skip=("fc.weight", "fc.bias"))
+
+
+def test_local_weights_take_precedence_over_pretrained(
+    tmp_path: Path, source: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_file(source, tmp_path / "w.safetensors")
+    monkeypatch.setattr(models, "_reachable", lambda *_a: pytest.fail("must not probe the network"))
+    cfg = ModelConfig(name="test_resnet", pretrained=True, weights=str(tmp_path / "w.safetensors"))
+    model, report = build_model(cfg)
+    assert report is not None and report.loaded == len(source)
+    _assert_same(model, source)
