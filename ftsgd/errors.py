@@ -46,3 +46,12 @@ class RunError(FtsgdError):
     """A run that started and failed (NaN loss, out of memory, I/O failure, ...)."""
 
     exit_code = 1
+
+
+class Interrupted(FtsgdError):
+    """SIGINT/SIGTERM stopped a run after a checkpoint was saved; exit code 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -23,8 +23,12 @@ import platform
 import random
 import resource
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ from torch import nn
 from ftsgd import __version__
 from ftsgd.console import print_table, training_progress
 from ftsgd.data import Split, build_loader, build_transform, discover_splits, resolve_num_workers
-from ftsgd.errors import ModelError, RecipeError, RunError, UsageError
+from ftsgd.errors import FtsgdError, Interrupted, ModelError, RecipeError, RunError, UsageError
 from ftsgd.evaluate import evaluate
 from ftsgd.export import export_model
 from ftsgd.fileio import atomic_torch_save, atomic_write_text
@@ -181,6 +185,46 @@ def _load_run_recipe(out: Path, data: Path) -> Recipe:
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+
+@dataclass
+class _StopRequest:
+    signum: int = 0
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """Turn the first SIGINT/SIGTERM into a request to stop at the next step boundary.
+
+    The loop then saves a checkpoint and exits cleanly; a second SIGINT falls back to Python's
+    default handling (KeyboardInterrupt) for a user who really wants out now. Handlers can only be
+    installed from the main thread; elsewhere (an embedding application) signals are left alone.
+    """
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        request.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _oom_error(exc: BaseException, recipe: Recipe, out: Path) -> RunError:
+    return RunError(
+        f"out of GPU memory while training {recipe.model.name} at train.batch_size = "
+        f"{recipe.train.batch_size} ({str(exc).splitlines()[0]}). Options that help: a smaller micro-batch "
+        "(--set train.micro_batch_size=8: same batch, less memory), --set train.grad_checkpointing=true, "
+        "--set optim.step_in_backward=true, SGD without momentum, or the low-memory recipe "
+        f"(--recipe sgd-freeze-embed-lowmem). The last checkpoint, if any, is in {out / CHECKPOINT}."
+    )
 
 
 # --------------------------------------------------------------------------- entry points
@@ -336,43 +380,29 @@ def train(
     if resume:
         _write_metrics(out, state.history)  # drop lines of an epoch the checkpoint never saw finish
     progress = training_progress(quiet, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
-    with progress:
-        if resume:
-            progress.message(
-                f"resuming {out} at epoch {state.epoch + 1}, step {state.step_in_epoch}/{steps_per_epoch}"
-            )
-        else:
-            progress.message(
-                f"{recipe.model.name}: {len(class_names)} classes, {len(train_split.samples)} training images, "
-                f"frozen {len(frozen)} tensors ({n_frozen:,} of {n_total:,} parameters, policy "
-                f"{recipe.freeze.policy}), device {device.type}"
-                f"{', amp ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
-            )
-        while state.epoch < t.epochs:
-            epoch = state.epoch
-            lr = lr_at(
-                recipe.schedule,
-                recipe.optim.lr,
-                epochs=t.epochs,
-                steps_per_epoch=steps_per_epoch,
-                epoch=epoch,
-                step=state.step_in_epoch,
-            )
-            progress.start_epoch(epoch, state.step_in_epoch, lr)
-            loader = build_loader(
-                train_split,
-                train_tf,
-                batch_size=t.batch_size,
-                training=True,
-                seed=t.seed,
-                epoch=epoch,
-                start_batch=state.step_in_epoch,
-                num_workers=workers,
-                pin_memory=pin,
-            )
-            train_mode(model)
-            tick = time.perf_counter()
-            for x, y in loader:
+
+    def interrupted(signum: int) -> Interrupted:
+        save_checkpoint()
+        name = signal.Signals(signum).name
+        command = shlex.join(["ftsgd", "train", "--data", recipe.data.root, "--out", str(out), "--resume"])
+        progress.message(f"{name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+        return Interrupted(f"interrupted by {name}; checkpoint saved. Resume with:\n  {command}", signum)
+
+    with progress, _stop_on_signals() as stop_request:
+        try:
+            if resume:
+                progress.message(
+                    f"resuming {out} at epoch {state.epoch + 1}, step {state.step_in_epoch}/{steps_per_epoch}"
+                )
+            else:
+                progress.message(
+                    f"{recipe.model.name}: {len(class_names)} classes, {len(train_split.samples)} training images, "
+                    f"frozen {len(frozen)} tensors ({n_frozen:,} of {n_total:,} parameters, policy "
+                    f"{recipe.freeze.policy}), device {device.type}"
+                    f"{', amp ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
+                )
+            while state.epoch < t.epochs:
+                epoch = state.epoch
                 lr = lr_at(
                     recipe.schedule,
                     recipe.optim.lr,
@@ -381,88 +411,123 @@ def train(
                     epoch=epoch,
                     step=state.step_in_epoch,
                 )
-                set_lr([optimizer], lr)  # type: ignore[list-item]
-                loss_sum, correct = _train_step(
-                    forward,
-                    x,
-                    y,
-                    micro=micro,
-                    loss_fn=loss_fn,
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    trainable=trainable,
-                    grad_clip=t.grad_clip,
-                    device=device,
-                    amp_dtype=amp_dtype,
-                    channels_last=t.channels_last,
+                progress.start_epoch(epoch, state.step_in_epoch, lr)
+                loader = build_loader(
+                    train_split,
+                    train_tf,
+                    batch_size=t.batch_size,
+                    training=True,
+                    seed=t.seed,
+                    epoch=epoch,
+                    start_batch=state.step_in_epoch,
+                    num_workers=workers,
+                    pin_memory=pin,
                 )
-                if not math.isfinite(loss_sum):
-                    raise RunError(
-                        f"training loss became {loss_sum / len(y)} at epoch {epoch + 1}, step "
-                        f"{state.step_in_epoch + 1} (global step {state.global_step + 1}); the last good "
-                        f'checkpoint is {out / CHECKPOINT}. Try a lower optim.lr or train.amp = "bf16"/"none"'
+                train_mode(model)
+                tick = time.perf_counter()
+                for x, y in loader:
+                    lr = lr_at(
+                        recipe.schedule,
+                        recipe.optim.lr,
+                        epochs=t.epochs,
+                        steps_per_epoch=steps_per_epoch,
+                        epoch=epoch,
+                        step=state.step_in_epoch,
                     )
-                now = time.perf_counter()
-                state.epoch_seconds += now - tick
-                tick = now
-                state.step_in_epoch += 1
-                state.global_step += 1
-                state.epoch_loss_sum += loss_sum
-                state.epoch_correct += correct
-                state.epoch_seen += len(y)
-                progress.step(
-                    epoch,
-                    state.step_in_epoch,
-                    loss_sum / len(y),
-                    lr,
-                    state.epoch_seen / max(state.epoch_seconds, 1e-9),
+                    set_lr([optimizer], lr)  # type: ignore[list-item]
+                    loss_sum, correct = _train_step(
+                        forward,
+                        x,
+                        y,
+                        micro=micro,
+                        loss_fn=loss_fn,
+                        optimizer=optimizer,
+                        scaler=scaler,
+                        trainable=trainable,
+                        grad_clip=t.grad_clip,
+                        device=device,
+                        amp_dtype=amp_dtype,
+                        channels_last=t.channels_last,
+                    )
+                    if not math.isfinite(loss_sum):
+                        raise RunError(
+                            f"training loss became {loss_sum / len(y)} at epoch {epoch + 1}, step "
+                            f"{state.step_in_epoch + 1} (global step {state.global_step + 1}); the last good "
+                            f'checkpoint is {out / CHECKPOINT}. Try a lower optim.lr or train.amp = "bf16"/"none"'
+                        )
+                    now = time.perf_counter()
+                    state.epoch_seconds += now - tick
+                    tick = now
+                    state.step_in_epoch += 1
+                    state.global_step += 1
+                    state.epoch_loss_sum += loss_sum
+                    state.epoch_correct += correct
+                    state.epoch_seen += len(y)
+                    progress.step(
+                        epoch,
+                        state.step_in_epoch,
+                        loss_sum / len(y),
+                        lr,
+                        state.epoch_seen / max(state.epoch_seconds, 1e-9),
+                    )
+                    at_end = state.step_in_epoch == steps_per_epoch
+                    stop = stop_after_steps is not None and state.global_step >= stop_after_steps
+                    if not at_end and (
+                        stop or (t.checkpoint_every and state.global_step % t.checkpoint_every == 0)
+                    ):
+                        save_checkpoint()
+                    if stop and not at_end:
+                        return {"stopped_at_step": state.global_step}
+                    if stop_request.signum and not at_end:
+                        raise interrupted(stop_request.signum)
+                results = evaluate_all()
+                record = {
+                    "epoch": epoch + 1,
+                    "step": state.global_step,
+                    "lr": lr,
+                    "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
+                    "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
+                    "splits": {name: _split_metrics(r) for name, r in results.items()},
+                    "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
+                    "epoch_time_s": state.epoch_seconds,
+                    "peak_memory_bytes": peak_memory_bytes(device),
+                }
+                val_name = recipe.data.val if recipe.data.val in results else "val"
+                val_acc = results[val_name]["accuracy"]
+                best = val_acc > state.best_accuracy
+                if best:
+                    state.best_accuracy, state.best_epoch = val_acc, epoch + 1
+                    export_best()
+                state.history.append(record)
+                state.train_seconds += state.epoch_seconds
+                state = replace(
+                    state,
+                    epoch=epoch + 1,
+                    step_in_epoch=0,
+                    epoch_loss_sum=0.0,
+                    epoch_correct=0,
+                    epoch_seen=0,
+                    epoch_seconds=0.0,
                 )
-                at_end = state.step_in_epoch == steps_per_epoch
-                stop = stop_after_steps is not None and state.global_step >= stop_after_steps
-                if not at_end and (
-                    stop or (t.checkpoint_every and state.global_step % t.checkpoint_every == 0)
+                save_checkpoint()
+                _write_metrics(out, state.history)
+                progress.end_epoch(record, best)
+                if stop_request.signum and state.epoch < t.epochs:
+                    raise interrupted(stop_request.signum)
+                if (
+                    stop_after_steps is not None
+                    and state.global_step >= stop_after_steps
+                    and state.epoch < t.epochs
                 ):
-                    save_checkpoint()
-                if stop and not at_end:
                     return {"stopped_at_step": state.global_step}
-            results = evaluate_all()
-            record = {
-                "epoch": epoch + 1,
-                "step": state.global_step,
-                "lr": lr,
-                "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
-                "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
-                "splits": {name: _split_metrics(r) for name, r in results.items()},
-                "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
-                "epoch_time_s": state.epoch_seconds,
-                "peak_memory_bytes": peak_memory_bytes(device),
-            }
-            val_name = recipe.data.val if recipe.data.val in results else "val"
-            val_acc = results[val_name]["accuracy"]
-            best = val_acc > state.best_accuracy
-            if best:
-                state.best_accuracy, state.best_epoch = val_acc, epoch + 1
-                export_best()
-            state.history.append(record)
-            state.train_seconds += state.epoch_seconds
-            state = replace(
-                state,
-                epoch=epoch + 1,
-                step_in_epoch=0,
-                epoch_loss_sum=0.0,
-                epoch_correct=0,
-                epoch_seen=0,
-                epoch_seconds=0.0,
-            )
-            save_checkpoint()
-            _write_metrics(out, state.history)
-            progress.end_epoch(record, best)
-            if (
-                stop_after_steps is not None
-                and state.global_step >= stop_after_steps
-                and state.epoch < t.epochs
-            ):
-                return {"stopped_at_step": state.global_step}
+        except FtsgdError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise _oom_error(exc, recipe, out) from None
+        except Exception:
+            if stop_request.signum:  # e.g. a DataLoader worker killed by the same Ctrl-C
+                raise interrupted(stop_request.signum) from None
+            raise
 
     summary = _summary(
         recipe,
