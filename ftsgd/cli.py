@@ -17,10 +17,6 @@ from ftsgd.errors import FtsgdError, UsageError
 
 app = typer.Typer(
     name="ftsgd",
-    help=(
-        "Fine-tune pretrained vision models with SGD and a frozen embedding layer "
-        "(Kumar et al., ICLR 2024): AdamW-level accuracy at SGD's memory cost."
-    ),
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
@@ -28,7 +24,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 recipes_app = typer.Typer(
-    help="List, show and document recipes.",
     context_settings={"help_option_names": ["-h", "--help"]},
     invoke_without_command=True,
 )
@@ -92,7 +87,9 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """Fine-tune pretrained vision models with SGD and a frozen embedding layer.
+    """Fine-tune pretrained vision models with SGD and a frozen embedding layer (Kumar et al., ICLR 2024).
+
+    AdamW-level accuracy, in and out of distribution, at SGD's memory cost.
 
     Examples:
 
@@ -112,7 +109,7 @@ def recipes_list(
     ctx: typer.Context,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the built-in recipes (usable by name with --recipe).
+    """List, show and document recipes; alone, list the built-in ones (usable by name with --recipe).
 
     Examples:
 
