@@ -218,3 +218,57 @@ def test_micro_batches_give_the_same_step_as_one_batch(image_folder: Path, tmp_p
         if a[key].is_floating_point():
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert one["steps"] == two["steps"] == 5
+
+
+def test_gradient_clipping_bounds_the_update(image_folder: Path, tmp_path: Path) -> None:
+    weights = make_weights(tmp_path, "test_vit", {"img_size": 32})
+    common = (f'model.weights="{weights}"', "optim.momentum=0", "optim.lr=1.0", "train.epochs=1")
+    recipe = recipe_for(image_folder, "test_vit", *common, "train.grad_clip=1e-6")
+    train(recipe, tmp_path / "clip", quiet=True, stop_after_steps=1)
+    after = torch.load(tmp_path / "clip" / "checkpoint.pt", weights_only=True)["model"]
+    init = load_file(str(weights))
+    shared = [
+        k for k in after if k in init and init[k].shape == after[k].shape and after[k].is_floating_point()
+    ]
+    delta = torch.sqrt(sum(((after[k] - init[k]) ** 2).sum() for k in shared))
+    assert 0 < delta <= 1e-6 * 1.0001  # one SGD step of lr 1 with the global gradient norm clipped to 1e-6
+
+
+def test_label_smoothing_changes_the_loss(image_folder: Path, tmp_path: Path) -> None:
+    base = ("train.epochs=1", "optim.lr=1e-6")
+    plain = train(recipe_for(image_folder, "test_vit", *base), tmp_path / "a", quiet=True)
+    smooth = train(
+        recipe_for(image_folder, "test_vit", *base, "train.label_smoothing=0.5"), tmp_path / "b", quiet=True
+    )
+    a = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())["train_loss"]
+    b = json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["train_loss"]
+    assert a != pytest.approx(b, rel=1e-3)
+    assert plain["best"]["val"]["n"] == smooth["best"]["val"]["n"]
+
+
+def test_amp_and_device_resolution_on_cpu() -> None:
+    from ftsgd.train import resolve_amp, resolve_device
+
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
+    for mode in ("auto", "bf16", "fp16", "none"):
+        assert resolve_amp(mode, cpu) is None  # fp32 on CPU
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_step_schedule_and_warmup_reach_the_optimizer(image_folder: Path, tmp_path: Path) -> None:
+    recipe = recipe_for(
+        image_folder,
+        "test_vit",
+        "train.epochs=3",
+        'schedule.name="step"',
+        "schedule.decay_epochs=1",
+        "schedule.decay_rate=0.5",
+        "schedule.warmup_epochs=1",
+    )
+    train(recipe, tmp_path / "run", quiet=True)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.02 * 1 / 2, 0.02 * 0.5, 0.02 * 0.25])
