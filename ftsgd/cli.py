@@ -189,9 +189,28 @@ def inspect(
         int | None, typer.Option("--num-classes", "-n", min=1, help="Classifier size of your task.")
     ] = None,
     sets: SetOpt = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Images per forward/backward pass for the activation memory [default: the recipe's "
+            "micro-batch].",
+        ),
+    ] = None,
+    img_size: Annotated[
+        int | None,
+        typer.Option(
+            "--img-size", min=8, help="Input resolution (sets data.img_size) [default: the model's]."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
+
+    The memory estimate includes activations, measured on real training-mode forward passes
+    (batches up to 2 directly, larger ones from batch 1 and 2 extrapolated linearly).
 
     Examples:
 
@@ -200,6 +219,8 @@ def inspect(
         ftsgd inspect convnext_base --recipe sgd-freeze-embed --set freeze.policy=embed+stage1
 
         ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 --json
+
+        ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
     """
     from ftsgd.inspection import inspect_model
     from ftsgd.recipe import load_recipe
@@ -207,10 +228,10 @@ def inspect(
     with _user_errors():
         if model and model_opt and model != model_opt:
             raise UsageError(f"two model names given ({model!r} and --model {model_opt!r}); pass one")
-        loaded = load_recipe(
-            recipe, _overrides(sets, **{"model.name": model or model_opt, "model.weights": weights})
-        )
-        report = inspect_model(loaded, num_classes)
+        shorthands = {"model.name": model or model_opt, "model.weights": weights}
+        size = [f"data.img_size={img_size}"] if img_size is not None else []
+        loaded = load_recipe(recipe, [*_overrides(sets, **shorthands), *size])
+        report = inspect_model(loaded, num_classes, batch_size=batch_size)
     if as_json:
         console.print_json(report)
         return
@@ -253,8 +274,9 @@ def _print_inspect(r: dict[str, Any]) -> None:
         ["gradients", format_bytes(m["gradients"])],
         ["optimizer state", format_bytes(m["optimizer_state"])],
     ]
-    if m.get("activations"):
-        mem_rows.append(["activations", format_bytes(m["activations"])])
+    if m.get("batch_size"):
+        size = "x".join(str(v) for v in m["input_size"])
+        mem_rows.append([f"activations (batch {m['batch_size']}, {size})", format_bytes(m["activations"])])
     mem_rows += [
         ["total (this recipe)", format_bytes(m["total"])],
         ["total (adamw, nothing frozen)", format_bytes(m["adamw_total"])],
@@ -326,6 +348,10 @@ def eval_(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Evaluation batch size.")] = 64,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    on_bad_image: Annotated[
+        str,
+        typer.Option("--on-bad-image", help="error | skip: what to do with images that cannot be decoded."),
+    ] = "error",
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate exported weights on image-folder splits: top-1/top-5, loss and per-class accuracy.
@@ -339,7 +365,16 @@ def eval_(
     from ftsgd.evaluate import print_eval_results, run_eval
 
     with _user_errors():
-        results = run_eval(weights, data, splits=list(split or []), batch_size=batch_size, device=device)
+        if on_bad_image not in ("error", "skip"):
+            raise UsageError(f"--on-bad-image must be error or skip, got {on_bad_image!r}")
+        results = run_eval(
+            weights,
+            data,
+            splits=list(split or []),
+            batch_size=batch_size,
+            device=device,
+            on_bad_image=on_bad_image,
+        )
     if as_json:
         console.print_json(results)
     else:

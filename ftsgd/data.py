@@ -17,19 +17,21 @@ import hashlib
 import inspect
 import os
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from ftsgd.errors import DataError
-from ftsgd.recipe import AUGMENTS, DataConfig
+from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -226,11 +228,12 @@ def discover_splits(
 
     eval_mode = class_names is not None
     train_dir, val_dir = _resolve(root, cfg.train), _resolve(root, cfg.val)
+    problems: list[str] = []
     for key, path in (("train", train_dir), ("val", val_dir)):
         if not eval_mode and not path.is_dir():
-            raise DataError(
-                f"{key} split folder {path} does not exist (data.{key} = {getattr(cfg, key)!r}); {LAYOUT_HINT}"
-            )
+            problems.append(f"{key} split folder {path} does not exist (data.{key} = {getattr(cfg, key)!r})")
+    if problems:
+        raise _data_problems(problems, root, hint=LAYOUT_HINT)
 
     if class_names is not None:
         if not class_names:
@@ -249,7 +252,10 @@ def discover_splits(
     taken: list[Path] = []
     for key, path in (("train", train_dir), ("val", val_dir)):
         if path.is_dir():
-            splits[key] = _load_split(key, path, class_to_idx, known)
+            try:
+                splits[key] = _load_split(key, path, class_to_idx, known)
+            except DataError as exc:  # keep going: report every split's problems at once
+                problems.append(str(exc))
             taken.append(path)
 
     extra: list[tuple[str, Path]] = []
@@ -258,7 +264,8 @@ def discover_splits(
         for entry in cfg.eval_splits:
             path = _resolve(root, entry)
             if not path.is_dir():
-                raise DataError(f"evaluation split {entry!r} (data.eval_splits): {path} does not exist")
+                problems.append(f"evaluation split {entry!r} (data.eval_splits): {path} does not exist")
+                continue
             extra.append((path.name, path))
     else:
         for name in find_classes(root):  # sorted, non-hidden sub-folders
@@ -270,16 +277,33 @@ def discover_splits(
         if any(_same_dir(path, t) for t in taken):
             continue  # e.g. eval_splits = ["val", "ood"]: val is evaluated anyway
         if name in splits:
-            raise DataError(
+            problems.append(
                 f"two splits are both named {name!r}: {splits[name].root} and {path}. "
                 "Split names label the metrics, so give the folders different names."
             )
-        splits[name] = _load_split(name, path, class_to_idx, known, discovered=discovered)
+            continue
+        try:
+            splits[name] = _load_split(name, path, class_to_idx, known, discovered=discovered)
+        except DataError as exc:
+            problems.append(str(exc))
         taken.append(path)
 
+    if problems:
+        raise _data_problems(problems, root)
     if not splits:
         raise DataError(f"no splits found under {root}; {LAYOUT_HINT}")
     return classes, splits
+
+
+def _data_problems(problems: list[str], root: Path, hint: str = "") -> DataError:
+    """One error for all the problems found; a single problem keeps its own message."""
+    tail = f"; {hint}" if hint else ""
+    if len(problems) == 1:
+        return DataError(problems[0] + tail)
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return DataError(
+        f"{len(problems)} problems with the dataset {root}:\n{lines}" + (f"\n{hint}" if hint else "")
+    )
 
 
 # --------------------------------------------------------------------------- image loading
@@ -337,6 +361,205 @@ def load_image(path: Path) -> Image.Image:
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}. Remove or replace the file.") from exc
+
+
+# --------------------------------------------------------------------------- pre-flight scan
+
+
+SKIPPED_FILE = "skipped.txt"
+"""Run-directory file listing the images ``data.on_bad_image = "skip"`` left out (path, split, reason)."""
+
+_SHOW_PER_KIND = 5
+"""How many paths of each kind of problem a pre-flight error lists (then a count)."""
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image file the pre-flight scan could not decode.
+
+    Attributes:
+        path: The file.
+        split: Name of the split it belongs to (the first one, if splits share files).
+        kind: Short category: ``empty file``, ``truncated``, ``not an image``, ``unreadable`` or
+            ``too large`` or ``corrupt``; problems are grouped by it in messages.
+        detail: The decoder's or the OS's own words.
+    """
+
+    path: Path
+    split: str
+    kind: str
+    detail: str
+
+
+def check_image(path: Path | str) -> tuple[str, str] | None:
+    """Decode ``path`` the way training will, cheaply; return ``(kind, detail)`` if that fails.
+
+    ``Image.verify()`` alone misses truncated JPEGs, so the file is fully decoded: JPEGs at 1/8
+    scale through ``draft()`` (libjpeg still reads every byte, so truncation and corrupt data are
+    caught, at a fraction of the cost), everything else at full size, then converted to RGB as
+    :func:`load_image` does so unusual modes are exercised too. About 0.4 ms per small image.
+    """
+    path = Path(path)
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty file", "0 bytes"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF/palette warnings are not problems
+            with Image.open(path) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+                to_rgb(img)
+    except UnidentifiedImageError:
+        return "not an image", f"no known image format; it starts with {_head(path)}"
+    except Image.DecompressionBombError as exc:
+        return "too large", str(exc).split(", could be")[0]
+    except OSError as exc:
+        text = str(exc) or type(exc).__name__
+        if "truncated" in text.lower():
+            return "truncated", text
+        if exc.strerror and exc.filename is not None:
+            return "unreadable", exc.strerror
+        return "corrupt", text
+    except Exception as exc:  # a damaged file can make a plugin fail in any way
+        return "corrupt", f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return None
+
+
+def _head(path: Path, n: int = 16) -> str:
+    """The first bytes of a file, to recognise what it really is (an HTML error page, a text file)."""
+    try:
+        with open(path, "rb") as fh:
+            return repr(fh.read(n))
+    except OSError:
+        return "(unreadable)"
+
+
+def scan_images(paths: Iterable[Path], *, workers: int = 0) -> dict[Path, tuple[str, str]]:
+    """Check many files with :func:`check_image` in a thread pool.
+
+    Decoding and file reads release the GIL, so threads overlap I/O (network file systems) and
+    decompression of large images.
+
+    Args:
+        paths: Files to check (duplicates are checked once).
+        workers: Threads; 0 = ``min(32, 4 x CPUs)``.
+
+    Returns:
+        ``{path: (kind, detail)}`` for the files that failed.
+    """
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        return {}
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    workers = max(1, min(workers, len(unique)))
+    if workers == 1:
+        results = [check_image(p) for p in unique]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ftsgd-scan") as pool:
+            results = list(pool.map(check_image, unique, chunksize=64))
+    return {p: r for p, r in zip(unique, results, strict=True) if r is not None}
+
+
+def _bad_image_report(bad: list[BadImage], checked: int, root: Path | None, action: str) -> str:
+    def shown(path: Path) -> str:
+        if root is not None:
+            try:
+                return str(path.relative_to(root))
+            except ValueError:
+                pass
+        return str(path)
+
+    by_kind: dict[str, list[BadImage]] = {}
+    for b in bad:
+        by_kind.setdefault(b.kind, []).append(b)
+    where = f" under {root}" if root is not None else ""
+    lines = [f"{len(bad)} of {checked} image files{where} cannot be read ({action}):"]
+    for kind, items in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {kind} ({len(items)}):")
+        for b in items[:_SHOW_PER_KIND]:
+            lines.append(f"    {shown(b.path)}: {b.detail}")
+        if len(items) > _SHOW_PER_KIND:
+            lines.append(f"    ... and {len(items) - _SHOW_PER_KIND} more")
+    return "\n".join(lines)
+
+
+def preflight_scan(
+    splits: dict[str, Split],
+    *,
+    on_bad_image: str = "error",
+    root: Path | str | None = None,
+    workers: int = 0,
+    train_split: str | None = "train",
+) -> tuple[dict[str, Split], list[BadImage]]:
+    """Decode every file of every split once, before any model is built, so bad data fails in seconds.
+
+    Args:
+        splits: From :func:`discover_splits`.
+        on_bad_image: ``error``: any unreadable file is a :class:`DataError` listing them all
+            (grouped by kind, the first few paths of each and a count). ``skip``: the files are
+            dropped from their splits and returned, so the caller can list them.
+        root: Dataset folder; paths in messages are shown relative to it.
+        workers: Scan threads (0 = automatic).
+        train_split: Key of the training split: with ``skip``, every one of its classes must keep at
+            least one image (a class that is never trained on is not a usable task). ``None`` for
+            evaluation-only scans.
+
+    Returns:
+        ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
+        bad files, in split order.
+
+    Raises:
+        DataError: Bad files with ``on_bad_image = "error"``, or, with ``skip``, a split (or a
+            training class) left with no images.
+    """
+    if on_bad_image not in BAD_IMAGE_ACTIONS:
+        raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_ACTIONS)}, got {on_bad_image!r}")
+    root = Path(root) if root is not None else None
+    owner: dict[Path, str] = {}
+    for name, split in splits.items():
+        for path, _ in split.samples:
+            owner.setdefault(path, name)
+    failed = scan_images(owner, workers=workers)
+    bad = [BadImage(path, owner[path], *failed[path]) for path in owner if path in failed]
+    if not bad:
+        return splits, []
+    if on_bad_image == "error":
+        report = _bad_image_report(bad, len(owner), root, "pre-flight scan")
+        raise DataError(
+            f"{report}\nFix or remove these files, or leave them out with "
+            '--set data.on_bad_image=skip (data.on_bad_image = "skip" in the recipe); '
+            "skipped files are listed in the run directory."
+        )
+    kept: dict[str, Split] = {}
+    problems: list[str] = []
+    for name, split in splits.items():
+        samples = tuple((p, label) for p, label in split.samples if p not in failed)
+        dropped = len(split.samples) - len(samples)
+        if not samples:
+            problems.append(f"{name} split {split.root}: none of its {len(split.samples)} images can be read")
+            continue
+        present = sorted({p.relative_to(split.root).parts[0] for p, _ in samples})
+        if name == train_split and dropped:
+            lost = [c for c in split.classes if c not in present]
+            if lost:
+                problems.append(
+                    f"{name} split {split.root}: no readable image left in class folder(s) {_shorten(lost)}"
+                )
+        kept[name] = replace(split, samples=samples, classes=tuple(present))
+    if problems:
+        report = _bad_image_report(bad, len(owner), root, 'data.on_bad_image = "skip"')
+        raise DataError(
+            "after skipping unreadable images the dataset is not usable:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + f"\n{report}"
+        )
+    return kept, bad
+
+
+def skipped_lines(bad: list[BadImage]) -> str:
+    """The contents of :data:`SKIPPED_FILE`: one ``path<TAB>split<TAB>kind: detail`` line per file."""
+    return "".join(f"{b.path}\t{b.split}\t{b.kind}: {b.detail}\n" for b in bad)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -579,15 +802,21 @@ def build_loader(
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "SKIPPED_FILE",
+    "BadImage",
     "EpochSampler",
     "ImageDataset",
     "Split",
     "build_loader",
     "build_transform",
+    "check_image",
     "discover_splits",
     "find_classes",
     "is_image_file",
     "load_image",
+    "preflight_scan",
     "resolve_num_workers",
+    "scan_images",
+    "skipped_lines",
     "to_rgb",
 ]

@@ -13,6 +13,23 @@ class FtsgdError(Exception):
 
     exit_code: int = 1
 
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_from_worker(args[0]),)
+        super().__init__(*args)
+
+
+def _from_worker(message: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker process.
+
+    torch re-creates a worker's exception as ``type(exc)("Caught X in DataLoader worker process N.
+    Original Traceback ...")``: the user would see a traceback after all. Keep the last line's text.
+    """
+    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    _, sep, text = message[message.rfind("\nftsgd.errors.") + 1 :].partition(": ")
+    return text.rstrip() if sep and "\nftsgd.errors." in message else message
+
 
 class UsageError(FtsgdError):
     """Bad command-line usage or arguments."""

@@ -115,6 +115,7 @@ def run_eval(
     batch_size: int = 64,
     device: str = "auto",
     num_workers: int = -1,
+    on_bad_image: str = "error",
 ) -> dict[str, dict[str, Any]]:
     """``ftsgd eval``: evaluate an export (or a run directory's) on image-folder splits.
 
@@ -128,11 +129,14 @@ def run_eval(
         batch_size: Evaluation batch size.
         device: ``auto``, ``cpu`` or ``cuda``.
         num_workers: DataLoader workers (-1 = automatic).
+        on_bad_image: ``error``: an unreadable image in an evaluated split fails before the model
+            runs, listing the files; ``skip``: they are left out (a warning says how many).
 
     Returns:
         ``{split: {"accuracy", "top5"?, "loss", "n", "per_class"}}``.
     """
-    from ftsgd.data import build_loader, build_transform, discover_splits, resolve_num_workers
+    from ftsgd.console import warn
+    from ftsgd.data import build_loader, build_transform, discover_splits, preflight_scan, resolve_num_workers
     from ftsgd.errors import DataError
     from ftsgd.export import load_exported_model
     from ftsgd.recipe import DataConfig
@@ -149,6 +153,13 @@ def run_eval(
         raise DataError(
             f"split(s) {', '.join(missing)} not found under {root}; available: {', '.join(found) or 'none'}"
         )
+    checked, skipped = preflight_scan(
+        {name: found[name] for name in wanted}, on_bad_image=on_bad_image, root=root, train_split=None
+    )
+    found.update(checked)
+    if skipped:
+        shown = ", ".join(str(b.path) for b in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warn(f"skipped {len(skipped)} unreadable image(s): {shown}")
     dev = resolve_device(device)
     model.to(dev)
     data_config = {

@@ -77,14 +77,30 @@ def _jsonable(value: Any) -> Any:
 
 
 def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, storage-private copies of the model's state dict.
+    """The model's state dict as CPU, contiguous tensors that share no storage, copying only what must be.
 
     safetensors refuses tensors that share storage (tied weights, views) or are non-contiguous
-    (``channels_last``), and copying off the GPU is needed anyway.
+    (``channels_last``); those are copied, and so is everything off the GPU. Every other tensor is
+    the model's own: safetensors writes straight from its memory, so exporting a CPU model costs no
+    second copy of the weights (a full copy would be the largest allocation of a memory-light run).
     """
+    state = model.state_dict()
+    owners: dict[tuple[str, int], int] = {}
+    for value in state.values():
+        key = (str(value.device), value.untyped_storage().data_ptr())
+        owners[key] = owners.get(key, 0) + 1
+    seen: set[tuple[str, int]] = set()
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        tensors[key] = value.detach().to(device="cpu", copy=True).contiguous()
+    for name, value in state.items():
+        value = value.detach()
+        key = (str(value.device), value.untyped_storage().data_ptr())
+        shared = owners[key] > 1 and key in seen  # the first user keeps the storage, the others copy
+        seen.add(key)
+        if shared:
+            value = value.to(device="cpu", copy=True, memory_format=torch.contiguous_format)
+        else:
+            value = value.to(device="cpu").contiguous()
+        tensors[name] = value
     return tensors
 
 

@@ -15,6 +15,7 @@ not also lose the last good one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,6 +33,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "remove_stale_temps",
 ]
 
 
@@ -245,3 +247,23 @@ def append_line(path: Path | str, line: str) -> None:
             ) from exc
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(directory: Path | str, names: list[str] | tuple[str, ...]) -> list[Path]:
+    """Delete temporaries a killed writer left next to ``names`` in ``directory`` (``.NAME.*.tmp``).
+
+    A ``kill -9`` during an atomic write leaves its temporary behind (never the target); for a
+    checkpoint that is a model-sized file, so a resumed run removes them. Only names this module
+    would have created for the given targets are touched.
+
+    Returns:
+        The files removed.
+    """
+    directory = Path(directory)
+    removed = []
+    for name in names:
+        for tmp in directory.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed

@@ -6,21 +6,33 @@ parameter costs only its 4 weight bytes. :func:`estimate_memory` applies that ac
 model, a freeze set and an ``[optim]`` section so ``ftsgd inspect`` can show what freezing and the
 optimizer choice save before anything is trained.
 
-Activation memory (which depends on batch size, resolution and checkpointing) is not estimated yet;
-:class:`MemoryEstimate` has an ``activations`` field, 0 for now and already part of ``total``, so it
-can be filled in without changing callers.
+Activation memory depends on the batch size, the resolution, what is frozen and gradient
+checkpointing, so it is measured rather than computed: :func:`measure_activations` runs real
+training-mode forward passes under ``torch.autograd.graph.saved_tensors_hooks`` and adds up the
+distinct storages autograd keeps for backward (parameters and buffers excluded, views counted once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ftsgd.recipe import OptimConfig
 
-__all__ = ["OPTIMIZER_STATE_SLOTS", "MemoryEstimate", "estimate_memory", "format_bytes", "state_slots"]
+__all__ = [
+    "OPTIMIZER_STATE_SLOTS",
+    "ActivationMeasurement",
+    "MemoryEstimate",
+    "estimate_memory",
+    "format_bytes",
+    "measure_activations",
+    "saved_tensor_bytes",
+    "state_slots",
+]
 
 #: Optimizer state per trainable parameter, in units of that parameter's size (1 slot = 4 bytes in
 #: fp32), for the names timm's ``create_optimizer_v2`` accepts. Momentum-style optimizers listed in
@@ -101,9 +113,13 @@ class MemoryEstimate:
         bytes_per_param: ``total`` divided by the number of parameters (buffers make it slightly
             more than the per-parameter rule of thumb).
         step_in_backward: Whether the estimate assumes updates applied during backward.
-        activations: Activation memory; not estimated yet (0), already counted in ``total``.
+        activations: Bytes autograd saves for backward in one forward pass at ``batch_size`` and
+            ``input_size`` (see :func:`measure_activations`); 0 when not measured. Counted in
+            ``total`` and in ``adamw_total``.
         params: Number of parameter elements.
         trainable_params: Number of trainable parameter elements.
+        batch_size: Batch size the activations were measured for (0: not measured).
+        input_size: ``(C, H, W)`` the activations were measured for (None: not measured).
     """
 
     weights: int
@@ -117,6 +133,8 @@ class MemoryEstimate:
     activations: int = 0
     params: int = 0
     trainable_params: int = 0
+    batch_size: int = 0
+    input_size: tuple[int, ...] | None = None
 
 
 def state_slots(optim: OptimConfig) -> int:
@@ -137,7 +155,13 @@ def state_slots(optim: OptimConfig) -> int:
     return slots + extra
 
 
-def estimate_memory(model: nn.Module, frozen: Iterable[str] | set[str], optim: OptimConfig) -> MemoryEstimate:
+def estimate_memory(
+    model: nn.Module,
+    frozen: Iterable[str] | set[str],
+    optim: OptimConfig,
+    *,
+    activations: ActivationMeasurement | None = None,
+) -> MemoryEstimate:
     """Estimate training-state memory for ``model`` with ``frozen`` parameters and optimizer ``optim``.
 
     Each parameter is counted at its own element size (4 bytes for fp32), so the per-parameter
@@ -149,6 +173,7 @@ def estimate_memory(model: nn.Module, frozen: Iterable[str] | set[str], optim: O
         frozen: Names of frozen parameters (from :func:`ftsgd.freeze.frozen_parameter_names`).
             ``requires_grad`` is not consulted, so the estimate can be made before freezing.
         optim: The ``[optim]`` recipe section: ``name``, ``momentum`` and ``step_in_backward``.
+        activations: A :func:`measure_activations` result to include (None: activations are 0).
 
     Returns:
         The :class:`MemoryEstimate`.
@@ -174,8 +199,9 @@ def estimate_memory(model: nn.Module, frozen: Iterable[str] | set[str], optim: O
     adamw_total += buffers
     if optim.step_in_backward:
         gradients = largest_grad
-    activations = 0
-    total = weights + gradients + optimizer_state + activations
+    act = activations.bytes if activations is not None else 0
+    adamw_total += act
+    total = weights + gradients + optimizer_state + act
     return MemoryEstimate(
         weights=weights,
         gradients=gradients,
@@ -185,10 +211,159 @@ def estimate_memory(model: nn.Module, frozen: Iterable[str] | set[str], optim: O
         ratio=total / adamw_total if adamw_total else 0.0,
         bytes_per_param=total / params if params else 0.0,
         step_in_backward=optim.step_in_backward,
-        activations=activations,
+        activations=act,
         params=params,
         trainable_params=trainable,
+        batch_size=activations.batch_size if activations is not None else 0,
+        input_size=tuple(activations.input_size) if activations is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class ActivationMeasurement:
+    """What :func:`measure_activations` found.
+
+    Attributes:
+        bytes: Bytes of the distinct storages autograd keeps for backward at ``batch_size``.
+        batch_size: The batch size the figure is for.
+        input_size: ``(C, H, W)`` of the images.
+        method: How it was obtained: measured at ``batch_size`` directly, or measured at two small
+            batches and extrapolated linearly (saved tensors are per-sample or batch-independent).
+        tensors: Distinct storages saved in the (last) measured pass.
+    """
+
+    bytes: int
+    batch_size: int
+    input_size: tuple[int, ...]
+    method: str
+    tensors: int
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def saved_tensor_bytes(
+    model: nn.Module, x: torch.Tensor, *, amp_dtype: torch.dtype | None = None
+) -> tuple[int, int]:
+    """Bytes and number of the distinct storages autograd saves for backward during ``model(x)``.
+
+    Every tensor saved for backward passes through a ``saved_tensors_hooks`` pack hook; tensors are
+    grouped by storage, so views of one storage (a transposed weight, a reshaped activation) count
+    once, at the storage's full size. Storages of the model's parameters and buffers are not
+    activations and are left out. Tensors kept by non-reentrant gradient checkpointing are seen too
+    (it saves each checkpointed block's inputs through ``save_for_backward``), the recomputed
+    activations inside a block are not: they only exist during that block's backward.
+    """
+    exclude = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    seen: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in exclude and key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+        return t  # keeping the tensor keeps its address unique until the pass is over
+
+    autocast = (
+        torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    )
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        out = model(x)
+    del out
+    return sum(seen.values()), len(seen)
+
+
+@contextlib.contextmanager
+def _probe_state(model: nn.Module, frozen: set[str], grad_checkpointing: bool) -> Iterator[None]:
+    """Training mode with ``frozen`` frozen (and checkpointing on); everything restored afterwards.
+
+    BatchNorm running statistics, ``requires_grad`` flags, module modes and the global RNGs come
+    back exactly as they were, so a probe never changes the model it measured.
+    """
+    from ftsgd.freeze import train_mode
+
+    modes = {m: m.training for m in model.modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    checkpointing = bool(getattr(model, "grad_checkpointing", False))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for name, p in model.named_parameters():
+                if name in frozen:
+                    p.requires_grad_(False)
+            train_mode(model)
+            if grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+                model.set_grad_checkpointing(True)
+            yield
+    finally:
+        if grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(checkpointing)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def measure_activations(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    *,
+    frozen: Iterable[str] = (),
+    grad_checkpointing: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> ActivationMeasurement:
+    """Measure the activation memory of one training step at ``batch_size`` on real forward passes.
+
+    The passes run where the model's parameters are, in training mode (frozen BatchNorm layers in
+    eval, as in training), with ``frozen`` parameters not requiring gradients (their layers then save
+    less), with gradient checkpointing if asked and under autocast to ``amp_dtype`` if given, on
+    random images of ``input_size``. See :func:`saved_tensor_bytes` for what is counted.
+
+    Batches of up to 2 are measured directly. Larger ones are measured at batch 1 and 2 and
+    extrapolated linearly (every saved tensor is either per-sample or independent of the batch, so
+    this is exact for the models timm ships, and it keeps ``ftsgd inspect`` fast and small for
+    ViT-L at batch 32 on a CPU). If batch 1 fails (a BatchNorm over a single value), 2 and 4 are used.
+
+    Raises:
+        RuntimeError: The forward pass fails at this input size (e.g. a ViT built for another
+            ``img_size``); the message names the size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    size = tuple(int(v) for v in input_size)
+
+    def at(batch: int) -> tuple[int, int]:
+        x = torch.randn((batch, *size), device=device, dtype=dtype)
+        try:
+            return saved_tensor_bytes(model, x, amp_dtype=amp_dtype)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(
+                f"a training-mode forward pass on a {batch}x{'x'.join(map(str, size))} batch failed: {first}"
+            ) from exc
+
+    with _probe_state(model, set(frozen), grad_checkpointing):
+        if batch_size <= 2:
+            total, count = at(batch_size)
+            return ActivationMeasurement(total, batch_size, size, f"measured at batch {batch_size}", count)
+        try:
+            lo, hi = 1, 2
+            a, _ = at(lo)
+        except RuntimeError:
+            lo, hi = 2, 4
+            a, _ = at(lo)
+        b, count = at(hi)
+    per_sample = (b - a) / (hi - lo)
+    total = round(a + per_sample * (batch_size - lo))
+    method = f"measured at batch {lo} and {hi}, extrapolated linearly to {batch_size}"
+    return ActivationMeasurement(max(total, 0), batch_size, size, method, count)
 
 
 _UNITS = (("TiB", 2**40, 2), ("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1))

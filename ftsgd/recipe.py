@@ -84,7 +84,9 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam/AdamW denominator epsilon."""
     step_in_backward: bool = False
-    """Apply each parameter's update as soon as its gradient is ready and free the gradient."""
+    """Apply each parameter's update as soon as its gradient is ready and free the gradient: no full set
+    of gradients ever exists (SGD without momentum then keeps ~4 bytes/parameter). Same weights as the
+    normal step; not with gradient accumulation, train.grad_clip or train.amp = "fp16"."""
 
 
 @dataclass(frozen=True)
@@ -380,7 +382,9 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: must be a finite number, got {value!r}")
         return None
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        problems.append(f"{path}: expected {_article(_type_name(tp))}, got {value!r} ({type(value).__name__})")
+        problems.append(
+            f"{path}: expected {_article(_type_name(tp))}, got {value!r} ({type(value).__name__})"
+        )
         return None
     return value
 
@@ -459,6 +463,11 @@ def check_values(r: Recipe, given: dict[str, Any] | None = None) -> list[str]:
         )
     if m.weights and not Path(m.weights).expanduser().is_file():
         p.append(f"model.weights: file not found: {m.weights}")
+    if m.name.strip():
+        unknown = unknown_model_problem(m.name.strip())
+        if unknown:
+            p.append(f"model.name: {unknown}")
+    p.extend(_data_path_problems(d))
     choice("freeze.policy", f.policy, FREEZE_POLICIES)
     for i, pattern in enumerate([*f.patterns, *f.trainable]):
         key = "freeze.patterns" if i < len(f.patterns) else "freeze.trainable"
@@ -478,6 +487,8 @@ def check_values(r: Recipe, given: dict[str, Any] | None = None) -> list[str]:
         p.append(f"optim.momentum: must be in [0, 1), got {o.momentum!r}")
     if o.nesterov and o.momentum == 0:
         p.append("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+    if o.nesterov and o.name.lower() in ("adamw", "adam"):
+        p.append(f"optim.nesterov: only applies to SGD, not optim.name = {o.name!r}; remove it")
     at_least("optim.weight_decay", o.weight_decay, 0)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
@@ -512,6 +523,11 @@ def check_values(r: Recipe, given: dict[str, Any] | None = None) -> list[str]:
         )
     choice("train.device", t.device, DEVICES)
     choice("train.amp", t.amp, AMP_MODES)
+    if t.device == "cpu" and t.amp in ("bf16", "fp16"):
+        p.append(
+            f'train.amp: {t.amp!r} mixed precision needs a CUDA GPU, but train.device = "cpu"; '
+            'use train.amp = "none" (or "auto": bf16/fp16 on a GPU, fp32 on the CPU)'
+        )
     at_least("train.grad_clip", t.grad_clip, 0, " (0 = off)")
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
@@ -535,6 +551,47 @@ def check_values(r: Recipe, given: dict[str, Any] | None = None) -> list[str]:
                 'known after some parameters were already updated; use train.amp = "bf16" (or "auto")'
             )
     return p
+
+
+def unknown_model_problem(name: str) -> str | None:
+    """Why timm cannot build ``name`` (with the closest names), or None if it knows the model.
+
+    ``hf-hub:`` and ``local-dir:`` sources are only checked when they are built. Imports timm, so
+    it only runs when a recipe names a model.
+    """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    try:
+        import timm
+    except Exception:  # pragma: no cover - timm is a dependency; without it building fails later anyway
+        return None
+    if timm.is_model(name):
+        return None
+    from ftsgd.models import _unknown_model_error
+
+    return str(_unknown_model_error(name))
+
+
+def _data_path_problems(d: DataConfig) -> list[str]:
+    """Dataset folders named in the recipe that do not exist, each under its own key."""
+    if not d.root:
+        return []
+    root = Path(d.root).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        return [f"data.root: dataset folder {root} {what} (--data)"]
+    out = []
+    for key, entry in (("data.train", d.train), ("data.val", d.val)):
+        path = Path(entry).expanduser()
+        path = path if path.is_absolute() else root / path
+        if entry and not path.is_dir():
+            out.append(f"{key}: split folder {path} does not exist")
+    for i, entry in enumerate(d.eval_splits):
+        path = Path(entry).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_dir():
+            out.append(f"data.eval_splits[{i}]: split folder {path} does not exist")
+    return out
 
 
 def optimizer_names() -> list[str]:

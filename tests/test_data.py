@@ -407,3 +407,57 @@ def test_resolve_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_num_workers(-1) == 8
     with pytest.raises(ValueError):
         resolve_num_workers(-2)
+
+
+# --------------------------------------------------------------------------- pre-flight scan
+
+
+def test_scan_accepts_odd_modes_and_finds_truncation_verify_misses(tmp_path: Path) -> None:
+    from ftsgd.data import check_image
+
+    for path in _odd_images(tmp_path / "odd").values():
+        assert check_image(path) is None, path.name
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(tmp_path / "cut.jpg") as img:
+        img.verify()  # PIL's verify() does not notice a truncated JPEG ...
+    kind, detail = check_image(tmp_path / "cut.jpg")  # ... decoding (at 1/8 scale) does
+    assert kind == "truncated" and "truncated" in detail
+
+
+def test_preflight_skip_drops_files_and_recomputes_classes(make_folder) -> None:
+    from ftsgd.data import preflight_scan
+
+    root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    (root / "val" / "b" / "0.png").write_bytes(b"")
+    (root / "train" / "a" / "x.png").write_bytes(b"GIF89a")
+    _, splits = discover_splits(_cfg(root))
+    with pytest.raises(DataError, match=r"2 of 7 image files under .* cannot be read") as info:
+        preflight_scan(splits, root=root)
+    assert "train/a/x.png" in str(info.value) and "val/b/0.png" in str(info.value)
+
+    kept, skipped = preflight_scan(splits, on_bad_image="skip", root=root)
+    assert [(b.split, b.path.name, b.kind) for b in skipped] == [
+        ("train", "x.png", "not an image"),
+        ("val", "0.png", "empty file"),
+    ]
+    assert len(kept["train"]) == 4 and kept["train"].classes == ("a", "b")
+    assert len(kept["val"]) == 1 and kept["val"].classes == ("a",)  # an eval split may lack a class
+    assert [label for _, label in kept["val"].samples] == [0]
+    assert preflight_scan(kept, on_bad_image="skip") == (kept, [])
+    with pytest.raises(ValueError, match="on_bad_image"):
+        preflight_scan(splits, on_bad_image="ignore")
+
+
+def test_preflight_checks_a_file_shared_by_two_splits_once(make_folder, monkeypatch) -> None:
+    import ftsgd.data
+
+    root = make_folder({"train": {"a": 3}})
+    _, splits = discover_splits(_cfg(root, val="train"))
+    seen: list[Path] = []
+    real = ftsgd.data.check_image
+    monkeypatch.setattr(ftsgd.data, "check_image", lambda p: seen.append(p) or real(p))
+    ftsgd.data.preflight_scan(splits)
+    assert len(seen) == 3

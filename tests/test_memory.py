@@ -158,3 +158,115 @@ def test_no_parameters() -> None:
 )
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
+
+
+# --------------------------------------------------------------------------- measured activations
+
+
+def test_saved_activations_of_an_mlp_match_a_hand_count(mlp: nn.Module) -> None:
+    from ftsgd.memory import measure_activations
+
+    # Linear(10, 20) saves its input (B x 10) for the weight gradient, ReLU its output (B x 20), and
+    # Linear(20, 5) that same output as its input: one storage, counted once. Weights are not counted.
+    for batch in (1, 2, 7):
+        m = measure_activations(mlp, (10,), batch)
+        assert m.bytes == batch * (10 + 20) * 4, batch
+        assert (m.batch_size, m.input_size) == (batch, (10,))
+    # First layer frozen: nothing before the ReLU needs a gradient, so only Linear(20, 5)'s input is saved.
+    assert measure_activations(mlp, (10,), 7, frozen=FIRST_LAYER).bytes == 7 * 20 * 4
+    assert all(p.requires_grad for p in mlp.parameters())  # the probe restored the flags
+
+
+def test_activation_extrapolation_equals_a_direct_measurement() -> None:
+    import timm
+
+    from ftsgd.memory import measure_activations, saved_tensor_bytes
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, num_classes=3).train()
+    extrapolated = measure_activations(model, (3, 32, 32), 6)
+    assert "extrapolated" in extrapolated.method
+    direct, _ = saved_tensor_bytes(model, torch.randn(6, 3, 32, 32))
+    assert extrapolated.bytes == direct > 0
+    checkpointed = measure_activations(model, (3, 32, 32), 6, grad_checkpointing=True)
+    assert 0 < checkpointed.bytes < direct / 3  # only each block's input is kept
+    assert model.grad_checkpointing is False
+
+
+def test_activation_probe_leaves_batchnorm_statistics_and_modes_alone() -> None:
+    import timm
+
+    from ftsgd.memory import measure_activations
+
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = measure_activations(model, (3, 32, 32), 4, frozen=["conv1.weight", "bn1.weight", "bn1.bias"])
+    assert m.bytes > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(mod.training for mod in model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for an allocator-level measurement")
+def test_activation_measurement_matches_cuda_allocator() -> None:
+    import timm
+
+    from ftsgd.memory import measure_activations
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10).cuda().train()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    out = model(x)
+    held = torch.cuda.memory_allocated() - start - out.numel() * out.element_size()
+    del out
+    measured = measure_activations(model, (3, 224, 224), 8).bytes
+    assert measured == pytest.approx(held, rel=0.05)
+
+
+def test_estimate_includes_activations_in_both_totals(mlp: nn.Module) -> None:
+    from ftsgd.memory import measure_activations
+
+    act = measure_activations(mlp, (10,), 4)
+    est = estimate_memory(mlp, [], OptimConfig(name="adamw"), activations=act)
+    assert est.activations == act.bytes == 4 * 30 * 4
+    assert est.total == 16 * N + act.bytes and est.adamw_total == est.total and est.ratio == 1.0
+    assert (est.batch_size, est.input_size) == (4, (10,))
+
+
+def test_inspect_reports_measured_activations() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ftsgd.cli import app
+
+    args = ["inspect", "test_vit", "--set", "model.kwargs={img_size=32}", "--img-size", "32", "--json"]
+    runner = CliRunner()
+    one = json.loads(runner.invoke(app, [*args, "--batch-size", "1"]).stdout)["memory"]
+    eight = json.loads(runner.invoke(app, [*args, "--batch-size", "8"]).stdout)["memory"]
+    assert (one["batch_size"], one["input_size"], eight["batch_size"]) == (1, [3, 32, 32], 8)
+    assert 0 < one["activations"] < eight["activations"]
+    assert (
+        eight["total"]
+        == eight["weights"] + eight["gradients"] + eight["optimizer_state"] + eight["activations"]
+    )
+    lowmem = json.loads(runner.invoke(app, [*args, "-b", "8", "--recipe", "sgd-freeze-embed-lowmem"]).stdout)
+    assert lowmem["memory"]["activations"] < eight["activations"] / 3  # gradient checkpointing
+    assert lowmem["memory"]["total"] < eight["total"]
+    default = json.loads(runner.invoke(app, args).stdout)["memory"]  # the recipe's micro-batch
+    assert default["batch_size"] == 32
+    plain = runner.invoke(app, [*args[:-1], "-b", "4"])
+    assert plain.exit_code == 0 and "activations (batch 4, 3x32x32)" in plain.stdout
+
+
+def test_inspect_activation_probe_failure_is_explained() -> None:
+    from typer.testing import CliRunner
+
+    from ftsgd.cli import app
+
+    # test_vit3 is built for exactly one input size (no dynamic_img_size)
+    result = CliRunner().invoke(
+        app, ["inspect", "test_vit3", "--set", "model.kwargs={img_size=32}", "--img-size", "48"]
+    )
+    assert result.exit_code == 2
+    assert "cannot measure activation memory" in result.stderr and "img_size=48" in result.stderr
