@@ -830,4 +830,13 @@ def run_demo(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dict[st
             f"data.root={json.dumps(str(data.resolve()))}",
         ],
     )
-    return train(recipe, out / "run", argv=argv)
+    summary = train(recipe, out / "run", argv=argv)
+    from ftsgd.console import info
+
+    info("try next:")
+    info(f"  ftsgd eval {out / 'run'} --data {data}")
+    info(
+        f"  ftsgd train --data {data} --out {out / 'run-adamw'} --recipe adamw --model test_vit "
+        "--set 'model.kwargs={img_size=32}' --set optim.lr=1e-3"
+    )
+    return summary

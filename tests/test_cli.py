@@ -290,3 +290,18 @@ def test_console_script_subprocess(image_folder: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run("demo", "--out", str(out), "--epochs", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "Best epoch 1/1" in result.stdout and "ood" in result.stdout
+    for split in ("train", "val", "ood"):
+        assert (out / "data" / split).is_dir()
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["model"] == "test_vit" and summary["recipe"] == "sgd-freeze-embed"
+    assert (out / "run" / "model.safetensors").is_file()
+    again = run("demo", "--out", str(out), "--epochs", "1")
+    assert again.exit_code == 2 and "--force" in again.stderr
+    assert run("demo", "--out", str(out), "--epochs", "1", "--force").exit_code == 0
