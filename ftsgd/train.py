@@ -444,6 +444,16 @@ def train(
                 saved_step[0],
             )
 
+    def current_lr() -> float:
+        return lr_at(
+            recipe.schedule,
+            recipe.optim.lr,
+            epochs=t.epochs,
+            steps_per_epoch=steps_per_epoch,
+            epoch=state.epoch,
+            step=state.step_in_epoch,
+        )
+
     def save_checkpoint() -> None:
         check_finite()
         atomic_torch_save(
@@ -520,14 +530,7 @@ def train(
                 )
             while state.epoch < t.epochs:
                 epoch = state.epoch
-                lr = lr_at(
-                    recipe.schedule,
-                    recipe.optim.lr,
-                    epochs=t.epochs,
-                    steps_per_epoch=steps_per_epoch,
-                    epoch=epoch,
-                    step=state.step_in_epoch,
-                )
+                lr = current_lr()
                 progress.start_epoch(epoch, state.step_in_epoch, lr)
                 loader = build_loader(
                     train_split,
@@ -543,14 +546,7 @@ def train(
                 train_mode(model)
                 tick = time.perf_counter()
                 for x, y in loader:
-                    lr = lr_at(
-                        recipe.schedule,
-                        recipe.optim.lr,
-                        epochs=t.epochs,
-                        steps_per_epoch=steps_per_epoch,
-                        epoch=epoch,
-                        step=state.step_in_epoch,
-                    )
+                    lr = current_lr()
                     set_lr([optimizer], lr)  # type: ignore[list-item]
                     loss_sum, correct = _train_step(
                         forward,
