@@ -156,7 +156,12 @@ def _torch_load(path: Path) -> Any:
         with ctx, warnings.catch_warnings():
             # torch warns about pickle protocols it merely might not parse; the outcome is reported below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # zip-format files: tensors stay in the page cache until copied into the model
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
         found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
         if not found and "Unsupported operand" in str(exc):
@@ -179,7 +184,7 @@ def _torch_load(path: Path) -> Any:
         raise _corrupt(path, detail) from None
 
 
-def _find_state_dict(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None:
+def _find_state_dict(obj: Any, depth: int = 0) -> dict[str, Any] | None:
     """Peel training-script wrappers off a loaded checkpoint and keep only the tensors."""
     if not isinstance(obj, Mapping) or depth > 3:
         return None
@@ -189,8 +194,107 @@ def _find_state_dict(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None
             found = _find_state_dict(inner, depth + 1)
             if found:
                 return found
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {
+        k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor | _LazyTensor)
+    }
     return tensors or None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _LazyTensor:
+    """A tensor of a safetensors file known by its shape until :meth:`load` reads it.
+
+    Matching a file to a model needs only names and shapes. Reading each tensor with a plain file
+    read just before it is copied into the model keeps one tensor in memory instead of a second copy
+    of the whole model; a memory map (``safe_open``) would leave every page it touched resident in the
+    process until the file is closed, which costs the same as loading everything (1.1 GiB on ViT-L).
+    """
+
+    __slots__ = ("_path", "dtype", "nbytes", "offset", "shape")
+
+    def __init__(self, path: Path, dtype: torch.dtype, shape: list[int], offset: int, nbytes: int) -> None:
+        self._path = path
+        self.dtype = dtype
+        self.shape = torch.Size(shape)
+        self.offset = offset
+        self.nbytes = nbytes
+
+    def load(self) -> torch.Tensor:
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        if self.nbytes:
+            view = tensor.view(-1).view(torch.uint8).numpy()
+            with self._path.open("rb") as fh:
+                fh.seek(self.offset)
+                if fh.readinto(view) != self.nbytes:
+                    raise _corrupt(self._path, "a tensor's data ends past the end of the file")
+        return tensor
+
+
+def _lazy_safetensors(path: Path) -> dict[str, _LazyTensor]:
+    """Parse a safetensors header (8-byte little-endian length + JSON) into lazy tensors.
+
+    The format is a header then raw little-endian tensor bytes; checking every tensor's byte range
+    against the file size here catches a truncated file before anything is loaded.
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size - 8:
+                raise ValueError("incomplete metadata, file not fully covered")
+            header = json.loads(fh.read(header_len))
+        data_start = 8 + header_len
+        header.pop("__metadata__", None)
+        tensors = {}
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"unsupported dtype {info['dtype']!r} for {key!r}")
+            if not 0 <= begin <= end or data_start + end > size:
+                raise ValueError(f"incomplete file: {key!r} ends past the end of the file")
+            expected = dtype.itemsize * int(torch.Size(info["shape"]).numel())
+            if end - begin != expected:
+                raise ValueError(f"{key!r} has {end - begin} bytes, its shape needs {expected}")
+            tensors[key] = _LazyTensor(path, dtype, info["shape"], data_start + begin, end - begin)
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error, OSError) as exc:
+        raise _corrupt(path, _first_line(exc)) from None
+    return tensors
+
+
+def _resolve_weights_path(path: Path | str) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in _DIR_WEIGHT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(
+            f"weights directory {path} holds none of {', '.join(_DIR_WEIGHT_NAMES)}; "
+            "pass the weights file itself with --weights PATH"
+        )
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {path} does not exist; check the path given with --weights (model.weights)"
+        )
+    return path
 
 
 def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
@@ -212,29 +316,15 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         WeightsError: The file is missing, has an unknown extension, is truncated or corrupt,
             holds no tensors, or would need to unpickle Python objects other than tensors.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        for name in _DIR_WEIGHT_NAMES:
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise WeightsError(
-                f"weights directory {path} holds none of {', '.join(_DIR_WEIGHT_NAMES)}; "
-                "pass the weights file itself with --weights PATH"
-            )
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file {path} does not exist; check the path given with --weights (model.weights)"
-        )
+    return {k: v.load() if isinstance(v, _LazyTensor) else v for k, v in _read_tensors(path).items()}
+
+
+def _read_tensors(path: Path | str) -> dict[str, Any]:
+    """Like :func:`read_state_dict`, but a safetensors file's tensors stay unread (:class:`_LazyTensor`)."""
+    path = _resolve_weights_path(path)
     suffix = _suffix(path)
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.torch import load_file
-
-        try:
-            raw: Any = load_file(str(path), device="cpu")
-        except Exception as exc:  # SafetensorError, OSError, ... all mean "unreadable"
-            raise _corrupt(path, _first_line(exc)) from None
+        raw: Any = _lazy_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
         raw = _torch_load(path)
     else:
@@ -362,6 +452,7 @@ def _apply_timm_filter(
     fn = _timm_filter_fn(model)
     if fn is None:
         return state_dict
+    state_dict = {k: v.load() if isinstance(v, _LazyTensor) else v for k, v in state_dict.items()}
     try:
         try:
             filtered = fn(dict(state_dict), model)
@@ -400,15 +491,21 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
             model, or has non-classifier tensors whose shapes differ from the model's.
     """
     target = unwrap_model(model)
-    state_dict = read_state_dict(path)
+    state_dict = _read_tensors(path)
     model_sd = target.state_dict()
     name = _model_name(target)
 
+    heads = _classifier_prefixes(target)
     state_dict = _strip_prefixes(state_dict, model_sd)
-    by_shape, by_name = _score(state_dict, model_sd)
-    if by_shape < len(model_sd) and by_shape < len(state_dict):
+    # timm's converter reads every tensor: try it only when something besides a resized head doesn't fit
+    misfit = any(
+        k not in state_dict or tuple(state_dict[k].shape) != tuple(v.shape)
+        for k, v in model_sd.items()
+        if not _is_classifier_key(k, heads)
+    ) or any(k not in model_sd for k in state_dict)
+    if misfit:
         state_dict = _apply_timm_filter(state_dict, target, model_sd)
-        by_shape, by_name = _score(state_dict, model_sd)
+    by_name = _score(state_dict, model_sd)[1]
 
     if by_name == 0:
         sample = ", ".join(list(state_dict)[:5])
@@ -417,7 +514,6 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
             f"{sample}); is it for another architecture? Pass weights for {name}, or the matching --model"
         )
 
-    heads = _classifier_prefixes(target)
     reinitialised: list[str] = []
     mismatched: list[str] = []
     for key, expected in model_sd.items():  # model order reads naturally (stem first, head last)
@@ -437,19 +533,56 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
             "pass weights that match --model, or the --model the file was trained with."
         )
 
+    missing_params = [
+        n for n, _ in target.named_parameters() if n not in state_dict and not _is_classifier_key(n, heads)
+    ]
+    if missing_params:
+        listed = "\n".join(f"  - {m}" for m in missing_params[:_MAX_LISTED])
+        more = (
+            f"\n  ... and {len(missing_params) - _MAX_LISTED} more"
+            if len(missing_params) > _MAX_LISTED
+            else ""
+        )
+        raise WeightsError(
+            f"{len(missing_params)} parameter(s) of {name} are not in {path}:\n{listed}{more}\n"
+            "Training would start them from random values. The file is probably for another architecture, "
+            "depth or variant (or another model.kwargs); pass weights that match --model, or the --model "
+            "the file was trained with."
+        )
+
     for key in reinitialised:
         del state_dict[key]
-    result = target.load_state_dict(state_dict, strict=False)
-    dropped = set(reinitialised)
-    missing = tuple(k for k in result.missing_keys if k not in dropped)
+    unexpected = tuple(k for k in state_dict if k not in model_sd)
+    missing = tuple(k for k in model_sd if k not in state_dict and k not in set(reinitialised))
     loaded = sum(1 for k in state_dict if k in model_sd)
+    _stream_into(target, {k: v for k, v in state_dict.items() if k in model_sd})
+    del state_dict
     return WeightsReport(
         path=str(path),
         loaded=loaded,
         missing=missing,
-        unexpected=tuple(result.unexpected_keys),
+        unexpected=unexpected,
         reinitialised=tuple(reinitialised),
     )
+
+
+def _stream_into(model: nn.Module, state_dict: dict[str, Any]) -> None:
+    """``load_state_dict`` one module at a time, reading each lazy tensor just before it is copied.
+
+    Going through ``load_state_dict`` keeps every module's own loading hooks; going module by module
+    bounds the extra memory to one module's tensors instead of a second copy of the whole model
+    (1.1 GiB on ViT-L), which would otherwise become the peak of a low-memory run.
+    """
+    groups: dict[str, list[str]] = {}
+    for key in state_dict:
+        groups.setdefault(key.rpartition(".")[0], []).append(key)
+    for keys in groups.values():
+        chunk = {}
+        for key in keys:
+            value = state_dict.pop(key)
+            chunk[key] = value.load() if isinstance(value, _LazyTensor) else value
+        model.load_state_dict(chunk, strict=False)
+        del chunk
 
 
 # --------------------------------------------------------------------------------------------------

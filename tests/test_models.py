@@ -127,13 +127,44 @@ def test_imagenet_head_is_reinitialised_for_a_new_task(
     _assert_same(built, source, skip=report2.reinitialised)
 
 
-def test_partial_file_reports_missing_and_unexpected(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
-    partial = {k: v for k, v in source.items() if not k.startswith("layer4.")}
+def test_missing_buffers_are_reported_not_refused(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
+    partial = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}
     partial["extra.weight"] = torch.zeros(2)
     save_file(partial, tmp_path / "p.safetensors")
     report = load_weights(_resnet(), tmp_path / "p.safetensors")
-    assert report.missing and all(k.startswith("layer4.") for k in report.missing)
+    assert report.missing and all(k.endswith("num_batches_tracked") for k in report.missing)
     assert report.unexpected == ("extra.weight",)
+
+
+def test_missing_parameters_are_refused(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
+    partial = {k: v for k, v in source.items() if not k.startswith("layer4.")}
+    save_file(partial, tmp_path / "p.safetensors")
+    with pytest.raises(WeightsError) as info:
+        load_weights(_resnet(), tmp_path / "p.safetensors")
+    msg = str(info.value)
+    assert "parameter(s) of test_resnet are not in" in msg
+    assert "  - layer4.0.conv1.weight" in msg and "random values" in msg
+    assert info.value.exit_code == 2
+
+
+def test_shallower_variant_with_matching_shapes_is_refused(tmp_path: Path) -> None:
+    # test_vit2 shares widths with test_vit, so every common key has the right shape; its missing
+    # parameters would silently stay random without the check.
+    path = tmp_path / "vit2.safetensors"
+    save_file(_contiguous(timm.create_model("test_vit2", pretrained=False).state_dict()), path)
+    with pytest.raises(WeightsError, match="not in"):
+        load_weights(timm.create_model("test_vit", pretrained=False), path)
+
+
+def test_loading_copies_in_place_and_streams(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
+    save_file(source, tmp_path / "w.safetensors")
+    model = _resnet()
+    before = {n: p for n, p in model.named_parameters()}
+    load_weights(model, tmp_path / "w.safetensors")
+    for name, param in model.named_parameters():
+        assert param is before[name]  # copied into the model's own tensors, not replaced
+        if not name.startswith("fc."):
+            assert torch.equal(param.detach(), source[name])
 
 
 def test_other_architecture_with_same_keys_lists_shapes(tmp_path: Path) -> None:
