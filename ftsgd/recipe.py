@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import itertools
 import math
-import os
 import re
 import tomllib
 import types
@@ -429,20 +428,14 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
             hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
             problems.append(f"{key}: unknown key{hint}")
     recipe = Recipe(**top, **sections)
-    problems.extend(check_values(recipe, given=raw))
+    problems.extend(check_values(recipe))
     if problems:
         raise RecipeError(problems)
     return recipe
 
 
-def _given(raw: dict[str, Any], section: str, key: str) -> bool:
-    sec = raw.get(section)
-    return isinstance(sec, dict) and key in sec
-
-
-def check_values(r: Recipe, given: dict[str, Any] | None = None) -> list[str]:
+def check_values(r: Recipe) -> list[str]:
     """Value and cross-field checks; returns one problem line per violation."""
-    given = given or {}
     p: list[str] = []
 
     def choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -693,8 +686,3 @@ def _field_docs(cls: type) -> dict[str, str]:
         ):
             docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
-
-
-def env_flag(name: str) -> bool:
-    """True when an environment variable is set to a truthy value (1, true, yes)."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
