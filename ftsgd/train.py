@@ -92,6 +92,8 @@ class RunState:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without one is a usage error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -216,7 +218,7 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
             f"without --resume into a new --out"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"cannot resume: {path} is corrupt or not an ftsgd checkpoint ({exc})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -235,6 +237,10 @@ def _load_run_recipe(out: Path, data: Path) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot resume: {path} is corrupt ({exc})") from None
     raw.setdefault("data", {})["root"] = str(data.expanduser().resolve())
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("weights") and not Path(model["weights"]).expanduser().is_file():
+        # The checkpoint holds every weight: a starting-weights file moved or deleted since doesn't matter.
+        model["weights"] = ""
     try:
         return recipe_from_dict(raw)
     except RecipeError as exc:
@@ -338,6 +344,9 @@ def train_from_cli(
         _check_new_run_dir(out)
         root = f"data.root={json.dumps(str(data.expanduser().resolve()))}"
         resolved = load_recipe(recipe or DEFAULT_RECIPE, [*overrides, root])
+        if resolved.model.weights:  # recipe.toml must still find it from another working directory
+            weights = str(Path(resolved.model.weights).expanduser().resolve())
+            resolved = replace(resolved, model=replace(resolved.model, weights=weights))
     return train(resolved, out, resume=resume, quiet=quiet, argv=argv)
 
 
@@ -371,6 +380,13 @@ def train(
     t = recipe.train
     device = resolve_device(t.device)
     amp_dtype = resolve_amp(t.amp, device)
+    if recipe.optim.step_in_backward and amp_dtype == torch.float16:
+        raise RecipeError(
+            [
+                'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot '
+                'use: an overflow is only known after some parameters were updated; set train.amp = "none"'
+            ]
+        )
     ckpt = _read_checkpoint(out) if resume else None
 
     class_names, splits = discover_splits(recipe.data)
@@ -381,7 +397,9 @@ def train(
     )
     torch.manual_seed(t.seed)  # seeds the new head's (and a random init's) weights too
     random.seed(t.seed)
-    model, weights_report = build_model(recipe.model, num_classes=len(class_names))
+    # Resuming: the checkpoint holds every weight, so neither the starting file nor the hub is read again.
+    start = replace(recipe.model, weights="", pretrained=False) if ckpt is not None else recipe.model
+    model, weights_report = build_model(start, num_classes=len(class_names))
     data_config = input_config(model, recipe)
     embedding = find_embedding(model, data_config["input_size"])
     frozen = frozen_parameter_names(model, recipe.freeze, embedding)
@@ -608,8 +626,7 @@ def train(
                     "epoch_time_s": state.epoch_seconds,
                     "peak_memory_bytes": peak_memory_bytes(device),
                 }
-                val_name = recipe.data.val if recipe.data.val in results else "val"
-                val_acc = results[val_name]["accuracy"]
+                val_acc = results["val"]["accuracy"]
                 best = val_acc > state.best_accuracy
                 if best:
                     state.best_accuracy, state.best_epoch = val_acc, epoch + 1
@@ -660,7 +677,8 @@ def train(
         state,
         class_names=class_names,
         splits=splits,
-        val_name=recipe.data.val,
+        val_name="val",
+        n_trainable=sum(p.numel() for p in trainable),
         frozen=frozen,
         embedding=list(embedding.modules),
         n_total=n_total,
@@ -735,6 +753,7 @@ def _summary(
     class_names: list[str],
     splits: dict[str, Split],
     val_name: str,
+    n_trainable: int,
     frozen: list[str],
     embedding: list[str],
     n_total: int,
@@ -767,7 +786,7 @@ def _summary(
         "embedding": embedding,
         "frozen": frozen,
         "frozen_params": n_frozen,
-        "trainable_params": n_total - n_frozen,
+        "trainable_params": n_trainable,
         "total_params": n_total,
         "optimizer": recipe.optim.name,
         "lr": recipe.optim.lr,
@@ -806,9 +825,18 @@ def run_demo(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dict[st
 
     from ftsgd.synthetic import make_image_folder
 
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+        # --force deletes only what an earlier demo wrote: never a folder that holds anything else.
+        entries = {p.name for p in out.iterdir()}
+        if not entries <= {"data", "run", "run-adamw"} or not (out / "data" / "train").is_dir():
+            raise UsageError(
+                f"{out} is not a demo directory (it holds {', '.join(sorted(entries)[:5])}); --force only "
+                "replaces an earlier `ftsgd demo` output. Choose another --out"
+            )
         shutil.rmtree(out)
     data = make_image_folder(
         out / "data", classes=4, size=32, seed=0, per_class={"train": 48, "val": 16, "ood": 16}

@@ -305,3 +305,72 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path: Path) -> None:
     again = run("demo", "--out", str(out), "--epochs", "1")
     assert again.exit_code == 2 and "--force" in again.stderr
     assert run("demo", "--out", str(out), "--epochs", "1", "--force").exit_code == 0
+
+
+def test_demo_force_never_deletes_a_foreign_directory(tmp_path: Path) -> None:
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep")
+    result = run("demo", "--out", str(precious), "--force")
+    assert result.exit_code == 2 and "not a demo directory" in result.stderr
+    assert (precious / "thesis.tex").read_text() == "keep"
+
+
+def test_unknown_device_is_a_usage_error(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert (
+        run("train", "--data", str(image_folder), "--out", str(out), *TINY, *FAST, "--quiet").exit_code == 0
+    )
+    result = run("eval", str(out), "--data", str(image_folder), "--device", "gpu")
+    assert result.exit_code == 2 and "unknown device 'gpu'" in result.stderr
+
+
+def test_custom_val_folder_is_the_id_split(image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder / "train", data / "train")
+    shutil.copytree(image_folder / "val", data / "valid")
+    out = tmp_path / "run"
+    result = run(
+        "train", "--data", str(data), "--out", str(out), *TINY, *FAST, "--set", "data.val=valid", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["val_accuracy"] == summary["best"]["val"]["accuracy"] is not None
+
+
+def test_resume_does_not_need_the_starting_weights_file(image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    first = tmp_path / "first"
+    assert (
+        run("train", "--data", str(image_folder), "--out", str(first), *TINY, *FAST, "--quiet").exit_code == 0
+    )
+    weights = tmp_path / "start.safetensors"
+    shutil.copy(first / "model.safetensors", weights)
+    out = tmp_path / "second"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # a relative --weights path is recorded absolute
+        result = run(
+            "train",
+            "--data",
+            str(image_folder),
+            "--out",
+            str(out),
+            *TINY,
+            *FAST,
+            "--weights",
+            "start.safetensors",
+            "--set",
+            "train.epochs=1",
+            "--quiet",
+        )
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.stderr
+    assert f'weights = "{weights}"' in (out / "recipe.toml").read_text()
+    weights.unlink()  # moved or deleted since: the checkpoint holds every weight
+    resumed = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
