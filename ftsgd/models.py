@@ -452,12 +452,14 @@ def _apply_timm_filter(
     fn = _timm_filter_fn(model)
     if fn is None:
         return state_dict
-    state_dict = {k: v.load() if isinstance(v, _LazyTensor) else v for k, v in state_dict.items()}
+    # The filters need real tensors; when they do not help, the unread (lazy) originals are kept, so
+    # the full copy made here lives only for the attempt.
+    loaded = {k: v.load() if isinstance(v, _LazyTensor) else v for k, v in state_dict.items()}
     try:
         try:
-            filtered = fn(dict(state_dict), model)
+            filtered = fn(dict(loaded), model)
         except TypeError:
-            filtered = fn(dict(state_dict))
+            filtered = fn(dict(loaded))
     except Exception:
         return state_dict
     if not isinstance(filtered, Mapping):
@@ -497,12 +499,16 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
 
     heads = _classifier_prefixes(target)
     state_dict = _strip_prefixes(state_dict, model_sd)
-    # timm's converter reads every tensor: try it only when something besides a resized head doesn't fit
+    # timm's converter reads every tensor: try it only when the file would otherwise be refused (a
+    # parameter missing or a tensor of another shape outside the head), not for missing buffers such
+    # as num_batches_tracked or for extra keys, which load as they are.
+    params = {n for n, _ in target.named_parameters()}
     misfit = any(
-        k not in state_dict or tuple(state_dict[k].shape) != tuple(v.shape)
+        (k in params and k not in state_dict)
+        or (k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape))
         for k, v in model_sd.items()
         if not _is_classifier_key(k, heads)
-    ) or any(k not in model_sd for k in state_dict)
+    )
     if misfit:
         state_dict = _apply_timm_filter(state_dict, target, model_sd)
     by_name = _score(state_dict, model_sd)[1]
@@ -555,7 +561,8 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
     unexpected = tuple(k for k in state_dict if k not in model_sd)
     missing = tuple(k for k in model_sd if k not in state_dict and k not in set(reinitialised))
     loaded = sum(1 for k in state_dict if k in model_sd)
-    _stream_into(target, {k: v for k, v in state_dict.items() if k in model_sd})
+    mapped = _MappedFile(_resolve_weights_path(path))  # a .pth file is memory-mapped (torch.load mmap)
+    _stream_into(target, {k: v for k, v in state_dict.items() if k in model_sd}, mapped)
     del state_dict
     return WeightsReport(
         path=str(path),
@@ -566,12 +573,14 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
     )
 
 
-def _stream_into(model: nn.Module, state_dict: dict[str, Any]) -> None:
+def _stream_into(model: nn.Module, state_dict: dict[str, Any], mapped: _MappedFile | None = None) -> None:
     """``load_state_dict`` one module at a time, reading each lazy tensor just before it is copied.
 
-    Going through ``load_state_dict`` keeps every module's own loading hooks; going module by module
+    Going through ``load_state_dict`` keeps every module's own loading hooks, and it copies into the
+    model's own tensors (``param.copy_``), so parameters keep their identity. Going module by module
     bounds the extra memory to one module's tensors instead of a second copy of the whole model
-    (1.1 GiB on ViT-L), which would otherwise become the peak of a low-memory run.
+    (1.1 GiB on ViT-L), which would otherwise become the peak of a low-memory run. Tensors of a
+    memory-mapped file (``mapped``) hand their pages back as soon as they are copied.
     """
     groups: dict[str, list[str]] = {}
     for key in state_dict:
@@ -582,7 +591,102 @@ def _stream_into(model: nn.Module, state_dict: dict[str, Any]) -> None:
             value = state_dict.pop(key)
             chunk[key] = value.load() if isinstance(value, _LazyTensor) else value
         model.load_state_dict(chunk, strict=False)
+        if mapped is not None:
+            mapped.release(chunk.values())
         del chunk
+
+
+class _MappedFile:
+    """Where a file is memory-mapped in this process, to hand back the pages of tensors once copied.
+
+    ``torch.load(mmap=True)`` maps the whole file privately, and every page a copy reads stays in the
+    process's resident set until the last tensor of the file is gone: copying a ViT-L ``.pth`` into the
+    model that way costs as much peak memory as loading it outright (+1.1 GiB). Nothing ever writes to
+    these pages, so ``madvise(MADV_DONTNEED)`` can drop them; touched again, they are re-read from the
+    file. Only addresses inside this file's mappings are ever released; elsewhere (other systems, a
+    file that is not mapped, tensors created by timm's filters) this does nothing.
+    """
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self, path: Path) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self._madvise: Any = None
+        if not sys.platform.startswith("linux"):
+            return
+        real = os.path.realpath(path)
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and fields[5] == real:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    self.ranges.append((lo, hi))
+        if self.ranges:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            self._madvise = libc.madvise
+            self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def contains(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory lies in the file's mapping."""
+        start = tensor.untyped_storage().data_ptr()
+        return any(lo <= start < hi for lo, hi in self.ranges)
+
+    def release(self, tensors: Iterable[Any]) -> None:
+        """Drop the resident pages of those ``tensors`` that lie in the mapping.
+
+        Only pages wholly inside a tensor's storage are dropped, so a neighbouring tensor is never
+        touched (a page it shares stays resident: a few KiB per tensor).
+        """
+        if self._madvise is None:
+            return
+        for tensor in tensors:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+            begin = -(-start // self._page) * self._page
+            end -= end % self._page
+            if end > begin and any(lo <= begin and end <= hi for lo, hi in self.ranges):
+                self._madvise(begin, end - begin, self._MADV_DONTNEED)
+
+
+def load_checkpoint_state(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(state_dict)`` (strict) for a checkpoint loaded with ``torch.load(mmap=True)``.
+
+    Copies module by module and hands the file's pages back as it goes, so resuming never holds the
+    checkpoint's weights next to the model's. Empties ``state_dict``.
+    """
+    if set(state_dict) != set(model.state_dict()):
+        model.load_state_dict(state_dict)  # raises torch's usual missing/unexpected keys error
+    _stream_into(model, state_dict, _MappedFile(path))
+
+
+def copy_off_file(obj: Any, path: Path) -> Any:
+    """``obj`` (nested dicts/lists/tuples) with every tensor memory-mapped from ``path`` copied to memory.
+
+    ``optimizer.load_state_dict`` keeps the tensors it is given (momentum buffers) when their dtype and
+    device already fit: tensors of a memory-mapped checkpoint would keep the whole file mapped, and the
+    replaced checkpoint on disk, for the whole run. Copies one tensor at a time, handing its pages back.
+    """
+    mapped = _MappedFile(path)
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if not mapped.contains(value):
+                return value
+            owned = value.clone()
+            mapped.release([value])
+            return owned
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    return copy(obj) if mapped.ranges else obj
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from ftsgd.evaluate import evaluate
 from ftsgd.export import export_model
 from ftsgd.fileio import atomic_torch_save, atomic_write_text, remove_stale_temps
 from ftsgd.freeze import apply_freeze, find_embedding, frozen_parameter_names, train_mode
-from ftsgd.models import build_model, model_data_config
+from ftsgd.models import build_model, copy_off_file, load_checkpoint_state, model_data_config
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
 from ftsgd.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
 
@@ -218,7 +218,8 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
             f"without --resume into a new --out"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the weights are copied into the model page by page (load_checkpoint_state)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise UsageError(f"cannot resume: {path} is corrupt or not an ftsgd checkpoint ({exc})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -418,8 +419,8 @@ def train(
 
     state = RunState()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_checkpoint_state(model, ckpt.pop("model"), out / CHECKPOINT)
+        optimizer.load_state_dict(copy_off_file(ckpt.pop("optimizer"), out / CHECKPOINT))
         scaler.load_state_dict(ckpt["scaler"])
         state = RunState(**ckpt["state"])
         _set_rng_state(ckpt["rng"])
@@ -473,6 +474,8 @@ def train(
         )
 
     def save_checkpoint() -> None:
+        if saved_step[0] == state.global_step:
+            return  # this very state is already on disk (e.g. a signal right after a periodic save)
         check_finite()
         atomic_torch_save(
             {
@@ -624,7 +627,6 @@ def train(
                     "splits": {name: _split_metrics(r) for name, r in results.items()},
                     "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
                     "epoch_time_s": state.epoch_seconds,
-                    "peak_memory_bytes": peak_memory_bytes(device),
                 }
                 val_acc = results["val"]["accuracy"]
                 best = val_acc > state.best_accuracy
@@ -643,6 +645,7 @@ def train(
                     epoch_seen=0,
                     epoch_seconds=0.0,
                 )
+                saved_step[0] = None  # the epoch's end is a new state even at the same global step
                 save_checkpoint()
                 _write_metrics(out, state.history)
                 reset_peak_memory(device)
@@ -731,13 +734,19 @@ def _train_step(
         loss_total += loss.detach() * len(ys)
         correct += (logits.detach().argmax(dim=1) == ys).sum()
     if isinstance(optimizer, StepInBackward):
-        return float(loss_total.item()), int(correct.item())  # already updated during backward
+        return _read_back(loss_total, correct)  # already updated during backward
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return float(loss_total.item()), int(correct.item())
+    return _read_back(loss_total, correct)
+
+
+def _read_back(loss_total: torch.Tensor, correct: torch.Tensor) -> tuple[float, int]:
+    """Both step statistics in one device-to-host copy (one GPU sync per step, not two)."""
+    loss, hits = torch.stack([loss_total.double(), correct.double()]).tolist()
+    return loss, int(hits)
 
 
 def _split_metrics(result: dict[str, Any]) -> dict[str, Any]:
