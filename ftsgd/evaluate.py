@@ -8,6 +8,7 @@ distribution shift the average often hides that a few classes collapse.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,16 @@ def run_eval(
     model, meta = load_exported_model(weights)
     class_names = list(meta["class_names"])
     root = data.expanduser()
-    extra = [s for s in splits if s not in ("train", "val")]
-    _, found = discover_splits(DataConfig(root=str(root), eval_splits=extra), class_names=class_names)
-    wanted = splits or [name for name in found if name != "train"]
+    # Named splits are looked up directly (no auto-discovery of other folders); a path is keyed by its name.
+    named = [str(Path(s).expanduser()) if os.sep in s else s for s in splits if s not in ("train", "val")]
+    config = DataConfig(root=str(root), eval_splits=named or (["val"] if splits else []))
+    try:
+        _, found = discover_splits(config, class_names=class_names)
+    except DataError as exc:
+        if splits:
+            raise
+        raise DataError(f"{exc} (ftsgd eval: name the splits to evaluate with --split NAME)") from None
+    wanted = [Path(s).name for s in splits] or [name for name in found if name != "train"]
     missing = [s for s in wanted if s not in found]
     if missing:
         raise DataError(

@@ -374,3 +374,23 @@ def test_resume_does_not_need_the_starting_weights_file(image_folder: Path, tmp_
     weights.unlink()  # moved or deleted since: the checkpoint holds every weight
     resumed = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--json")
     assert resumed.exit_code == 0, resumed.stderr
+
+
+def test_eval_named_splits_ignore_other_folders(image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    assert (
+        run("train", "--data", str(image_folder), "--out", str(out), *TINY, *FAST, "--quiet").exit_code == 0
+    )
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "notes" / "zebra").mkdir(parents=True)
+    shutil.copy(next((data / "val" / "circle").iterdir()), data / "notes" / "zebra" / "x.png")
+    only_val = run("eval", str(out), "--data", str(data), "--split", "val", "--json")
+    assert only_val.exit_code == 0, only_val.stderr
+    assert list(json.loads(only_val.stdout)) == ["val"]
+    by_path = run("eval", str(out), "--data", str(data), "--split", str(data / "ood"), "--json")
+    assert by_path.exit_code == 0 and list(json.loads(by_path.stdout)) == ["ood"]
+    everything = run("eval", str(out), "--data", str(data))
+    assert everything.exit_code == 2 and "zebra" in everything.stderr and "--split" in everything.stderr

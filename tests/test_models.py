@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,15 @@ from torch import nn
 
 from ftsgd import models
 from ftsgd.errors import ModelError, WeightsError
-from ftsgd.models import WeightsReport, build_model, load_weights, model_data_config, read_state_dict
+from ftsgd.models import (
+    _MAX_LISTED,
+    WeightsReport,
+    _MappedFile,
+    build_model,
+    load_weights,
+    model_data_config,
+    read_state_dict,
+)
 from ftsgd.recipe import ModelConfig
 
 
@@ -156,15 +166,71 @@ def test_shallower_variant_with_matching_shapes_is_refused(tmp_path: Path) -> No
         load_weights(timm.create_model("test_vit", pretrained=False), path)
 
 
-def test_loading_copies_in_place_and_streams(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
-    save_file(source, tmp_path / "w.safetensors")
+def test_vit2_file_into_test_vit_names_missing_parameters(tmp_path: Path) -> None:
+    path = tmp_path / "vit2.safetensors"
+    save_file(_contiguous(timm.create_model("test_vit2", pretrained=False, img_size=32).state_dict()), path)
+    model = _vit()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError) as info:
+        load_weights(model, path)
+    msg = str(info.value)
+    count = int(msg.split(" parameter(s) of test_vit are not in ", 1)[0])
+    assert count > _MAX_LISTED and f"... and {count - _MAX_LISTED} more" in msg
+    assert msg.count("\n  - ") == _MAX_LISTED and str(path) in msg
+    assert "another architecture, depth or variant" in msg
+    assert info.value.exit_code == 2
+    _assert_same(model, fresh)  # refused before anything was copied
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_loading_copies_in_place_and_streams(
+    tmp_path: Path, source: dict[str, torch.Tensor], suffix: str
+) -> None:
+    path = tmp_path / f"w{suffix}"
+    save_file(source, path) if suffix == ".safetensors" else torch.save({"state_dict": source}, path)
     model = _resnet()
-    before = {n: p for n, p in model.named_parameters()}
-    load_weights(model, tmp_path / "w.safetensors")
-    for name, param in model.named_parameters():
-        assert param is before[name]  # copied into the model's own tensors, not replaced
-        if not name.startswith("fc."):
-            assert torch.equal(param.detach(), source[name])
+    before = dict(model.named_parameters()) | dict(model.named_buffers())
+    load_weights(model, path)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert tensor is before[name]  # copied into the model's own tensors, not replaced
+        assert torch.equal(tensor.detach(), source[name])
+    gc.collect()
+    assert not _MappedFile(path).ranges  # nothing of the (memory-mapped) file outlives the load
+
+
+def test_checkpoint_lacking_only_num_batches_tracked_loads_without_a_full_read(
+    tmp_path: Path, source: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Missing buffers are reported, and they do not send the file through timm's (full-copy) filter."""
+    partial = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+    partial["extra.weight"] = torch.zeros(2)
+    torch.save({"state_dict": partial, "epoch": 90}, tmp_path / "ck.pth")
+    monkeypatch.setattr(models, "_apply_timm_filter", lambda *_a: pytest.fail("needs no filter"))
+    model = _resnet(seed=2)
+    report = load_weights(model, tmp_path / "ck.pth")
+    assert report.missing and all(k.endswith("num_batches_tracked") for k in report.missing)
+    assert report.unexpected == ("extra.weight",) and report.loaded == len(partial) - 1
+    _assert_same(model, partial, skip=("extra.weight",))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="releases pages with madvise (Linux)")
+def test_mapped_file_pages_are_handed_back_after_copying(tmp_path: Path) -> None:
+    def rss_file() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("RssFile:")).split()[1]) * 1024
+
+    big = torch.arange(16 * 2**20, dtype=torch.float32)  # 64 MiB
+    torch.save({"w": big, "small": torch.ones(3)}, tmp_path / "big.pth")
+    loaded = torch.load(tmp_path / "big.pth", mmap=True, weights_only=True)
+    mapped = _MappedFile(tmp_path / "big.pth")
+    assert mapped.contains(loaded["w"]) and not mapped.contains(big)
+    target = torch.empty_like(big)
+    base = rss_file()
+    target.copy_(loaded["w"])
+    assert rss_file() - base > 48 * 2**20  # the copy made the file's pages resident
+    mapped.release([loaded["w"], big])  # ``big`` is not in the mapping: left alone
+    assert rss_file() - base < 8 * 2**20
+    assert torch.equal(target, big) and torch.equal(loaded["w"], big)  # re-read from the file if touched
 
 
 def test_other_architecture_with_same_keys_lists_shapes(tmp_path: Path) -> None:
