@@ -14,6 +14,7 @@ import typer
 
 from ftsgd import __version__, console
 from ftsgd.errors import FtsgdError, UsageError
+from ftsgd.recipe import DEFAULT_RECIPE
 
 app = typer.Typer(
     name="ftsgd",
@@ -29,7 +30,6 @@ recipes_app = typer.Typer(
 )
 app.add_typer(recipes_app, name="recipes")
 
-DEFAULT_RECIPE = "sgd-freeze-embed"
 
 RecipeOpt = Annotated[
     str, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a TOML recipe.")

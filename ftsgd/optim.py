@@ -149,12 +149,6 @@ class StepInBackward:
         for opt, sd in zip(self.optimizers, per_param, strict=True):
             opt.load_state_dict(sd)
 
-    def remove(self) -> None:
-        """Detach the hooks (the model can then be trained normally again)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | StepInBackward:
     """The optimizer a recipe asks for: a normal one, or per-parameter updates inside backward."""

@@ -27,6 +27,9 @@ from typing import Any
 
 from ftsgd.errors import RecipeError
 
+DEFAULT_RECIPE = "sgd-freeze-embed"
+"""The recipe `ftsgd train` and `ftsgd inspect` use when --recipe is not given."""
+
 FREEZE_POLICIES = ("none", "embed", "embed+stage1", "stem", "head")
 SCHEDULES = ("cosine", "constant", "step")
 SCHEDULE_INTERVALS = ("epoch", "step")

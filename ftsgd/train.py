@@ -55,9 +55,8 @@ from ftsgd.fileio import atomic_torch_save, atomic_write_text, remove_stale_temp
 from ftsgd.freeze import apply_freeze, find_embedding, frozen_parameter_names, train_mode
 from ftsgd.models import build_model, copy_off_file, load_checkpoint_state, model_data_config
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
-from ftsgd.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+from ftsgd.recipe import DEFAULT_RECIPE, Recipe, load_recipe, recipe_from_dict, recipe_to_toml
 
-DEFAULT_RECIPE = "sgd-freeze-embed"
 CHECKPOINT = "checkpoint.pt"
 RECIPE_FILE = "recipe.toml"
 METRICS = "metrics.jsonl"
