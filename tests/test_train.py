@@ -272,3 +272,31 @@ def test_step_schedule_and_warmup_reach_the_optimizer(image_folder: Path, tmp_pa
     train(recipe, tmp_path / "run", quiet=True)
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.02 * 1 / 2, 0.02 * 0.5, 0.02 * 0.25])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+def test_resume_keeps_nothing_of_the_checkpoint_file(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint.pt is memory-mapped to resume; training must not run with any of it still mapped.
+
+    SGD with momentum: ``optimizer.load_state_dict`` would keep the checkpoint's momentum buffers as
+    they are, i.e. pages of the mapped file, for the whole run (and the replaced file on disk).
+    """
+    import ftsgd.train as train_module
+
+    out = tmp_path / "run"
+    extra = ("train.checkpoint_every=2", "train.epochs=1")
+    train(recipe_for(image_folder, "test_vit", *extra), out, quiet=True, stop_after_steps=2)
+    checkpoint = str((out / "checkpoint.pt").resolve())
+    real_step, checked = train_module._train_step, []
+
+    def step(*args, **kwargs):
+        maps = Path("/proc/self/maps").read_text()
+        assert checkpoint not in maps, "the checkpoint file is still mapped while training"
+        checked.append(True)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_step", step)
+    train(load_recipe(str(out / "recipe.toml")), out, resume=True, quiet=True)
+    assert checked
