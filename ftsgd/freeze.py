@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ftsgd.errors import RecipeError
+from ftsgd.models import model_name
 from ftsgd.recipe import FREEZE_POLICIES, FreezeConfig
 
 __all__ = [
@@ -145,11 +146,6 @@ def _ancestors(name: str) -> list[str]:
     """Proper ancestors of a module name, outermost first, without the root: a.b.c -> [a, a.b]."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture") or type(model).__name__)
 
 
 def _as_names(value: Any) -> tuple[str, ...]:
@@ -418,7 +414,7 @@ def find_embedding(model: nn.Module, input_size: tuple[int, int, int] | None = N
     """
     order, size, error = execution_order(model, input_size)
     if not order:
-        raise ValueError(f"{_model_name(model)} has no parameters: nothing to freeze")
+        raise ValueError(f"{model_name(model)} has no parameters: nothing to freeze")
     modules = dict(model.named_modules())
     first = order[0]
     classifier = _classifier_modules(model, order)
@@ -578,7 +574,7 @@ def _pattern_problem(key: str, pattern: str, model: nn.Module, names: list[str])
         )
     else:
         hints.append("globs must match whole parameter names (e.g. 'blocks.0.*'); prefix 're:' for a regex")
-    return f"{key}: {pattern!r} matches no parameter of {_model_name(model)}; " + "; ".join(hints)
+    return f"{key}: {pattern!r} matches no parameter of {model_name(model)}; " + "; ".join(hints)
 
 
 def _match_patterns(key: str, patterns: Sequence[str], model: nn.Module, names: list[str]) -> set[str]:
@@ -651,7 +647,7 @@ def frozen_parameter_names(
         classifier = _classifier_modules(model, order)
         if not classifier:
             raise RecipeError(
-                f"freeze.policy: 'head' needs a classifier, and {_model_name(model)} has none with "
+                f"freeze.policy: 'head' needs a classifier, and {model_name(model)} has none with "
                 "parameters (created with num_classes=0?)"
             )
         frozen = {n for n in names if not any(_under(n, c) for c in classifier)}
@@ -677,7 +673,7 @@ def apply_freeze(model: nn.Module, names: Iterable[str]) -> None:
     params = dict(model.named_parameters())
     unknown = sorted(wanted - params.keys())
     if unknown:
-        raise ValueError(f"not parameters of {_model_name(model)}: {', '.join(unknown[:5])}")
+        raise ValueError(f"not parameters of {model_name(model)}: {', '.join(unknown[:5])}")
     for name in wanted:
         params[name].requires_grad_(False)
 

@@ -360,7 +360,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         return model
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """The timm architecture name, or the class name for models timm doesn't know (for messages)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(model).__name__)
 
@@ -427,7 +428,7 @@ def _strip_prefixes(
 
 def _timm_filter_fn(model: nn.Module) -> Any:
     """timm's ``checkpoint_filter_fn`` for the model's family, if it has one."""
-    arch = _model_name(model)
+    arch = model_name(model)
     module_name = None
     with contextlib.suppress(Exception):
         from timm.models._registry import _model_to_module
@@ -495,7 +496,7 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
     target = unwrap_model(model)
     state_dict = _read_tensors(path)
     model_sd = target.state_dict()
-    name = _model_name(target)
+    name = model_name(target)
 
     heads = _classifier_prefixes(target)
     state_dict = _strip_prefixes(state_dict, model_sd)
