@@ -349,22 +349,27 @@ def test_malformed_weights_file(name: str, image_folder: Path, tmp_path: Path) -
     assert not out.exists()
 
 
-def test_export_for_another_class_count_names_keys_and_shapes(image_folder: Path, tmp_path: Path) -> None:
-    """``ftsgd eval`` of an export whose tensors do not fit the model its metadata describes."""
-    from safetensors import safe_open
-
+def _export_tiny_vit(folder: Path) -> None:
+    """A 3-class test_vit export (the synthetic dataset's classes) written by ftsgd's own exporter."""
     from ftsgd.export import export_model
 
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
     export_model(
         model,
-        tmp_path / "exp",
+        folder,
         architecture="test_vit",
         class_names=["circle", "square", "triangle"],
         data_config={},
         recipe_name="x",
         model_kwargs={"img_size": 32},
     )
+
+
+def test_export_for_another_class_count_names_keys_and_shapes(image_folder: Path, tmp_path: Path) -> None:
+    """``ftsgd eval`` of an export whose tensors do not fit the model its metadata describes."""
+    from safetensors import safe_open
+
+    _export_tiny_vit(tmp_path / "exp")
     path = tmp_path / "exp" / "model.safetensors"
     with safe_open(str(path), framework="pt") as fh:
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
@@ -404,18 +409,7 @@ def test_image_broken_after_the_scan_is_one_line_even_from_a_worker(
 def test_eval_scans_the_splits_it_evaluates(image_folder: Path, tmp_path: Path) -> None:
     import shutil
 
-    from ftsgd.export import export_model
-
-    model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
-    export_model(
-        model,
-        tmp_path / "exp",
-        architecture="test_vit",
-        class_names=["circle", "square", "triangle"],
-        data_config={},
-        recipe_name="x",
-        model_kwargs={"img_size": 32},
-    )
+    _export_tiny_vit(tmp_path / "exp")
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
     _write_bad(data / "ood" / "square", "truncated.jpg")
