@@ -1,4 +1,8 @@
-"""The ``ftsgd`` command line. It only parses arguments and delegates; no torch logic lives here."""
+"""The ``ftsgd`` command line. It only parses arguments and delegates to :mod:`ftsgd.commands`.
+
+Commands import their implementation when they run, so ``ftsgd --help`` and ``--version`` start without
+importing torch.
+"""
 
 from __future__ import annotations
 
@@ -121,14 +125,10 @@ def recipes_list(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ftsgd.recipe import list_recipes
+    from ftsgd.commands import recipes_list_command
 
     with _user_errors():
-        rows = list_recipes()
-    if as_json:
-        console.print_json([{"name": n, "description": d} for n, d in rows])
-    else:
-        console.print_table("Built-in recipes", ["recipe", "description"], rows)
+        recipes_list_command(as_json)
 
 
 @recipes_app.command("show")
@@ -145,14 +145,10 @@ def recipes_show(
 
         ftsgd recipes show my-recipe.toml --set optim.lr=3e-4 > resolved.toml
     """
-    from ftsgd.recipe import load_recipe, recipe_to_dict, recipe_to_toml
+    from ftsgd.commands import recipes_show_command
 
     with _user_errors():
-        recipe = load_recipe(name, _overrides(sets))
-    if as_json:
-        console.print_json(recipe_to_dict(recipe))
-    else:
-        sys.stdout.write(recipe_to_toml(recipe))
+        recipes_show_command(name, _overrides(sets), as_json)
 
 
 @recipes_app.command("keys")
@@ -163,15 +159,10 @@ def recipes_keys(as_json: JsonOpt = False) -> None:
 
         ftsgd recipes keys
     """
-    from ftsgd.recipe import describe_keys
+    from ftsgd.commands import recipes_keys_command
 
-    rows = describe_keys()
-    if as_json:
-        console.print_json(
-            [dict(zip(("key", "type", "default", "description"), r, strict=True)) for r in rows]
-        )
-    else:
-        console.print_table("Recipe keys", ["key", "type", "default", "description"], rows)
+    with _user_errors():
+        recipes_keys_command(as_json)
 
 
 # --------------------------------------------------------------------------- inspect
@@ -222,68 +213,19 @@ def inspect(
 
         ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
     """
-    from ftsgd.inspection import inspect_model
-    from ftsgd.recipe import load_recipe
+    from ftsgd.commands import inspect_command, print_inspect
 
     with _user_errors():
         if model and model_opt and model != model_opt:
             raise UsageError(f"two model names given ({model!r} and --model {model_opt!r}); pass one")
         shorthands = {"model.name": model or model_opt, "model.weights": weights}
         size = [f"data.img_size={img_size}"] if img_size is not None else []
-        loaded = load_recipe(recipe, [*_overrides(sets, **shorthands), *size])
-        report = inspect_model(loaded, num_classes, batch_size=batch_size)
+        overrides = [*_overrides(sets, **shorthands), *size]
+        report = inspect_command(recipe, overrides, num_classes=num_classes, batch_size=batch_size)
     if as_json:
         console.print_json(report)
-        return
-    _print_inspect(report)
-
-
-def _print_inspect(r: dict[str, Any]) -> None:
-    from ftsgd.memory import format_bytes
-
-    console.print_kv(
-        [
-            ("model", r["model"]),
-            ("recipe", f"{r['recipe']} (freeze.policy = {r['policy']}, optim.name = {r['optimizer']})"),
-            ("embedding", ", ".join(r["embedding"]) or "-"),
-            ("found by", r["embedding_method"]),
-            *[("check", c) for c in r["embedding_checks"]],
-        ]
-    )
-    if r.get("weights"):
-        w = r["weights"]
-        console.info(
-            f"weights: {w['path']}: {w['loaded']} tensors loaded, {len(w['missing'])} missing, "
-            f"{len(w['unexpected'])} unexpected, {len(w['reinitialised'])} re-initialised (head)"
-        )
-    rows = [
-        [b["name"], b["type"], f"{b['params']:,}", f"{b['frozen_params']:,}", b["status"]]
-        for b in r["blocks"]
-    ]
-    console.print_table("Top-level blocks", ["block", "type", "params", "frozen", "status"], rows)
-    console.print_kv(
-        [
-            ("total params", f"{r['total_params']:,}"),
-            ("frozen params", f"{r['frozen_params']:,} ({100 * r['frozen_fraction']:.2f}%)"),
-            ("trainable params", f"{r['trainable_params']:,}"),
-        ]
-    )
-    m = r["memory"]
-    mem_rows = [
-        ["weights", format_bytes(m["weights"])],
-        ["gradients", format_bytes(m["gradients"])],
-        ["optimizer state", format_bytes(m["optimizer_state"])],
-    ]
-    if m.get("batch_size"):
-        size = "x".join(str(v) for v in m["input_size"])
-        mem_rows.append([f"activations (batch {m['batch_size']}, {size})", format_bytes(m["activations"])])
-    mem_rows += [
-        ["total (this recipe)", format_bytes(m["total"])],
-        ["total (adamw, nothing frozen)", format_bytes(m["adamw_total"])],
-        ["ratio to adamw", f"{m['ratio']:.2f}x"],
-        ["bytes per parameter", f"{m['bytes_per_param']:.1f}"],
-    ]
-    console.print_table("Training-state memory estimate", ["", "bytes"], mem_rows)
+    else:
+        print_inspect(report)
 
 
 # --------------------------------------------------------------------------- train / eval / demo
@@ -309,6 +251,14 @@ def train(
     ] = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final results.")] = False,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--max-steps",
+            min=1,
+            help="Stop after this many optimizer steps in total, with a checkpoint; continue later with --resume.",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a model on an image-folder dataset and export the best weights.
 
@@ -320,10 +270,10 @@ def train(
 
         ftsgd train --data ~/data/birds --out runs/birds --resume
     """
-    from ftsgd.train import train_from_cli
+    from ftsgd.commands import train_command
 
     with _user_errors():
-        summary = train_from_cli(
+        summary = train_command(
             data=data,
             out=out,
             recipe=recipe,
@@ -331,9 +281,10 @@ def train(
             resume=resume,
             quiet=quiet or as_json,
             argv=sys.argv,
+            max_steps=max_steps or 0,
         )
     if as_json:
-        console.print_json(summary)
+        console.print_json(summary if summary is not None else {"finished": False})
 
 
 @app.command("eval")
@@ -362,12 +313,10 @@ def eval_(
 
         ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val --split ood --json
     """
-    from ftsgd.evaluate import print_eval_results, run_eval
+    from ftsgd.commands import eval_command, print_eval_results
 
     with _user_errors():
-        if on_bad_image not in ("error", "skip"):
-            raise UsageError(f"--on-bad-image must be error or skip, got {on_bad_image!r}")
-        results = run_eval(
+        results = eval_command(
             weights,
             data,
             splits=list(split or []),
@@ -398,10 +347,10 @@ def demo(
 
         ftsgd demo --out /tmp/demo --epochs 2 --force
     """
-    from ftsgd.train import run_demo
+    from ftsgd.commands import demo_command
 
     with _user_errors():
-        run_demo(out=out, epochs=epochs, force=force, argv=sys.argv)
+        demo_command(out=out, epochs=epochs, force=force, argv=sys.argv)
 
 
 def main() -> None:

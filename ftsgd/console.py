@@ -8,7 +8,6 @@ anything else (a cron job, ``| tee``) gets plain, greppable lines without colour
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from ftsgd.fileio import jsonable
 
 
 def stdout_is_tty() -> bool:
@@ -31,21 +32,9 @@ def console(stderr: bool = False) -> Console:
     return Console(file=stream, force_terminal=stdout_is_tty() if not stderr else None, soft_wrap=True)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "__fspath__"):
-        return os.fspath(obj)
-    return obj
-
-
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (the contract of every ``--json`` flag)."""
-    sys.stdout.write(json.dumps(_jsonable(obj), indent=2) + "\n")
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2) + "\n")
     sys.stdout.flush()
 
 

@@ -31,6 +31,12 @@ def _from_worker(message: str) -> str:
     return text.rstrip() if sep and "\nftsgd.errors." in message else message
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UsageError(FtsgdError):
     """Bad command-line usage or arguments."""
 

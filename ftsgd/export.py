@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ftsgd import __version__
-from ftsgd.errors import ModelError, WeightsError
-from ftsgd.fileio import atomic_save_safetensors, atomic_write_text
-from ftsgd.models import _classifier_prefixes, model_data_config, unwrap_model
+from ftsgd.errors import ModelError, WeightsError, first_line
+from ftsgd.fileio import atomic_save_safetensors, atomic_write_text, jsonable
+from ftsgd.models import classifier_modules, model_data_config, unwrap_model
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_model", "load_exported_model", "read_export"]
 
@@ -64,16 +64,6 @@ def _weights_path(path: Path | str) -> Path:
     """``path`` itself if it names a ``.safetensors`` file, else ``path/model.safetensors``."""
     path = Path(path).expanduser()
     return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,7 +115,7 @@ def _timm_config(
         pretrained_cfg["pool_size"] = None  # the source's pooled feature size no longer applies
     for key in _TEST_TIME_KEYS:  # test-time recommendations described the source weights
         pretrained_cfg.pop(key, None)
-    classifiers = _classifier_prefixes(model)
+    classifiers = classifier_modules(model)
     pretrained_cfg.update(
         input_size=input_size,
         mean=list(data_config["mean"]),
@@ -154,7 +144,7 @@ def _timm_config(
     model_args["num_classes"] = len(class_names)
     config["model_args"] = model_args
     config["pretrained_cfg"] = pretrained_cfg
-    return _jsonable(config)
+    return jsonable(config)
 
 
 def export_model(
@@ -194,7 +184,7 @@ def export_model(
     kwargs = dict(model_kwargs or {})
     kwargs.pop("num_classes", None)
     try:
-        kwargs_json = json.dumps(_jsonable(kwargs), sort_keys=True)
+        kwargs_json = json.dumps(jsonable(kwargs), sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model_kwargs must be JSON-serialisable to export: {exc}") from exc
     clash = sorted(set(extra or {}) & set(_RESERVED))
@@ -273,9 +263,8 @@ def read_export(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, An
             metadata = fh.metadata() or {}
         tensors = load_file(str(weights), device="cpu")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"could not read {weights}: it is truncated or not a valid safetensors file ({first}); re-export it"
+            f"could not read {weights}: it is truncated or not a valid safetensors file ({first_line(exc)}); re-export it"
         ) from None
     if "architecture" not in metadata or "class_names" not in metadata:
         raise WeightsError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,11 +29,11 @@ if TYPE_CHECKING:  # torch is imported lazily: writing a JSON file should not co
     import torch
 
 __all__ = [
-    "append_line",
     "atomic_save_safetensors",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "jsonable",
     "remove_stale_temps",
 ]
 
@@ -205,48 +206,21 @@ def atomic_save_safetensors(
     _atomic_write(path, write)
 
 
-def append_line(path: Path | str, line: str) -> None:
-    """Append one line to a log such as ``metrics.jsonl`` and fsync it.
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: tuples and sets become lists, paths strings, non-finite floats ``None``.
 
-    The line is written with a single ``write`` on an ``O_APPEND`` descriptor, so concurrent writers do
-    not interleave within a line. If a previous crash left a torn last line (no trailing newline), a
-    newline is written first so the new record stays parseable on its own. If this write fails
-    part-way (disk full), the file is truncated back to its previous length.
-
-    Args:
-        path: The log file; created if missing.
-        line: One record; a trailing newline is added if absent. Must not contain other newlines.
-
-    Raises:
-        RunError: The append failed; the file holds exactly its previous contents.
+    ``json.dumps`` would write ``NaN``/``Infinity``, which is not JSON and breaks strict readers (``jq``,
+    JavaScript), so a diverged metric is written as ``null`` instead.
     """
-    path = Path(path)
-    data = (line if line.endswith("\n") else line + "\n").encode("utf-8")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, _NEW_FILE_MODE)
-    except OSError as exc:
-        raise RunError(f"could not append to {path}: {_reason(exc)}; the previous file is intact") from exc
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
-                data = b"\n" + data
-        except OSError:
-            pass  # a torn previous line is cosmetic; never fail the append over it
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise RunError(
-                f"could not append to {path}: {_reason(exc)}; the previous file is intact"
-            ) from exc
-    finally:
-        os.close(fd)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "__fspath__"):
+        return os.fspath(obj)
+    return obj
 
 
 def remove_stale_temps(directory: Path | str, names: list[str] | tuple[str, ...]) -> list[Path]:

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftsgd.errors import RecipeError
-from ftsgd.models import model_name
+from ftsgd.errors import RecipeError, first_line
+from ftsgd.models import cfg_names, classifier_modules, model_name
 from ftsgd.recipe import FREEZE_POLICIES, FreezeConfig
 
 __all__ = [
@@ -146,17 +146,6 @@ def _ancestors(name: str) -> list[str]:
     """Proper ancestors of a module name, outermost first, without the root: a.b.c -> [a, a.b]."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _as_names(value: Any) -> tuple[str, ...]:
-    """Normalise a pretrained_cfg entry that may be a string, a tuple/list of strings or missing."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,) if value else ()
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value if v)
-    return ()
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -273,7 +262,7 @@ def execution_order(
                 with torch.no_grad():
                     model(x.to(ref.device))
             except Exception as exc:  # any architecture-specific size/channel complaint: try the next
-                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                error = f"{type(exc).__name__}: {first_line(exc)}"
                 continue
             if order:
                 return list(order), size, error
@@ -287,34 +276,6 @@ def execution_order(
 
 # --------------------------------------------------------------------------------------------------
 # timm metadata
-
-
-def _classifier_modules(model: nn.Module, order: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Names of the classifier module(s): timm's ``get_classifier()`` / ``pretrained_cfg['classifier']``.
-
-    For models timm does not know (no ``get_classifier``), the last ``nn.Linear`` in execution order
-    (``order``) or, failing that, registration order.
-    """
-    modules = dict(model.named_modules())
-    ids = {id(m): n for n, m in modules.items()}
-    names: list[str] = []
-    has_timm_api = hasattr(model, "get_classifier")
-    if has_timm_api:
-        try:
-            got = model.get_classifier()
-        except Exception:
-            got = None
-        for m in got if isinstance(got, (tuple, list)) else [got]:
-            if isinstance(m, nn.Module) and id(m) in ids:
-                names.append(ids[id(m)])
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names += [n for n in _as_names(cfg.get("classifier")) if n in modules]
-    names = [n for n in dict.fromkeys(names) if any(True for _ in modules[n].parameters())]
-    if names or has_timm_api:
-        return tuple(names)
-    candidates = list(order) if order else [n for n, _ in model.named_modules()]
-    linears = [n for n in candidates if isinstance(modules.get(n), nn.Linear)]
-    return (linears[-1],) if linears else ()
 
 
 def _group_matcher(model: nn.Module) -> dict[str, Any] | None:
@@ -417,24 +378,12 @@ def find_embedding(model: nn.Module, input_size: tuple[int, int, int] | None = N
         raise ValueError(f"{model_name(model)} has no parameters: nothing to freeze")
     modules = dict(model.named_modules())
     first = order[0]
-    classifier = _classifier_modules(model, order)
+    classifier = classifier_modules(model, order)
     total_params = sum(p.numel() for p in model.parameters())
     position = {n: i for i, n in enumerate(order)}
-
-    def stem_like(candidate: str) -> bool:
-        inside = [n for n in order if _under(n, candidate)]
-        # (1) it runs first and in one piece
-        if order[: len(inside)] != inside:
-            return False
-        # (2) more of the body (not the classifier) runs after it than inside it: a stem, not the
-        # backbone container (DenseNet/VGG ``features``)
-        rest = [n for n in order[len(inside) :] if not any(_under(n, c) for c in classifier)]
-        if len(rest) <= len(inside):
-            return False
-        # (3) a small part of the network
-        return _numel_under(model, [candidate]) <= MAX_EMBEDDING_FRACTION * max(total_params, 1)
-
-    accepted = next((a for a in _ancestors(first) if stem_like(a)), None)
+    accepted = next(
+        (a for a in _ancestors(first) if _is_stem_like(model, a, order, classifier, total_params)), None
+    )
     main = accepted if accepted is not None else first
     # Normalisation layers that are siblings of the embedding and run straight after it belong to it
     # (ResNet bn1, EfficientNet bn1, CLIP norm_pre, DenseNet norm0); stop at anything else.
@@ -450,19 +399,13 @@ def find_embedding(model: nn.Module, input_size: tuple[int, int, int] | None = N
         else:
             break
 
-    frac = _numel_under(model, chosen) / max(total_params, 1)
     if size is None:
         how = f"registration order (forward pass failed: {error})"
     else:
         how = f"forward pass on 1x{'x'.join(map(str, size))}"
         if input_size is not None and tuple(size) != tuple(input_size):
             how += f" (1x{'x'.join(map(str, input_size))} failed: {error})"
-    desc = f"{how}: first parameterised module {first!r} ({type(modules[first]).__name__})"
-    if accepted is not None:
-        desc += f", enclosing stem-like module {accepted!r} ({type(modules[accepted]).__name__})"
-    if len(chosen) > 1:
-        desc += f", + following norm {', '.join(repr(c) for c in chosen[1:])}"
-    desc += f"; {frac:.2%} of parameters"
+    desc = _describe(model, how, first, accepted, chosen)
     embedding_params = [n for n, _ in model.named_parameters() if any(_under(n, m) for m in chosen)]
     checks = _cross_checks(model, first, tuple(chosen), embedding_params)
     return Embedding(
@@ -474,13 +417,42 @@ def find_embedding(model: nn.Module, input_size: tuple[int, int, int] | None = N
     )
 
 
+def _is_stem_like(
+    model: nn.Module, candidate: str, order: list[str], classifier: tuple[str, ...], total_params: int
+) -> bool:
+    """Whether ``candidate``, an ancestor of the first module that runs, is a stem rather than a backbone."""
+    inside = [n for n in order if _under(n, candidate)]
+    # (1) it runs first and in one piece
+    if order[: len(inside)] != inside:
+        return False
+    # (2) more of the body (not the classifier) runs after it than inside it: a stem, not the
+    # backbone container (DenseNet/VGG ``features``)
+    rest = [n for n in order[len(inside) :] if not any(_under(n, c) for c in classifier)]
+    if len(rest) <= len(inside):
+        return False
+    # (3) a small part of the network
+    return _numel_under(model, [candidate]) <= MAX_EMBEDDING_FRACTION * max(total_params, 1)
+
+
+def _describe(model: nn.Module, how: str, first: str, accepted: str | None, chosen: list[str]) -> str:
+    """The one line ``ftsgd inspect`` prints under "found by"."""
+    modules = dict(model.named_modules())
+    frac = _numel_under(model, chosen) / max(sum(p.numel() for p in model.parameters()), 1)
+    desc = f"{how}: first parameterised module {first!r} ({type(modules[first]).__name__})"
+    if accepted is not None:
+        desc += f", enclosing stem-like module {accepted!r} ({type(modules[accepted]).__name__})"
+    if len(chosen) > 1:
+        desc += f", + following norm {', '.join(repr(c) for c in chosen[1:])}"
+    return desc + f"; {frac:.2%} of parameters"
+
+
 def _cross_checks(
     model: nn.Module, first: str, chosen: tuple[str, ...], embedding_params: list[str]
 ) -> list[str]:
     """Compare the detected embedding with timm's metadata; one human-readable line per source."""
     checks: list[str] = []
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    first_conv = _as_names(cfg.get("first_conv"))
+    first_conv = cfg_names(cfg.get("first_conv"))
     if not first_conv:
         checks.append("pretrained_cfg first_conv: not available")
     elif first in first_conv:
@@ -630,7 +602,7 @@ def frozen_parameter_names(
         if policy == "embed+stage1":
             stage = _first_stage_from_matcher(model, exclude=frozen)
             if stage is None:
-                classifier = _classifier_modules(model, emb.execution_order)
+                classifier = classifier_modules(model, emb.execution_order)
                 stage = _first_stage_fallback(model, emb, classifier)
             frozen |= set(stage)
     elif policy == "stem":
@@ -644,7 +616,7 @@ def frozen_parameter_names(
         order = None
         if not hasattr(model, "get_classifier"):
             order = embedding.execution_order if embedding is not None else execution_order(model)[0]
-        classifier = _classifier_modules(model, order)
+        classifier = classifier_modules(model, order)
         if not classifier:
             raise RecipeError(
                 f"freeze.policy: 'head' needs a classifier, and {model_name(model)} has none with "

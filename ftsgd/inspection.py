@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ftsgd.device import resolve_amp, resolve_device
 from ftsgd.errors import ModelError
-from ftsgd.freeze import find_embedding, frozen_parameter_names, top_level_blocks
+from ftsgd.freeze import top_level_blocks
 from ftsgd.memory import estimate_memory, measure_activations
-from ftsgd.models import build_model, model_data_config
+from ftsgd.prepare import PreparedModel, prepare_model
 from ftsgd.recipe import Recipe
 
 
@@ -41,64 +42,52 @@ def inspect_model(
     """
     if not recipe.model.name:
         raise ModelError("no model given: pass a timm model name, e.g. `ftsgd inspect vit_base_patch16_224`")
-    model, weights_report = build_model(recipe.model, num_classes)
-    size = img_size or recipe.data.img_size
-    input_size = tuple(model_data_config(model)["input_size"])
-    if size:
-        input_size = (input_size[0], size, size)
-    embedding = find_embedding(model, input_size)
-    frozen = frozen_parameter_names(model, recipe.freeze, embedding)
-    frozen_set = set(frozen)
-    total = sum(p.numel() for p in model.parameters())
-    frozen_params = sum(p.numel() for n, p in model.named_parameters() if n in frozen_set)
-    measured = None
-    if activations:
-        measured = _measure(model, recipe, frozen_set, input_size, batch_size)
+    prepared = prepare_model(recipe, num_classes)
+    model = prepared.model
+    input_size = tuple(prepared.data_config["input_size"])
+    if img_size:
+        input_size = (input_size[0], img_size, img_size)
+    frozen_set = set(prepared.frozen)
+    measured = _measure(prepared, recipe, input_size, batch_size) if activations else None
     memory = estimate_memory(model, frozen_set, recipe.optim, activations=measured)
-    blocks = top_level_blocks(model, frozen_set)
+    report = prepared.freeze_report()
+    weights = report.pop("weights_report")
+    embedding = prepared.embedding
     return {
         "model": recipe.model.name,
         "recipe": recipe.name,
         "policy": recipe.freeze.policy,
         "optimizer": recipe.optim.name,
         "num_classes": getattr(model, "num_classes", num_classes),
-        "embedding": list(embedding.modules),
+        **report,
         "embedding_first_module": embedding.first_module,
         "embedding_method": embedding.method,
         "embedding_checks": list(embedding.checks),
-        "frozen": frozen,
-        "trainable_params": total - frozen_params,
-        "frozen_params": frozen_params,
-        "total_params": total,
-        "frozen_fraction": frozen_params / total if total else 0.0,
-        "blocks": [dataclasses.asdict(b) for b in blocks],
+        "frozen_fraction": prepared.frozen_params / max(prepared.total_params, 1),
+        "blocks": [dataclasses.asdict(b) for b in top_level_blocks(model, frozen_set)],
         "memory": {
             **dataclasses.asdict(memory),
             "input_size": list(input_size),
             "activations_method": measured.method if measured else "not measured",
         },
-        "weights": dataclasses.asdict(weights_report) if weights_report else None,
+        "weights": weights,
     }
 
 
 def _measure(
-    model: Any, recipe: Recipe, frozen: set[str], input_size: tuple[int, ...], batch_size: int | None
+    prepared: PreparedModel, recipe: Recipe, input_size: tuple[int, ...], batch_size: int | None
 ) -> Any:
     """Activation memory on the device and under the autocast dtype training would use."""
-    from ftsgd.train import enable_grad_checkpointing, resolve_amp, resolve_device
-
     t = recipe.train
-    batch = batch_size or t.micro_batch_size or t.batch_size
-    if t.grad_checkpointing:
-        enable_grad_checkpointing(model, recipe.model.name)  # the same check and message as training
+    model = prepared.model
     device = resolve_device(t.device)
     model.to(device)
     try:
         return measure_activations(
             model,
             input_size,
-            batch,
-            frozen=frozen,
+            batch_size or t.micro_batch_size or t.batch_size,
+            frozen=set(prepared.frozen),
             grad_checkpointing=t.grad_checkpointing,
             amp_dtype=resolve_amp(t.amp, device),
         )

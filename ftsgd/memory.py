@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ftsgd.device import autocast
+from ftsgd.errors import first_line
 from ftsgd.recipe import OptimConfig
 
 __all__ = [
@@ -264,10 +266,7 @@ def saved_tensor_bytes(
             seen[key] = t.untyped_storage().nbytes()
         return t  # keeping the tensor keeps its address unique until the pass is over
 
-    autocast = (
-        torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, amp_dtype):
         out = model(x)
     del out
     return sum(seen.values()), len(seen)
@@ -344,9 +343,8 @@ def measure_activations(
         try:
             return saved_tensor_bytes(model, x, amp_dtype=amp_dtype)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(
-                f"a training-mode forward pass on a {batch}x{'x'.join(map(str, size))} batch failed: {first}"
+                f"a training-mode forward pass on a {batch}x{'x'.join(map(str, size))} batch failed: {first_line(exc)}"
             ) from exc
 
     with _probe_state(model, set(frozen), grad_checkpointing):

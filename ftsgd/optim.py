@@ -20,6 +20,13 @@ from ftsgd.recipe import OptimConfig, ScheduleConfig
 SGD_NAMES = {"sgd": False, "momentum": False, "nesterov": True}
 
 
+def optimizer_names() -> list[str]:
+    """Optimizer names accepted by ``optim.name``: ours plus timm's registry."""
+    from timm.optim import list_optimizers
+
+    return sorted({"sgd", "adamw", "adam", "momentum", "nesterov", *(n.lower() for n in list_optimizers())})
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Trainable parameters, split so that biases and norm weights skip weight decay (unless asked).
 

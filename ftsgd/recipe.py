@@ -20,12 +20,16 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ftsgd.errors import RecipeError
+
+Checks = Callable[["Recipe"], list[str]]
+"""A check run on a built recipe, returning one problem line per violation."""
 
 DEFAULT_RECIPE = "sgd-freeze-embed"
 """The recipe `ftsgd train` and `ftsgd inspect` use when --recipe is not given."""
@@ -330,19 +334,22 @@ def load_raw(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
     return name, raw
 
 
-def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    name_or_path: str | None = None, overrides: list[str] | None = None, extra_checks: Checks | None = None
+) -> Recipe:
     """Load, merge, override and validate a recipe.
 
     Args:
         name_or_path: a built-in recipe name, a path to a TOML file, or None for the defaults.
         overrides: ``key.path=value`` strings from ``--set`` (and shorthands like ``--model``).
+        extra_checks: see :func:`recipe_from_dict`.
 
     Raises:
         RecipeError: listing every problem found, each naming its key path.
     """
     _, raw = load_raw(name_or_path)
     raw = apply_overrides(raw, overrides or [])
-    return recipe_from_dict(raw)
+    return recipe_from_dict(raw, extra_checks)
 
 
 # --------------------------------------------------------------------------- validation
@@ -412,8 +419,15 @@ def _build_section(cls: type, raw: Any, section: str, problems: list[str]) -> An
     return cls(**values)
 
 
-def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
-    """Validate a raw (merged) recipe dict into a :class:`Recipe`, reporting all problems at once."""
+def recipe_from_dict(raw: dict[str, Any], extra_checks: Checks | None = None) -> Recipe:
+    """Validate a raw (merged) recipe dict into a :class:`Recipe`, reporting all problems at once.
+
+    Args:
+        raw: The merged recipe (defaults are filled in for absent keys).
+        extra_checks: More checks on the built recipe whose problems join this module's own in one
+            error; :mod:`ftsgd.validate` passes the ones that need timm or the file system, which this
+            module deliberately does not import.
+    """
     problems: list[str] = []
     top: dict[str, Any] = {}
     sections: dict[str, Any] = {}
@@ -432,39 +446,46 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
             problems.append(f"{key}: unknown key{hint}")
     recipe = Recipe(**top, **sections)
     problems.extend(check_values(recipe))
+    if extra_checks is not None:
+        problems.extend(extra_checks(recipe))
     if problems:
         raise RecipeError(problems)
     return recipe
 
 
 def check_values(r: Recipe) -> list[str]:
-    """Value and cross-field checks; returns one problem line per violation."""
+    """Value and cross-field checks that need nothing but the recipe; one problem line per violation."""
     p: list[str] = []
+    _check_model_and_freeze(r, p)
+    _check_optim(r, p)
+    _check_schedule(r, p)
+    _check_data(r.data, p)
+    _check_train(r.train, p)
+    if r.optim.step_in_backward:
+        _check_step_in_backward(r, p)
+    return p
 
-    def choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            close = difflib.get_close_matches(value, allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            p.append(f"{path}: unknown value {value!r}; {hint}expected one of: {', '.join(allowed)}")
 
-    def at_least(path: str, value: float, low: float, what: str = "") -> None:
-        if value < low:
-            p.append(f"{path}: must be >= {low}{what}, got {value!r}")
+def _choice(p: list[str], path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        p.append(f"{path}: unknown value {value!r}; {hint}expected one of: {', '.join(allowed)}")
 
-    m, f, o, s, d, t = r.model, r.freeze, r.optim, r.schedule, r.data, r.train
+
+def _at_least(p: list[str], path: str, value: float, low: float, what: str = "") -> None:
+    if value < low:
+        p.append(f"{path}: must be >= {low}{what}, got {value!r}")
+
+
+def _check_model_and_freeze(r: Recipe, p: list[str]) -> None:
+    m, f = r.model, r.freeze
     if m.weights and m.pretrained:
         p.append(
             "model.pretrained: set either model.pretrained = true (hub download) or model.weights "
             "(local file), not both"
         )
-    if m.weights and not Path(m.weights).expanduser().is_file():
-        p.append(f"model.weights: file not found: {m.weights}")
-    if m.name.strip():
-        unknown = unknown_model_problem(m.name.strip())
-        if unknown:
-            p.append(f"model.name: {unknown}")
-    p.extend(_data_path_problems(d))
-    choice("freeze.policy", f.policy, FREEZE_POLICIES)
+    _choice(p, "freeze.policy", f.policy, FREEZE_POLICIES)
     for i, pattern in enumerate([*f.patterns, *f.trainable]):
         key = "freeze.patterns" if i < len(f.patterns) else "freeze.trainable"
         if pattern.startswith("re:"):
@@ -472,11 +493,10 @@ def check_values(r: Recipe) -> list[str]:
                 re.compile(pattern[3:])
             except re.error as exc:
                 p.append(f"{key}: invalid regular expression {pattern!r}: {exc}")
-    known_optims = optimizer_names()
-    if o.name.lower() not in known_optims:
-        close = difflib.get_close_matches(o.name.lower(), known_optims, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        p.append(f"optim.name: unknown optimizer {o.name!r}; {hint}(sgd, adamw, or a timm optimizer name)")
+
+
+def _check_optim(r: Recipe, p: list[str]) -> None:
+    o = r.optim
     if o.lr <= 0:
         p.append(f"optim.lr: must be > 0, got {o.lr!r} (the paper's grids: SGD 3e-5..1e-2, AdamW 3e-7..1e-4)")
     if not 0 <= o.momentum < 1:
@@ -485,121 +505,80 @@ def check_values(r: Recipe) -> list[str]:
         p.append("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
     if o.nesterov and o.name.lower() in ("adamw", "adam"):
         p.append(f"optim.nesterov: only applies to SGD, not optim.name = {o.name!r}; remove it")
-    at_least("optim.weight_decay", o.weight_decay, 0)
+    _at_least(p, "optim.weight_decay", o.weight_decay, 0)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
     if o.eps <= 0:
         p.append(f"optim.eps: must be > 0, got {o.eps!r}")
-    choice("schedule.name", s.name, SCHEDULES)
-    choice("schedule.interval", s.interval, SCHEDULE_INTERVALS)
-    at_least("schedule.warmup_epochs", s.warmup_epochs, 0)
-    at_least("schedule.min_lr", s.min_lr, 0)
-    if s.min_lr >= o.lr and s.name == "cosine" and o.lr > 0:
-        p.append(f"schedule.min_lr: must be below optim.lr ({o.lr}), got {s.min_lr!r}")
-    if s.warmup_epochs >= t.epochs > 0:
+
+
+def _check_schedule(r: Recipe, p: list[str]) -> None:
+    s, lr, epochs = r.schedule, r.optim.lr, r.train.epochs
+    _choice(p, "schedule.name", s.name, SCHEDULES)
+    _choice(p, "schedule.interval", s.interval, SCHEDULE_INTERVALS)
+    _at_least(p, "schedule.warmup_epochs", s.warmup_epochs, 0)
+    _at_least(p, "schedule.min_lr", s.min_lr, 0)
+    if s.min_lr >= lr and s.name == "cosine" and lr > 0:
+        p.append(f"schedule.min_lr: must be below optim.lr ({lr}), got {s.min_lr!r}")
+    if s.warmup_epochs >= epochs > 0:
         p.append(
-            f"schedule.warmup_epochs: must be shorter than train.epochs ({t.epochs}), got {s.warmup_epochs!r}"
+            f"schedule.warmup_epochs: must be shorter than train.epochs ({epochs}), got {s.warmup_epochs!r}"
         )
     if s.interval == "epoch" and s.warmup_epochs != int(s.warmup_epochs):
         p.append('schedule.warmup_epochs: fractional warmup needs schedule.interval = "step"')
-    at_least("schedule.decay_epochs", s.decay_epochs, 1)
+    _at_least(p, "schedule.decay_epochs", s.decay_epochs, 1)
     if not 0 < s.decay_rate <= 1:
         p.append(f"schedule.decay_rate: must be in (0, 1], got {s.decay_rate!r}")
-    choice("data.augment", d.augment, AUGMENTS)
-    choice("data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
-    at_least("data.img_size", d.img_size, 0, " (0 = the model's own input size)")
-    at_least("data.num_workers", d.num_workers, -1, " (-1 = automatic)")
-    at_least("train.epochs", t.epochs, 1)
-    at_least("train.batch_size", t.batch_size, 1)
-    at_least("train.micro_batch_size", t.micro_batch_size, 0, " (0 = train.batch_size)")
+
+
+def _check_data(d: DataConfig, p: list[str]) -> None:
+    _choice(p, "data.augment", d.augment, AUGMENTS)
+    _choice(p, "data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
+    _at_least(p, "data.img_size", d.img_size, 0, " (0 = the model's own input size)")
+    _at_least(p, "data.num_workers", d.num_workers, -1, " (-1 = automatic)")
+
+
+def _check_train(t: TrainConfig, p: list[str]) -> None:
+    _at_least(p, "train.epochs", t.epochs, 1)
+    _at_least(p, "train.batch_size", t.batch_size, 1)
+    _at_least(p, "train.micro_batch_size", t.micro_batch_size, 0, " (0 = train.batch_size)")
     if t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size:
         p.append(
             f"train.micro_batch_size: train.batch_size ({t.batch_size}) must be a multiple of it, "
             f"got {t.micro_batch_size}"
         )
-    choice("train.device", t.device, DEVICES)
-    choice("train.amp", t.amp, AMP_MODES)
+    _choice(p, "train.device", t.device, DEVICES)
+    _choice(p, "train.amp", t.amp, AMP_MODES)
     if t.device == "cpu" and t.amp in ("bf16", "fp16"):
         p.append(
             f'train.amp: {t.amp!r} mixed precision needs a CUDA GPU, but train.device = "cpu"; '
             'use train.amp = "none" (or "auto": bf16/fp16 on a GPU, fp32 on the CPU)'
         )
-    at_least("train.grad_clip", t.grad_clip, 0, " (0 = off)")
+    _at_least(p, "train.grad_clip", t.grad_clip, 0, " (0 = off)")
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
-    at_least("train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
-    if o.step_in_backward:
-        if r.grad_accum_steps > 1:
-            p.append(
-                "optim.step_in_backward: cannot be combined with gradient accumulation "
-                f"(train.micro_batch_size {t.micro_batch_size} < train.batch_size {t.batch_size}): each "
-                "parameter is updated as soon as its gradient exists, so gradients are never summed; "
-                "set train.micro_batch_size = 0"
-            )
-        if t.grad_clip > 0:
-            p.append(
-                "optim.step_in_backward: cannot be combined with train.grad_clip: global-norm clipping "
-                "needs every gradient at once, which step-in-backward never keeps; set train.grad_clip = 0"
-            )
-        if t.amp == "fp16":
-            p.append(
-                'optim.step_in_backward: cannot be combined with train.amp = "fp16": an overflow is only '
-                'known after some parameters were already updated; use train.amp = "bf16" (or "auto")'
-            )
-    return p
+    _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
 
 
-def unknown_model_problem(name: str) -> str | None:
-    """Why timm cannot build ``name`` (with the closest names), or None if it knows the model.
-
-    ``hf-hub:`` and ``local-dir:`` sources are only checked when they are built. Imports timm, so
-    it only runs when a recipe names a model.
-    """
-    if name.startswith(("hf-hub:", "local-dir:")):
-        return None
-    try:
-        import timm
-    except Exception:  # pragma: no cover - timm is a dependency; without it building fails later anyway
-        return None
-    if timm.is_model(name):
-        return None
-    from ftsgd.models import _unknown_model_error
-
-    return str(_unknown_model_error(name))
-
-
-def _data_path_problems(d: DataConfig) -> list[str]:
-    """Dataset folders named in the recipe that do not exist, each under its own key."""
-    if not d.root:
-        return []
-    root = Path(d.root).expanduser()
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        return [f"data.root: dataset folder {root} {what} (--data)"]
-    out = []
-    for key, entry in (("data.train", d.train), ("data.val", d.val)):
-        path = Path(entry).expanduser()
-        path = path if path.is_absolute() else root / path
-        if entry and not path.is_dir():
-            out.append(f"{key}: split folder {path} does not exist")
-    for i, entry in enumerate(d.eval_splits):
-        path = Path(entry).expanduser()
-        path = path if path.is_absolute() else root / path
-        if not path.is_dir():
-            out.append(f"data.eval_splits[{i}]: split folder {path} does not exist")
-    return out
-
-
-def optimizer_names() -> list[str]:
-    """Optimizer names accepted by ``optim.name``: ours plus timm's registry."""
-    names = {"sgd", "adamw", "adam", "momentum", "nesterov"}
-    try:
-        from timm.optim import list_optimizers
-
-        names.update(n.lower() for n in list_optimizers())
-    except Exception:  # pragma: no cover - timm without a registry: our own names still work
-        pass
-    return sorted(names)
+def _check_step_in_backward(r: Recipe, p: list[str]) -> None:
+    t = r.train
+    if r.grad_accum_steps > 1:
+        p.append(
+            "optim.step_in_backward: cannot be combined with gradient accumulation "
+            f"(train.micro_batch_size {t.micro_batch_size} < train.batch_size {t.batch_size}): each "
+            "parameter is updated as soon as its gradient exists, so gradients are never summed; "
+            "set train.micro_batch_size = 0"
+        )
+    if t.grad_clip > 0:
+        p.append(
+            "optim.step_in_backward: cannot be combined with train.grad_clip: global-norm clipping "
+            "needs every gradient at once, which step-in-backward never keeps; set train.grad_clip = 0"
+        )
+    if t.amp == "fp16":
+        p.append(
+            'optim.step_in_backward: cannot be combined with train.amp = "fp16": an overflow is only '
+            'known after some parameters were already updated; use train.amp = "bf16" (or "auto")'
+        )
 
 
 # --------------------------------------------------------------------------- dumping

@@ -15,13 +15,15 @@ comma-separated directives:
 ``kill_in_eval=N``
     SIGKILL the process after the first batch of its N-th evaluation pass.
 
-Nothing in ftsgd is changed: the process really dies of SIGKILL at the named moment, and its
-files are whatever the real code had written by then. This module is not a test file (its name
+Nothing in ftsgd's code is changed: the driver wraps the Trainer's own steps (``Trainer.step``,
+``Trainer.evaluate_split``) and the atomic writer, the process really dies of SIGKILL at the named
+moment, and its files are whatever the real code had written by then. This module is not a test file (its name
 does not start with ``test_``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -38,17 +40,17 @@ def _die() -> None:
 
 def _install(spec: str) -> None:
     import ftsgd.fileio as fileio
-    import ftsgd.train as train
+    from ftsgd.trainer import Trainer
 
     directives = dict(item.split("=", 1) for item in spec.split(",") if item)
 
     log = directives.get("log")
     delay = float(directives.get("delay", "0"))
     if log or delay:
-        real_step = train._train_step
+        real_step = Trainer.step
 
-        def step(*args, **kwargs):
-            result = real_step(*args, **kwargs)
+        def step(self, x, y):
+            result = real_step(self, x, y)
             if log:
                 with open(log, "a") as fh:
                     fh.write("step\n")
@@ -56,18 +58,17 @@ def _install(spec: str) -> None:
                 time.sleep(delay)
             return result
 
-        train._train_step = step
+        Trainer.step = step
 
     if "kill_in_write" in directives:
         name, nth, mode = directives["kill_in_write"].split(":")
         real_write = fileio._atomic_write
-        seen = [0]
+        writes = itertools.count(1)
 
         def atomic_write(path, write):
             if Path(path).name != name:
                 return real_write(path, write)
-            seen[0] += 1
-            if seen[0] != int(nth):
+            if next(writes) != int(nth):
                 return real_write(path, write)
 
             def dying_write(fh, tmp):
@@ -82,18 +83,17 @@ def _install(spec: str) -> None:
         fileio._atomic_write = atomic_write
 
     if "kill_in_eval" in directives:
-        real_evaluate = train.evaluate
-        calls = [0]
+        real_evaluate = Trainer.evaluate_split
+        passes = itertools.count(1)
 
-        def evaluate(model, loader, **kwargs):
-            calls[0] += 1
-            if calls[0] == int(directives["kill_in_eval"]):
-                batches = iter(loader)
+        def evaluate_split(self, split):
+            if next(passes) == int(directives["kill_in_eval"]):
+                batches = iter(self.eval_loader(split))
                 next(batches)  # workers (if any) are running now
                 _die()
-            return real_evaluate(model, loader, **kwargs)
+            return real_evaluate(self, split)
 
-        train.evaluate = evaluate
+        Trainer.evaluate_split = evaluate_split
 
 
 def main() -> None:

@@ -381,29 +381,34 @@ def test_export_for_another_class_count_names_keys_and_shapes(image_folder: Path
     assert "head.weight" in output and "[3, 64]" in output and "[5, 64]" in output
 
 
-def test_image_broken_after_the_scan_is_one_line_even_from_a_worker(
-    make_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_image_broken_after_the_scan_is_one_line_even_from_a_worker(make_folder, tmp_path: Path) -> None:
     """A file that passes the scan and then breaks (a sync job rewriting it) fails the run in a
     DataLoader worker process; the message is still one line, not the worker's traceback."""
-    import ftsgd.train
+    from ftsgd.errors import DataError
+    from ftsgd.recipe import load_recipe
+    from ftsgd.trainer import Trainer
 
     root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
     victim = root / "train" / "a" / "0.png"
-    real_scan = ftsgd.train.preflight_scan
-
-    def scan_then_break(*args, **kwargs):
-        result = real_scan(*args, **kwargs)
-        victim.write_bytes(victim.read_bytes()[:60])
-        return result
-
-    monkeypatch.setattr(ftsgd.train, "preflight_scan", scan_then_break)
-    exit_code, output = _train(
-        root, tmp_path / "run", "--model", "test_vit", *TINY, "--set", "data.num_workers=2"
+    recipe = load_recipe(
+        None,
+        [
+            'model.name="test_vit"',
+            "model.kwargs={img_size=32}",
+            "data.img_size=32",
+            f'data.root="{root}"',
+            "data.num_workers=2",
+            "train.epochs=1",
+        ],
     )
-    assert exit_code == 2
-    assert output.startswith(f"error: cannot read image {victim}: image file is truncated")
-    assert "worker" not in output and len(output.splitlines()) == 1
+    trainer = Trainer(recipe, tmp_path / "run", quiet=True)
+    trainer.setup()  # the pre-flight scan passes
+    victim.write_bytes(victim.read_bytes()[:60])
+    with pytest.raises(DataError) as exc:
+        trainer.fit()
+    message = str(exc.value)
+    assert message.startswith(f"cannot read image {victim}: image file is truncated")
+    assert "worker" not in message and len(message.splitlines()) == 1
 
 
 def test_eval_scans_the_splits_it_evaluates(image_folder: Path, tmp_path: Path) -> None:

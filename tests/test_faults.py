@@ -38,8 +38,8 @@ EPOCHS = 3
 TIMING = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
 
 
-def _train_args(data: Path, out: Path, workers: int = 0) -> list[str]:
-    sets = [
+def _sets(workers: int = 0) -> list[str]:
+    return [
         "model.kwargs={img_size=32}",
         "data.img_size=32",
         f"data.num_workers={workers}",
@@ -49,8 +49,11 @@ def _train_args(data: Path, out: Path, workers: int = 0) -> list[str]:
         f"train.checkpoint_every={EVERY}",
         "optim.lr=0.02",
     ]
+
+
+def _train_args(data: Path, out: Path, workers: int = 0) -> list[str]:
     args = ["train", "--data", str(data), "--out", str(out), "--model", "test_vit", "--quiet"]
-    for s in sets:
+    for s in _sets(workers):
         args += ["--set", s]
     return args
 
@@ -342,44 +345,13 @@ def test_weights_turning_nan_are_never_saved(data: Path, tmp_path: Path) -> None
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("where", ["forward", "model.to"])
-def test_cuda_out_of_memory_exits_1_with_advice(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
-) -> None:
-    """CPU-only machines cannot run out of GPU memory, so the model raises the real exception type."""
-    import ftsgd.train
+OOM = torch.OutOfMemoryError(
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity; 6.10 GiB already "
+    "allocated)\nmore details"
+)
 
-    real_build = ftsgd.train.build_model
-    oom = torch.OutOfMemoryError(
-        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity; 6.10 GiB already "
-        "allocated)\nmore details"
-    )
 
-    def build_model(*args, **kwargs):
-        model, report = real_build(*args, **kwargs)
-        if where == "model.to":
-
-            def to(*_a, **_k):
-                raise oom
-
-            monkeypatch.setattr(model, "to", to)
-        else:
-            calls = []
-
-            def hook(module, _inputs):
-                if module.training and torch.is_grad_enabled():  # not the embedding-detection probe
-                    calls.append(1)
-                    if len(calls) == 2:  # second step: a checkpoint of step 1 exists
-                        raise oom
-
-            model.register_forward_pre_hook(hook)
-        return model, report
-
-    monkeypatch.setattr(ftsgd.train, "build_model", build_model)
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, [*_train_args(data, out), "--set", "train.checkpoint_every=1"])
-    assert result.exit_code == 1, result.output
-    text = result.output
+def _assert_oom_advice(text: str) -> None:
     assert "out of GPU memory while training test_vit" in text and "Traceback" not in text
     assert "CUDA out of memory. Tried to allocate 2.00 GiB" in text and "more details" not in text
     for option in (
@@ -389,8 +361,53 @@ def test_cuda_out_of_memory_exits_1_with_advice(
         "sgd-freeze-embed-lowmem",
     ):
         assert option in text, option
-    if where == "forward":
-        assert _checkpoint_step(out) == 1
+
+
+def _trainer(data: Path, out: Path, *extra: str):
+    from ftsgd.recipe import load_recipe
+    from ftsgd.trainer import Trainer
+
+    recipe = load_recipe(None, ['model.name="test_vit"', f'data.root="{data}"', *_sets(), *extra])
+    return Trainer(recipe, out, quiet=True)
+
+
+def test_cuda_out_of_memory_in_a_step_exits_1_with_advice(data: Path, tmp_path: Path) -> None:
+    """CPU-only machines cannot run out of GPU memory, so the model raises the real exception type."""
+    from ftsgd.errors import RunError
+
+    out = tmp_path / "run"
+    trainer = _trainer(data, out, "train.checkpoint_every=1")
+    trainer.setup()
+    calls = []
+
+    def hook(module, _inputs):
+        calls.append(1)
+        if len(calls) == 2:  # second step: a checkpoint of step 1 exists
+            raise OOM
+
+    trainer.model.register_forward_pre_hook(hook)
+    with pytest.raises(RunError) as exc:
+        trainer.fit()
+    assert exc.value.exit_code == 1
+    _assert_oom_advice(str(exc.value))
+    assert _checkpoint_step(out) == 1
+
+
+def test_cuda_out_of_memory_placing_the_model_is_clear(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ftsgd.errors import RunError
+
+    trainer = _trainer(data, tmp_path / "run")
+    trainer.setup()
+
+    def to(*_a, **_k):
+        raise OOM
+
+    monkeypatch.setattr(trainer.model, "to", to)  # this model instance only
+    with pytest.raises(RunError) as exc:
+        trainer.place_model()
+    _assert_oom_advice(str(exc.value))
 
 
 def _mount_tmpfs(path: Path, size: int) -> bool:

@@ -149,35 +149,6 @@ def test_programming_errors_are_not_disguised_as_io_errors(tmp_path: Path) -> No
     assert not target.exists() and _leftovers(tmp_path) == []
 
 
-def test_append_line(tmp_path: Path) -> None:
-    log = tmp_path / "metrics.jsonl"
-    fileio.append_line(log, '{"epoch": 0}')
-    fileio.append_line(log, '{"epoch": 1}\n')
-    assert log.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
-    # a torn last line (killed mid-write elsewhere) must not swallow the next record
-    with log.open("a") as fh:
-        fh.write('{"epo')
-    fileio.append_line(log, '{"epoch": 2}')
-    assert log.read_text().splitlines()[-1] == '{"epoch": 2}'
-
-
-def test_append_line_failure_truncates_partial_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = tmp_path / "metrics.jsonl"
-    log.write_text('{"epoch": 0}\n')
-    real_write = os.write
-
-    def write(fd: int, data: bytes) -> int:
-        real_write(fd, bytes(data)[:4])
-        raise _enospc()
-
-    monkeypatch.setattr(fileio.os, "write", write)
-    with pytest.raises(RunError, match=r"could not append to .*metrics\.jsonl: No space left on device"):
-        fileio.append_line(log, '{"epoch": 1}')
-    monkeypatch.undo()
-    assert log.read_text() == '{"epoch": 0}\n'
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_sigkill_mid_write_leaves_old_or_new_file(tmp_path: Path) -> None:
     """A writer killed at arbitrary moments never leaves a mixed or short target file."""
     target = tmp_path / "big.bin"
@@ -205,3 +176,8 @@ def test_sigkill_mid_write_leaves_old_or_new_file(tmp_path: Path) -> None:
         if target.exists():
             data = target.read_bytes()
             assert len(data) == size and data in (b"a" * size, b"b" * size)
+
+
+def test_jsonable_makes_strict_json() -> None:
+    data = {"a": (1, 2), "b": {3}, "c": Path("/x"), "d": float("nan"), "e": [float("inf"), 1.5], 4: "k"}
+    assert fileio.jsonable(data) == {"a": [1, 2], "b": [3], "c": "/x", "d": None, "e": [None, 1.5], "4": "k"}

@@ -6,8 +6,6 @@ import argparse
 import gc
 import os
 import pickle
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,16 +16,9 @@ from torch import nn
 
 from ftsgd import models
 from ftsgd.errors import ModelError, WeightsError
-from ftsgd.models import (
-    _MAX_LISTED,
-    WeightsReport,
-    _MappedFile,
-    build_model,
-    load_weights,
-    model_data_config,
-    read_state_dict,
-)
+from ftsgd.models import _MAX_LISTED, WeightsReport, build_model, load_weights, model_data_config
 from ftsgd.recipe import ModelConfig
+from ftsgd.weights import MappedFile
 
 
 def _resnet(num_classes: int = 1000, seed: int = 0) -> nn.Module:
@@ -211,7 +202,7 @@ def test_loading_copies_in_place_and_streams(
         assert tensor is before[name]  # copied into the model's own tensors, not replaced
         assert torch.equal(tensor.detach(), source[name])
     gc.collect()
-    assert not _MappedFile(path).ranges  # nothing of the (memory-mapped) file outlives the load
+    assert not MappedFile(path).ranges  # nothing of the (memory-mapped) file outlives the load
 
 
 def test_checkpoint_lacking_only_num_batches_tracked_loads_without_a_full_read(
@@ -227,26 +218,6 @@ def test_checkpoint_lacking_only_num_batches_tracked_loads_without_a_full_read(
     assert report.missing and all(k.endswith("num_batches_tracked") for k in report.missing)
     assert report.unexpected == ("extra.weight",) and report.loaded == len(partial) - 1
     _assert_same(model, partial, skip=("extra.weight",))
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="releases pages with madvise (Linux)")
-def test_mapped_file_pages_are_handed_back_after_copying(tmp_path: Path) -> None:
-    def rss_file() -> int:
-        status = Path("/proc/self/status").read_text()
-        return int(next(ln for ln in status.splitlines() if ln.startswith("RssFile:")).split()[1]) * 1024
-
-    big = torch.arange(16 * 2**20, dtype=torch.float32)  # 64 MiB
-    torch.save({"w": big, "small": torch.ones(3)}, tmp_path / "big.pth")
-    loaded = torch.load(tmp_path / "big.pth", mmap=True, weights_only=True)
-    mapped = _MappedFile(tmp_path / "big.pth")
-    assert mapped.contains(loaded["w"]) and not mapped.contains(big)
-    target = torch.empty_like(big)
-    base = rss_file()
-    target.copy_(loaded["w"])
-    assert rss_file() - base > 48 * 2**20  # the copy made the file's pages resident
-    mapped.release([loaded["w"], big])  # ``big`` is not in the mapping: left alone
-    assert rss_file() - base < 8 * 2**20
-    assert torch.equal(target, big) and torch.equal(loaded["w"], big)  # re-read from the file if touched
 
 
 def test_other_architecture_with_same_keys_lists_shapes(tmp_path: Path) -> None:
@@ -309,51 +280,6 @@ def test_malicious_pickle_is_refused_without_running_it(
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_truncated_file(tmp_path: Path, source: dict[str, torch.Tensor], suffix: str) -> None:
-    full = tmp_path / f"full{suffix}"
-    save_file(source, full) if suffix == ".safetensors" else torch.save(source, full)
-    data = full.read_bytes()
-    cut = tmp_path / f"cut{suffix}"
-    cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="truncated or not a valid weights file"):
-        read_state_dict(cut)
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt", ".ckpt"])
-@pytest.mark.parametrize("content", [b"", b"garbage", os.urandom(4096)], ids=["empty", "text", "random"])
-def test_garbage_bytes(tmp_path: Path, suffix: str, content: bytes) -> None:
-    path = tmp_path / f"junk{suffix}"
-    path.write_bytes(content)
-    with pytest.raises(WeightsError, match="truncated or not a valid weights file"):
-        read_state_dict(path)
-
-
-def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match=r"does not exist; check the path given with --weights"):
-        read_state_dict(tmp_path / "nope.safetensors")
-    (tmp_path / "w.npz").write_bytes(b"x")
-    with pytest.raises(WeightsError, match=r"unknown weights file type 'w.npz'.*\.safetensors"):
-        read_state_dict(tmp_path / "w.npz")
-    with pytest.raises(WeightsError, match="does not exist"):
-        build_model(ModelConfig(name="test_resnet", weights=str(tmp_path / "gone.pth")))
-
-
-def test_file_without_tensors(tmp_path: Path) -> None:
-    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
-    with pytest.raises(WeightsError, match=r"contains no tensors .*epoch, lr"):
-        read_state_dict(tmp_path / "meta.pth")
-
-
-def test_directory_with_model_safetensors(tmp_path: Path, source: dict[str, torch.Tensor]) -> None:
-    save_file(source, tmp_path / "model.safetensors")
-    assert set(read_state_dict(tmp_path)) == set(source)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(WeightsError, match=r"holds none of model\.safetensors"):
-        read_state_dict(empty)
-
-
 def test_compiled_or_ddp_wrapper_loads_into_inner_model(
     tmp_path: Path, source: dict[str, torch.Tensor]
 ) -> None:
@@ -403,64 +329,3 @@ def test_bad_kwargs_name_model_kwargs() -> None:
     msg = str(info.value)
     assert "model.kwargs" in msg and "dropout_rat" in msg and "test_vit" in msg
     assert info.value.exit_code == 2
-
-
-def test_pretrained_offline_fails_fast_with_weights_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real path: this machine cannot reach the hub (skipped where it can, to avoid a download)."""
-    if models._reachable("huggingface.co", 443, 3.0):
-        pytest.skip("the hub is reachable here; the offline path cannot be exercised for real")
-    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: None)
-    start = time.monotonic()
-    with pytest.raises(ModelError) as info:
-        build_model(ModelConfig(name="test_resnet", pretrained=True), num_classes=3)
-    assert time.monotonic() - start < 15
-    msg = str(info.value)
-    assert "cannot download pretrained weights for 'test_resnet'" in msg and "--weights PATH" in msg
-
-
-def test_pretrained_on_a_black_holed_network_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A network that swallows packets (DNS/connect hanging) still fails within the probe timeout."""
-
-    def hang(*_args: object, **_kwargs: object) -> None:
-        time.sleep(3)  # far beyond the probe's timeout; then fail like a real connect timeout would
-        raise TimeoutError("timed out")
-
-    monkeypatch.setattr(models.socket, "create_connection", hang)
-    monkeypatch.setattr(models, "_PROBE_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: None)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    start = time.monotonic()
-    with pytest.raises(ModelError, match=r"unreachable.*--weights PATH"):
-        build_model(ModelConfig(name="test_resnet", pretrained=True))
-    assert time.monotonic() - start < 5
-
-
-def test_pretrained_respects_hf_hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: None)
-    monkeypatch.setattr(models, "_reachable", lambda *_a: pytest.fail("must not probe the network"))
-    with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE is set.*--weights PATH"):
-        build_model(ModelConfig(name="test_resnet", pretrained=True))
-
-
-def test_pretrained_uses_cached_weights_without_network(
-    tmp_path: Path, source: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cached = tmp_path / "model.safetensors"
-    save_file(source, cached)
-    monkeypatch.setattr(models, "_cached_pretrained_file", lambda _cfg: str(cached))
-    monkeypatch.setattr(models, "_reachable", lambda *_a: pytest.fail("must not probe the network"))
-    model, report = build_model(ModelConfig(name="test_resnet", pretrained=True), num_classes=3)
-    assert report is None and model.num_classes == 3
-    _assert_same(model, source, skip=("fc.weight", "fc.bias"))
-
-
-def test_local_weights_take_precedence_over_pretrained(
-    tmp_path: Path, source: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    save_file(source, tmp_path / "w.safetensors")
-    monkeypatch.setattr(models, "_reachable", lambda *_a: pytest.fail("must not probe the network"))
-    cfg = ModelConfig(name="test_resnet", pretrained=True, weights=str(tmp_path / "w.safetensors"))
-    model, report = build_model(cfg)
-    assert report is not None and report.loaded == len(source)
-    _assert_same(model, source)

@@ -18,6 +18,7 @@ from ftsgd.recipe import (
     recipe_from_dict,
     recipe_to_toml,
 )
+from ftsgd.validate import load_checked_recipe
 
 SHIPPED = ["adamw", "sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomomentum"]
 
@@ -73,8 +74,9 @@ def test_int_accepted_for_float_keys() -> None:
 
 
 def test_all_problems_reported_at_once_with_key_paths() -> None:
+    """The recipe's own problems and those needing timm (optim.name) come in one error."""
     with pytest.raises(RecipeError) as exc:
-        load_recipe(
+        load_checked_recipe(
             "sgd",
             [
                 "optim.lr=-1",
@@ -165,7 +167,6 @@ def test_wrong_types_and_sections() -> None:
         (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov", "momentum > 0"),
         (["schedule.warmup_epochs=0.5"], "schedule.warmup_epochs", "interval"),
         (["schedule.warmup_epochs=20", "train.epochs=10"], "schedule.warmup_epochs", "shorter"),
-        (["model.weights=/nonexistent/w.safetensors"], "model.weights", "not found"),
         (["train.device=tpu"], "train.device", "expected one of"),
         (["train.amp=fp8"], "train.amp", "expected one of"),
         (["data.augment=randaug"], "data.augment", "expected one of"),
@@ -182,8 +183,23 @@ def test_value_checks(overrides: list[str], key: str, fragment: str) -> None:
 
 
 def test_timm_optimizer_names_accepted() -> None:
-    assert load_recipe("sgd", ["optim.name=lamb"]).optim.name == "lamb"
-    assert load_recipe("sgd", ["optim.name=lion"]).optim.name == "lion"
+    assert load_checked_recipe("sgd", ["optim.name=lamb"]).optim.name == "lamb"
+    assert load_checked_recipe("sgd", ["optim.name=lion"]).optim.name == "lion"
+
+
+def test_recipe_checks_need_neither_timm_nor_the_file_system() -> None:
+    """Parsing and checking a recipe imports no timm and looks at no path it names."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ftsgd.recipe import load_recipe; "
+        "r = load_recipe('sgd', ['model.name=\"no_such_model\"', 'model.weights=\"/nope\"', "
+        "'data.root=\"/nope\"', 'optim.name=\"sgdd\"']); "
+        "assert r.model.name == 'no_such_model'; "
+        "assert 'timm' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_set_without_equals_is_an_error() -> None:

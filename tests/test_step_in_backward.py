@@ -19,7 +19,7 @@ from ftsgd.errors import RecipeError, RunError
 from ftsgd.freeze import apply_freeze, find_embedding, frozen_parameter_names
 from ftsgd.optim import StepInBackward, build_optimizer, set_lr
 from ftsgd.recipe import FreezeConfig, OptimConfig, load_recipe
-from ftsgd.train import train
+from ftsgd.trainer import Trainer
 
 OPTIMIZERS = {
     "sgd": OptimConfig(name="sgd", lr=0.05, momentum=0.0),
@@ -112,7 +112,11 @@ def test_learning_rate_reaches_every_per_parameter_optimizer() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-# --------------------------------------------------------------------------- through ftsgd.train
+# --------------------------------------------------------------------------- through the Trainer
+
+
+def train(recipe, out: Path, **kwargs):
+    return Trainer(recipe, out, **kwargs).fit()
 
 
 def recipe_for(data: Path, *extra: str, model: str = "test_vit", base: str = "sgd-freeze-embed"):
@@ -174,8 +178,8 @@ def test_resume_with_step_in_backward_reproduces_the_uninterrupted_run(
     extra = ("optim.step_in_backward=true", "optim.momentum=0.9", 'data.augment="rrc_flip"')
     train(recipe_for(image_folder, *extra), tmp_path / "full", quiet=True)
     part = tmp_path / "part"
-    stopped = train(recipe_for(image_folder, *extra), part, quiet=True, stop_after_steps=3)
-    assert stopped == {"stopped_at_step": 3}  # mid-epoch: 72 images in batches of 16 are 5 steps
+    stopped = train(recipe_for(image_folder, *extra), part, quiet=True, max_steps=3)
+    assert stopped is None  # mid-epoch: 72 images in batches of 16 are 5 steps
     state = torch.load(part / "checkpoint.pt", weights_only=True)["optimizer"]
     assert "per_parameter" in state and any(s["state"] for s in state["per_parameter"])  # momentum saved
     train(load_recipe(str(part / "recipe.toml")), part, resume=True, quiet=True)
@@ -186,7 +190,7 @@ def test_resuming_a_normal_checkpoint_with_step_in_backward_is_refused(
     image_folder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    train(recipe_for(image_folder, "optim.momentum=0.9"), out, quiet=True, stop_after_steps=2)
+    train(recipe_for(image_folder, "optim.momentum=0.9"), out, quiet=True, max_steps=2)
     changed = recipe_for(image_folder, "optim.momentum=0.9", "optim.step_in_backward=true")
     with pytest.raises(ValueError, match=r"not saved with optim\.step_in_backward"):
         train(changed, out, resume=True, quiet=True)

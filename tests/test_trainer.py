@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning on generated image folders with real tiny timm models."""
+"""The Trainer: its steps called one by one, and whole fine-tunes on generated image folders."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ftsgd.errors import UsageError
 from ftsgd.recipe import load_recipe
-from ftsgd.train import train
+from ftsgd.trainer import Trainer
 
 MODELS = {
     "test_vit": "model.kwargs={img_size=32}",
@@ -29,6 +29,11 @@ def make_weights(tmp_path: Path, name: str, kwargs: dict, seed: int = 1) -> Path
     path = tmp_path / f"{name}-init.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def train(recipe, out: Path, **kwargs):
+    """A whole fine-tune; the summary, or None when max_steps stopped it early."""
+    return Trainer(recipe, out, **kwargs).fit()
 
 
 def recipe_for(data: Path, model: str, *extra: str, base: str = "sgd-freeze-embed"):
@@ -141,8 +146,9 @@ def test_resume_reproduces_uninterrupted_run_bitwise(image_folder: Path, tmp_pat
 
     for stop in (3, 7):  # mid-epoch 1, and mid-epoch 2 (5 steps per epoch)
         part = tmp_path / f"part{stop}"
-        result = train(recipe_for(image_folder, "test_vit", *extra), part, quiet=True, stop_after_steps=stop)
-        assert result == {"stopped_at_step": stop}
+        result = train(recipe_for(image_folder, "test_vit", *extra), part, quiet=True, max_steps=stop)
+        assert result is None
+        assert torch.load(part / "checkpoint.pt", weights_only=True)["state"]["global_step"] == stop
         assert not (part / "summary.json").exists()
         resumed = train(load_recipe(str(part / "recipe.toml")), part, resume=True, quiet=True)
         a = torch.load(full / "checkpoint.pt", weights_only=True)
@@ -164,90 +170,81 @@ def test_resume_reproduces_uninterrupted_run_bitwise(image_folder: Path, tmp_pat
         assert resumed["best_epoch"] == json.loads((full / "summary.json").read_text())["best_epoch"]
 
 
-def test_existing_run_dir_is_never_overwritten(image_folder: Path, tmp_path: Path) -> None:
-    from ftsgd.train import train_from_cli
-
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    with pytest.raises(UsageError, match="already exists"):
-        train_from_cli(
-            data=image_folder,
-            out=out,
-            recipe=None,
-            overrides=['model.name="test_vit"'],
-            resume=False,
-            quiet=True,
-            argv=[],
-        )
-    assert (out / "keep.txt").read_text() == "x"
+def ready(recipe, tmp_path: Path) -> Trainer:
+    trainer = Trainer(recipe, tmp_path / "unused", quiet=True)
+    trainer.setup()
+    return trainer
 
 
-def test_resume_of_corrupt_run_dir_is_a_usage_error(tmp_path: Path, image_folder: Path) -> None:
-    from ftsgd.train import train_from_cli
+def batch(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
 
-    out = tmp_path / "run"
-    out.mkdir()
-    with pytest.raises(UsageError, match="not an ftsgd run directory"):
-        train_from_cli(
-            data=image_folder, out=out, recipe=None, overrides=[], resume=True, quiet=True, argv=[]
-        )
-    (out / "recipe.toml").write_text('[model]\nname = "test_vit"\n')
-    with pytest.raises(UsageError, match=r"checkpoint\.pt does not exist"):
-        train_from_cli(
-            data=image_folder, out=out, recipe=None, overrides=[], resume=True, quiet=True, argv=[]
-        )
-    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UsageError, match="corrupt"):
-        train_from_cli(
-            data=image_folder, out=out, recipe=None, overrides=[], resume=True, quiet=True, argv=[]
-        )
+
+def weights_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
 def test_micro_batches_give_the_same_step_as_one_batch(image_folder: Path, tmp_path: Path) -> None:
-    common = ("train.epochs=1", "optim.momentum=0", 'data.augment="none"')
-    one = train(recipe_for(image_folder, "test_vit", *common), tmp_path / "a", quiet=True)
-    two = train(
-        recipe_for(image_folder, "test_vit", *common, "train.micro_batch_size=8"),
-        tmp_path / "b",
-        quiet=True,
-    )
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    common = ("optim.momentum=0.9", "optim.lr=0.5")
+    whole = ready(recipe_for(image_folder, "test_vit", *common), tmp_path)
+    micro = ready(recipe_for(image_folder, "test_vit", *common, "train.micro_batch_size=4"), tmp_path)
+    assert micro.micro == 4
+    before = weights_of(whole)
+    for seed in (0, 1):  # two steps: the momentum buffers must agree too
+        x, y = batch(seed)
+        loss_a, correct_a = whole.step(x, y)
+        loss_b, correct_b = micro.step(x, y)
+        assert loss_a == pytest.approx(loss_b, rel=1e-5) and correct_a == correct_b
+    a, b = weights_of(whole), weights_of(micro)
+    assert any(not torch.equal(a[k], before[k]) for k in a)
     for key in a:
-        if a[key].is_floating_point():
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
-    assert one["steps"] == two["steps"] == 5
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_step_returns_the_summed_loss_and_hits(image_folder: Path, tmp_path: Path) -> None:
+    trainer = ready(recipe_for(image_folder, "test_vit", "optim.lr=1e-9"), tmp_path)
+    x, y = batch(3)
+    with torch.no_grad():
+        logits = trainer.model(x)
+    expected = torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    loss_sum, correct = trainer.step(x, y)
+    assert loss_sum == pytest.approx(expected, rel=1e-5)
+    assert correct == int((logits.argmax(1) == y).sum())
 
 
 def test_gradient_clipping_bounds_the_update(image_folder: Path, tmp_path: Path) -> None:
-    weights = make_weights(tmp_path, "test_vit", {"img_size": 32})
-    common = (f'model.weights="{weights}"', "optim.momentum=0", "optim.lr=1.0", "train.epochs=1")
-    recipe = recipe_for(image_folder, "test_vit", *common, "train.grad_clip=1e-6")
-    train(recipe, tmp_path / "clip", quiet=True, stop_after_steps=1)
-    after = torch.load(tmp_path / "clip" / "checkpoint.pt", weights_only=True)["model"]
-    init = load_file(str(weights))
-    shared = [
-        k for k in after if k in init and init[k].shape == after[k].shape and after[k].is_floating_point()
-    ]
-    delta = torch.sqrt(sum(((after[k] - init[k]) ** 2).sum() for k in shared))
-    assert 0 < delta <= 1e-6 * 1.0001  # one SGD step of lr 1 with the global gradient norm clipped to 1e-6
+    common = ("optim.momentum=0", "optim.lr=1.0")
+    clipped = ready(recipe_for(image_folder, "test_vit", *common, "train.grad_clip=0.01"), tmp_path)
+    free = ready(recipe_for(image_folder, "test_vit", *common), tmp_path)
+    moves = []
+    for trainer in (clipped, free):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.step(*batch(5))
+        after = dict(trainer.model.named_parameters())
+        moves.append(torch.sqrt(sum(((after[n] - before[n]) ** 2).sum() for n in before)).item())
+    # one SGD step of lr 1 with the global gradient norm clipped to 0.01 (float32 rounding aside)
+    assert moves[0] == pytest.approx(0.01, rel=1e-3)
+    assert moves[1] > 0.1
 
 
 def test_label_smoothing_changes_the_loss(image_folder: Path, tmp_path: Path) -> None:
-    base = ("train.epochs=1", "optim.lr=1e-6")
-    plain = train(recipe_for(image_folder, "test_vit", *base), tmp_path / "a", quiet=True)
-    smooth = train(
-        recipe_for(image_folder, "test_vit", *base, "train.label_smoothing=0.5"), tmp_path / "b", quiet=True
+    x, y = batch(7)
+    plain = ready(recipe_for(image_folder, "test_vit", "optim.lr=1e-9"), tmp_path)
+    smooth = ready(
+        recipe_for(image_folder, "test_vit", "optim.lr=1e-9", "train.label_smoothing=0.5"), tmp_path
     )
-    a = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())["train_loss"]
-    b = json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["train_loss"]
-    assert a != pytest.approx(b, rel=1e-3)
-    assert plain["best"]["val"]["n"] == smooth["best"]["val"]["n"]
+    with torch.no_grad():
+        logits = plain.model(x)
+    loss_plain, _ = plain.step(x, y)
+    loss_smooth, _ = smooth.step(x, y)
+    expected = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.5, reduction="sum").item()
+    assert loss_smooth == pytest.approx(expected, rel=1e-5)
+    assert loss_plain != pytest.approx(loss_smooth, rel=1e-3)
 
 
 def test_amp_and_device_resolution_on_cpu() -> None:
-    from ftsgd.train import resolve_amp, resolve_device
+    from ftsgd.device import resolve_amp, resolve_device
 
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
@@ -275,28 +272,60 @@ def test_step_schedule_and_warmup_reach_the_optimizer(image_folder: Path, tmp_pa
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
-def test_resume_keeps_nothing_of_the_checkpoint_file(
-    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_keeps_nothing_of_the_checkpoint_file(image_folder: Path, tmp_path: Path) -> None:
     """checkpoint.pt is memory-mapped to resume; training must not run with any of it still mapped.
 
     SGD with momentum: ``optimizer.load_state_dict`` would keep the checkpoint's momentum buffers as
     they are, i.e. pages of the mapped file, for the whole run (and the replaced file on disk).
     """
-    import ftsgd.train as train_module
-
     out = tmp_path / "run"
     extra = ("train.checkpoint_every=2", "train.epochs=1")
-    train(recipe_for(image_folder, "test_vit", *extra), out, quiet=True, stop_after_steps=2)
+    train(recipe_for(image_folder, "test_vit", *extra), out, quiet=True, max_steps=2)
     checkpoint = str((out / "checkpoint.pt").resolve())
-    real_step, checked = train_module._train_step, []
+    trainer = Trainer(load_recipe(str(out / "recipe.toml")), out, resume=True, quiet=True)
+    trainer.setup()
+    assert trainer.state.global_step == 2
+    assert checkpoint not in Path("/proc/self/maps").read_text(), "the checkpoint file is still mapped"
+    assert trainer.fit() is not None
 
-    def step(*args, **kwargs):
-        maps = Path("/proc/self/maps").read_text()
-        assert checkpoint not in maps, "the checkpoint file is still mapped while training"
-        checked.append(True)
-        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_step", step)
-    train(load_recipe(str(out / "recipe.toml")), out, resume=True, quiet=True)
-    assert checked
+def test_short_run_reproduces_the_pre_redesign_weights(tmp_path: Path) -> None:
+    """The weights of a short run, pinned from the code before the Trainer redesign (single thread).
+
+    Micro-batching, clipping, label smoothing, augmentation and momentum are all on, for a ViT and a
+    BatchNorm CNN, so a change to any of them in the loop moves these sums.
+    """
+    from ftsgd.synthetic import make_image_folder
+
+    pinned = json.loads((Path(__file__).parent / "data" / "pinned_weights.json").read_text())
+    data = make_image_folder(tmp_path / "data", classes=3, size=32, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model, kwargs in (("test_vit", "model.kwargs={img_size=32}"), ("test_resnet", "model.kwargs={}")):
+            recipe = load_recipe(
+                "sgd-freeze-embed",
+                [
+                    f'model.name="{model}"',
+                    kwargs,
+                    f'data.root="{data}"',
+                    "data.num_workers=0",
+                    'data.augment="rrc_flip"',
+                    "data.img_size=32",
+                    "train.batch_size=16",
+                    "train.micro_batch_size=8",
+                    "train.epochs=2",
+                    "optim.lr=0.02",
+                    "train.label_smoothing=0.1",
+                    "train.grad_clip=1.0",
+                ],
+            )
+            train(recipe, tmp_path / model, quiet=True)
+            final = torch.load(tmp_path / model / "checkpoint.pt", weights_only=True)["model"]
+            sums = {k: [v.double().sum().item(), v.double().pow(2).sum().item()] for k, v in final.items()}
+            assert set(pinned[model]) <= set(sums)
+            for key, (total, squares) in pinned[model].items():
+                assert sums[key][0] == pytest.approx(total, rel=1e-4, abs=1e-5), key
+                assert sums[key][1] == pytest.approx(squares, rel=1e-4, abs=1e-5), key
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,109 @@
+"""Where and in what precision the model runs: devices, AMP, RNG state and peak-memory probes.
+
+Kept in one small module so that training, evaluation and the memory measurement of ``ftsgd inspect``
+resolve ``train.device``/``train.amp`` and enter autocast the same way: a number measured by
+``inspect`` is only useful if it was measured under the precision training will use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import resource
+from typing import Any
+
+import torch
+
+from ftsgd.errors import UsageError
+
+__all__ = [
+    "amp_name",
+    "autocast",
+    "get_rng_state",
+    "peak_memory_bytes",
+    "reset_peak_memory",
+    "resolve_amp",
+    "resolve_device",
+    "set_rng_state",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is a usage error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError('train.device = "cuda" but no CUDA device is available; use "auto" or "cpu"')
+    return torch.device(name)
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.amp``: bf16 where supported, fp16 otherwise on CUDA; none on CPU."""
+    if device.type != "cuda" or mode == "none":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"``-style name of an autocast dtype as recipes spell it (``"none"`` without autocast)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none") if dtype else "none"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """The one autocast context every forward pass uses: ``dtype`` on ``device``, or nothing at all.
+
+    Without a dtype no autocast context is entered, so fp32 runs never depend on autocast's rules.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The global RNG states a resumed run must restore (torch CPU, Python, and CUDA when present)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak since the last :func:`reset_peak_memory`: CUDA max allocated; CPU peak resident set size.
+
+    On Linux the CPU figure is ``VmHWM`` (the resettable high-water mark); elsewhere, or if
+    ``/proc`` is unreadable, the process-lifetime ``ru_maxrss``.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (called after each epoch so each record is that epoch's peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the resident-set high-water mark (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass

@@ -1,0 +1,641 @@
+"""The fine-tuning loop as one concrete class whose methods are the loop's steps.
+
+:class:`Trainer` follows the shape of torchtune's recipe classes: :meth:`Trainer.setup` is a list of
+small builders (data, model, optimizer, the checkpoint to resume from), :meth:`Trainer.fit` runs the
+epochs, :meth:`Trainer.train_epoch` the steps of one epoch, :meth:`Trainer.step` one optimizer step
+and :meth:`Trainer.evaluate` every evaluation split. Each can be called on its own, which is how the
+tests check micro-batching, clipping and label smoothing without running whole trainings.
+
+Everything a resumed run needs lives in ``checkpoint.pt`` and is otherwise a pure function of the recipe
+and the step counters (the data order and augmentations are seeded per epoch and per sample, the
+learning rate is computed from epoch/step), which is what makes a resumed run end with exactly the
+weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ftsgd import __version__
+from ftsgd.console import TrainingProgress, training_progress, warn
+from ftsgd.data import (
+    Split,
+    build_loader,
+    build_transform,
+    discover_splits,
+    preflight_scan,
+    resolve_num_workers,
+)
+from ftsgd.device import (
+    amp_name,
+    autocast,
+    get_rng_state,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_amp,
+    resolve_device,
+    set_rng_state,
+)
+from ftsgd.errors import FtsgdError, Interrupted, ModelError, RecipeError, RunError, first_line
+from ftsgd.evaluate import evaluate
+from ftsgd.export import WEIGHTS_NAME, export_model
+from ftsgd.freeze import train_mode
+from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
+from ftsgd.prepare import PreparedModel, prepare_model
+from ftsgd.recipe import Recipe
+from ftsgd.rundir import RunDir
+from ftsgd.weights import copy_off_file, load_checkpoint_state
+
+__all__ = ["RunState", "Trainer"]
+
+
+@dataclass
+class RunState:
+    """Counters and results a resumed run continues from (saved inside every checkpoint)."""
+
+    epoch: int = 0
+    """Current epoch (0-based); equals ``train.epochs`` once the run is complete."""
+    step_in_epoch: int = 0
+    """Optimizer steps already done in ``epoch``."""
+    global_step: int = 0
+    best_epoch: int = 0
+    """1-based epoch of the best ID-validation accuracy so far (0: none yet)."""
+    best_accuracy: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One record per finished epoch (what metrics.jsonl holds)."""
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def next_epoch(self) -> None:
+        """Move to the start of the next epoch, its running sums cleared."""
+        self.train_seconds += self.epoch_seconds
+        self.epoch += 1
+        self.step_in_epoch = self.epoch_correct = self.epoch_seen = 0
+        self.epoch_loss_sum = self.epoch_seconds = 0.0
+
+
+class Trainer:
+    """Fine-tune ``recipe.model`` on ``recipe.data`` into the run directory ``out``.
+
+    Args:
+        recipe: A validated recipe with ``model.name`` and ``data.root`` set.
+        out: The run directory (must be new unless ``resume``; the caller checks).
+        resume: Continue from ``out/checkpoint.pt``.
+        quiet: Print nothing but warnings and errors.
+        argv: The command line, recorded in summary.json.
+        max_steps: Stop once this many optimizer steps are done in total (0: no limit), after writing a
+            checkpoint; ``--resume`` continues from there. Lets a cron job train in bounded slices.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        out: Path,
+        *,
+        resume: bool = False,
+        quiet: bool = False,
+        argv: list[str] | None = None,
+        max_steps: int = 0,
+    ) -> None:
+        if not recipe.model.name:
+            raise ModelError(
+                "no model given: pass --model NAME (a timm model name) or set model.name in the recipe"
+            )
+        self.recipe = recipe
+        self.run = RunDir(out)
+        self.resume = resume
+        self.quiet = quiet
+        self.argv = list(argv if argv is not None else sys.argv)
+        self.max_steps = max_steps
+        self.device = resolve_device(recipe.train.device)
+        self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
+        if recipe.optim.step_in_backward and self.amp_dtype == torch.float16:
+            raise RecipeError(
+                [
+                    'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot '
+                    'use: an overflow is only known after some parameters were updated; set train.amp = "none"'
+                ]
+            )
+        self.state = RunState()
+        self._saved_step: int | None = None
+        self._signal = 0
+        self._progress: TrainingProgress | None = None
+        self._is_setup = False
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Scan the data, build the model and the optimizer, and restore the checkpoint when resuming.
+
+        The checkpoint is opened first and the images are decoded before the model is built, so a
+        missing checkpoint or a bad file fails in seconds, not after minutes of model building.
+        """
+        ckpt = self.run.read_checkpoint() if self.resume else None
+        self._setup_data()
+        self._setup_model(from_checkpoint=ckpt is not None)
+        self._setup_optimizer()
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            self._saved_step = self.state.global_step
+        self._is_setup = True
+
+    def _setup_data(self) -> None:
+        recipe, t = self.recipe, self.recipe.train
+        self.class_names, splits = discover_splits(recipe.data)
+        # "skip" must drop bad files before the epoch order (a function of the sample list) exists.
+        splits, self.skipped = preflight_scan(
+            splits, on_bad_image=recipe.data.on_bad_image, root=recipe.data.root, train_split="train"
+        )
+        self.splits = splits
+        self.train_split = splits["train"]
+        self.eval_splits = {name: s for name, s in splits.items() if name != "train"}
+        self.steps_per_epoch = math.ceil(len(self.train_split) / t.batch_size)
+        self.micro = t.micro_batch_size or t.batch_size
+        self.workers = resolve_num_workers(recipe.data.num_workers)
+        self.pin_memory = recipe.data.pin_memory and self.device.type == "cuda"
+
+    def _setup_model(self, *, from_checkpoint: bool) -> None:
+        t = self.recipe.train
+        torch.manual_seed(t.seed)  # seeds the new head's (and a random init's) weights too
+        random.seed(t.seed)
+        self.prepared: PreparedModel = prepare_model(
+            self.recipe, len(self.class_names), from_checkpoint=from_checkpoint
+        )
+        self.model = self.prepared.model
+        self.place_model()
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        data_config = self.prepared.data_config
+        self.train_transform = build_transform(data_config, self.recipe.data.augment, training=True)
+        self.eval_transform = build_transform(data_config, "none", training=False)
+
+    def place_model(self) -> None:
+        """Move the model to the training device (and memory format); out of memory is a clear error."""
+        try:
+            self.model.to(self.device)
+        except torch.OutOfMemoryError as exc:  # the weights alone do not fit
+            raise self._oom_error(exc) from None
+        if self.recipe.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _setup_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.recipe.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        """Write everything a resumed run needs; a no-op when this very state is already on disk."""
+        if self._saved_step == self.state.global_step:
+            return
+        self.check_finite()
+        self.run.save_checkpoint(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": asdict(self.state),
+                "rng": get_rng_state(),
+            }
+        )
+        self._saved_step = self.state.global_step
+
+    def load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        """Restore model, optimizer, scaler, counters and RNGs from a checkpoint (emptied as it is read).
+
+        The weights and momentum buffers are copied off the memory-mapped file, so no page of it stays
+        mapped during training and a second copy of the weights never lives for the whole run.
+        """
+        load_checkpoint_state(self.model, ckpt.pop("model"), self.run.checkpoint)
+        self.optimizer.load_state_dict(copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint))
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any] | None:
+        """Train the remaining epochs and write the summary.
+
+        Returns:
+            The summary (also written to ``summary.json``), or None when ``max_steps`` stopped the run
+            before its end (a checkpoint is saved; ``--resume`` continues).
+        """
+        if not self._is_setup:
+            self.setup()
+        self._start_run()
+        progress = training_progress(
+            self.quiet, epochs=self.recipe.train.epochs, steps_per_epoch=self.steps_per_epoch
+        )
+        with progress, self._catch_signals(), self._run_errors():
+            self._progress = progress
+            progress.message(self._start_message())
+            while self.state.epoch < self.recipe.train.epochs:
+                if not self.train_epoch():
+                    return None
+                self.end_epoch(self.evaluate())
+                if self.state.epoch < self.recipe.train.epochs and (
+                    self._signal or self._max_steps_reached()
+                ):
+                    if self._signal:
+                        raise self._interrupted()
+                    return None
+        summary = self.summary()
+        self.run.write_summary(summary)
+        return summary
+
+    def _start_run(self) -> None:
+        if self.resume:
+            self.run.remove_stale_temps()
+            self.run.write_metrics(
+                self.state.history
+            )  # drop lines of an epoch the checkpoint never saw finish
+        else:
+            self.run.start(self.recipe)
+        self.run.write_skipped(self.skipped)
+        if self.skipped:
+            warn(
+                f'skipped {len(self.skipped)} unreadable image(s) (data.on_bad_image = "skip"); '
+                f"they are listed in {self.run.skipped}"
+            )
+
+    def train_epoch(self) -> bool:
+        """Run the rest of the current epoch's steps.
+
+        Returns:
+            False when ``max_steps`` stopped the run mid-epoch (after saving a checkpoint).
+        """
+        epoch = self.state.epoch
+        self._progress_or_quiet().start_epoch(epoch, self.state.step_in_epoch, self.current_lr())
+        train_mode(self.model)
+        tick = time.perf_counter()
+        for x, y in self.train_loader():
+            lr = self.current_lr()
+            set_lr([self.optimizer], lr)  # type: ignore[list-item]
+            loss_sum, correct = self.step(x, y)
+            tick = self._record_step(loss_sum, correct, len(y), lr, tick)
+            if self._pause_mid_epoch():
+                return False
+        self.check_finite()
+        return True
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One optimizer step over a batch, as micro-batches whose gradients add up to the batch mean.
+
+        Returns:
+            The summed loss over the batch's images and the number predicted correctly.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(y)
+        loss_total = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for xs, ys in zip(x.split(self.micro), y.split(self.micro), strict=True):
+            xs, ys = self._to_device(xs), ys.to(self.device, non_blocking=True)
+            with autocast(self.device, self.amp_dtype):
+                logits = self.forward(xs)
+            loss = self.loss_fn(logits.float(), ys)
+            self.scaler.scale(loss * (len(ys) / n)).backward()
+            loss_total += loss.detach() * len(ys)
+            correct += (logits.detach().argmax(dim=1) == ys).sum()
+        if not isinstance(self.optimizer, StepInBackward):  # which already updated during backward
+            if self.recipe.train.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.recipe.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        # both statistics in one device-to-host copy: one GPU sync per step, not two
+        loss_sum, hits = torch.stack([loss_total.double(), correct.double()]).tolist()
+        return loss_sum, int(hits)
+
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Accuracy, loss and per-class accuracy of the current weights on every evaluation split."""
+        return {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
+
+    def evaluate_split(self, split: Split) -> dict[str, Any]:
+        """:func:`ftsgd.evaluate.evaluate` on one split, under the run's device and precision."""
+        return evaluate(
+            self.forward,
+            self.eval_loader(split),
+            device=self.device,
+            class_names=self.class_names,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.recipe.train.channels_last,
+        )
+
+    def end_epoch(self, results: dict[str, dict[str, Any]]) -> None:
+        """Record the finished epoch, export the weights when it is the best so far, and checkpoint."""
+        state = self.state
+        record = self._epoch_record(results)
+        best = results["val"]["accuracy"] > state.best_accuracy
+        if best:
+            state.best_accuracy, state.best_epoch = results["val"]["accuracy"], state.epoch + 1
+            self.export()
+        record["peak_memory_bytes"] = peak_memory_bytes(self.device)  # evaluation and export included
+        state.history.append(record)
+        state.next_epoch()
+        self._saved_step = None  # the epoch's end is a new state even at the same global step
+        self.save_checkpoint()
+        self.run.write_metrics(state.history)
+        reset_peak_memory(self.device)
+        self._progress_or_quiet().end_epoch(record, best)
+
+    def export(self) -> None:
+        """Write the current weights as ``model.safetensors`` + ``config.json``."""
+        export_model(
+            self.model,
+            self.run.weights,
+            architecture=self.recipe.model.name,
+            class_names=self.class_names,
+            data_config=self.prepared.data_config,
+            recipe_name=self.recipe.name,
+            model_kwargs=dict(self.recipe.model.kwargs),
+        )
+
+    # ------------------------------------------------------------------------------------ loop helpers
+
+    def current_lr(self, step: int | None = None) -> float:
+        """The learning rate at the current epoch and ``step`` (default: the current step): a pure function."""
+        return lr_at(
+            self.recipe.schedule,
+            self.recipe.optim.lr,
+            epochs=self.recipe.train.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            epoch=self.state.epoch,
+            step=self.state.step_in_epoch if step is None else step,
+        )
+
+    def train_loader(self) -> DataLoader:
+        """The current epoch's batches from the current step on (order and augmentation are seeded)."""
+        t = self.recipe.train
+        return build_loader(
+            self.train_split,
+            self.train_transform,
+            batch_size=t.batch_size,
+            training=True,
+            seed=t.seed,
+            epoch=self.state.epoch,
+            start_batch=self.state.step_in_epoch,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def eval_loader(self, split: Split) -> DataLoader:
+        """A split's batches in file order, without augmentation."""
+        return build_loader(
+            split,
+            self.eval_transform,
+            batch_size=max(self.micro, 1),
+            training=False,
+            seed=self.recipe.train.seed,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def check_finite(self) -> None:
+        """Refuse weights that became NaN/inf: they are never saved, evaluated or exported.
+
+        Without a GradScaler an inf gradient is applied as is, so the weights are checked at every
+        checkpoint and epoch end. Min and max are finite exactly when every value is (NaN propagates
+        through both); unlike ``isfinite(p).all()``, ``aminmax`` allocates no parameter-sized
+        temporaries (on ViT-L those raised the peak by ~0.3-0.6 GiB).
+        """
+        extremes = [torch.stack(torch.aminmax(p.detach())) for p in self.trainable if p.numel()]
+        if extremes and not bool(torch.isfinite(torch.cat(extremes)).all().item()):
+            where = f"at epoch {self.state.epoch + 1}, global step {self.state.global_step}"
+            raise self._diverged_error("the weights became NaN or inf", where)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.recipe.train.channels_last else x
+
+    def _record_step(self, loss_sum: float, correct: int, n: int, lr: float, tick: float) -> float:
+        """Count a finished step into the epoch's sums and show progress; returns the new time mark."""
+        state = self.state
+        if not math.isfinite(loss_sum):
+            where = f"at epoch {state.epoch + 1}, step {state.step_in_epoch + 1} (global step {state.global_step + 1})"
+            raise self._diverged_error(f"training loss became {loss_sum / n}", where)
+        now = time.perf_counter()
+        state.epoch_seconds += now - tick
+        state.step_in_epoch += 1
+        state.global_step += 1
+        state.epoch_loss_sum += loss_sum
+        state.epoch_correct += correct
+        state.epoch_seen += n
+        ips = state.epoch_seen / max(state.epoch_seconds, 1e-9)
+        self._progress_or_quiet().step(state.epoch, state.step_in_epoch, loss_sum / n, lr, ips)
+        return now
+
+    def _pause_mid_epoch(self) -> bool:
+        """After a step inside an epoch: checkpoint when due; True when ``max_steps`` stops the run here.
+
+        At an epoch's last step nothing happens here: :meth:`end_epoch` evaluates and checkpoints.
+        """
+        if self.state.step_in_epoch == self.steps_per_epoch:
+            return False
+        every = self.recipe.train.checkpoint_every
+        stop = self._max_steps_reached()
+        if stop or (every and self.state.global_step % every == 0):
+            self.save_checkpoint()
+        if self._signal:
+            raise self._interrupted()
+        return stop
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.max_steps) and self.state.global_step >= self.max_steps
+
+    def _epoch_record(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        state = self.state
+        keep = ("accuracy", "top5", "loss", "n")
+        return {
+            "epoch": state.epoch + 1,
+            "step": state.global_step,
+            "lr": self.current_lr(step=self.steps_per_epoch - 1),  # the epoch's last step's rate
+            "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
+            "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
+            "splits": {name: {k: r[k] for k in keep if k in r} for name, r in results.items()},
+            "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
+            "epoch_time_s": state.epoch_seconds,
+        }
+
+    def _progress_or_quiet(self) -> TrainingProgress:
+        if self._progress is None:  # steps driven directly (tests, embedding code): print nothing
+            self._progress = TrainingProgress("quiet", epochs=self.recipe.train.epochs, steps_per_epoch=1)
+        return self._progress
+
+    def _start_message(self) -> str:
+        if self.resume:
+            return (
+                f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "
+                f"step {self.state.step_in_epoch}/{self.steps_per_epoch}"
+            )
+        p = self.prepared
+        amp = f", amp {amp_name(self.amp_dtype)}" if self.amp_dtype else ""
+        return (
+            f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
+            f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
+            f"{self.recipe.freeze.policy}), device {self.device.type}{amp}"
+        )
+
+    # ------------------------------------------------------------------------------------ results
+
+    def summary(self) -> dict[str, Any]:
+        """The run's results at its best epoch, its set-up and provenance (``summary.json``)."""
+        recipe, state = self.recipe, self.state
+        best = state.history[state.best_epoch - 1] if state.best_epoch else state.history[-1]
+        return {
+            "run_dir": str(self.run.path),
+            "recipe": recipe.name,
+            "model": recipe.model.name,
+            "weights": recipe.model.weights or None,
+            "data": recipe.data.root,
+            "classes": self.class_names,
+            "num_classes": len(self.class_names),
+            "split_sizes": {name: len(s) for name, s in self.splits.items()},
+            "epochs": recipe.train.epochs,
+            "steps": state.global_step,
+            "best_epoch": state.best_epoch,
+            "val_split": "val",
+            "val_accuracy": best["splits"]["val"]["accuracy"] if "val" in best["splits"] else None,
+            "best": best["splits"],
+            "final": state.history[-1]["splits"],
+            "freeze_policy": recipe.freeze.policy,
+            **self.prepared.freeze_report(),
+            "optimizer": recipe.optim.name,
+            "lr": recipe.optim.lr,
+            "device": str(self.device),
+            "amp": amp_name(self.amp_dtype),
+            "input_size": list(self.prepared.data_config["input_size"]),
+            "train_time_s": state.train_seconds,
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in state.history),
+            "model_file": WEIGHTS_NAME,
+            "command": shlex.join(self.argv),
+            "versions": versions(),
+            "skipped_images": len(self.skipped),
+        }
+
+    # ------------------------------------------------------------------------------------ errors
+
+    @contextmanager
+    def _catch_signals(self) -> Iterator[None]:
+        """Turn the first SIGINT/SIGTERM into a request to stop at the next step boundary.
+
+        The loop then saves a checkpoint and exits cleanly; a second SIGINT falls back to Python's
+        default handling (KeyboardInterrupt) for a user who really wants out now. Handlers can only be
+        installed from the main thread; elsewhere (an embedding application) signals are left alone.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: object) -> None:
+            self._signal = signum
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    @contextmanager
+    def _run_errors(self) -> Iterator[None]:
+        """The one place where failures of a running fine-tune become user-facing errors."""
+        try:
+            yield
+        except FtsgdError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise self._oom_error(exc) from None
+        except Exception as exc:
+            if self._signal:  # e.g. a DataLoader worker killed by the same Ctrl-C
+                raise self._interrupted() from None
+            if self.recipe.train.compile and _is_compile_error(exc):
+                raise RunError(
+                    f"torch.compile failed for {self.recipe.model.name} ({type(exc).__name__}: "
+                    f"{first_line(exc) if str(exc).strip() else 'no message'}); set train.compile = false "
+                    "to train without it (same results, slower steps). torch.compile needs a working C++ "
+                    "compiler on CPU and Triton on CUDA."
+                ) from exc
+            raise
+
+    def _interrupted(self) -> Interrupted:
+        """Save a checkpoint and describe how to continue, for the first SIGINT/SIGTERM."""
+        self.save_checkpoint()
+        name = signal.Signals(self._signal).name
+        state = self.state
+        self._progress_or_quiet().message(
+            f"{name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}"
+        )
+        command = self.run.resume_command(self.recipe.data.root)
+        return Interrupted(
+            f"interrupted by {name}; checkpoint saved. Resume with:\n  {command}", self._signal
+        )
+
+    def _oom_error(self, exc: BaseException) -> RunError:
+        t = self.recipe.train
+        return RunError(
+            f"out of GPU memory while training {self.recipe.model.name} at train.batch_size = "
+            f"{t.batch_size} ({first_line(exc)}). Options that help: a smaller micro-batch "
+            "(--set train.micro_batch_size=8: same batch, less memory), --set train.grad_checkpointing=true, "
+            "--set optim.step_in_backward=true, SGD without momentum, or the low-memory recipe "
+            f"(--recipe sgd-freeze-embed-lowmem). The last checkpoint, if any, is in {self.run.checkpoint}."
+        )
+
+    def _diverged_error(self, what: str, where: str) -> RunError:
+        """The message for a run whose loss or weights stopped being finite."""
+        if self._saved_step is not None and self.run.checkpoint.is_file():
+            kept = (
+                f"the last good checkpoint (global step {self._saved_step}) is kept in {self.run.checkpoint}, "
+                "but --resume would diverge the same way"
+            )
+        else:
+            kept = "no checkpoint was written before it"
+        return RunError(
+            f"{what} {where}; {kept}. Start a new run with a lower optim.lr, train.grad_clip > 0, "
+            'or train.amp = "bf16"/"none"'
+        )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from torch.compile (Dynamo tracing or a backend compiler)."""
+    module = type(exc).__module__ or ""
+    return (
+        module.startswith(("torch._dynamo", "torch._inductor"))
+        or "BackendCompilerFailed" in type(exc).__name__
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a run (ftsgd, torch, timm, Python), for ``summary.json``."""
+    import timm
+
+    return {
+        "ftsgd": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
