@@ -394,3 +394,22 @@ def test_eval_named_splits_ignore_other_folders(image_folder: Path, tmp_path: Pa
     assert by_path.exit_code == 0 and list(json.loads(by_path.stdout)) == ["ood"]
     everything = run("eval", str(out), "--data", str(data))
     assert everything.exit_code == 2 and "zebra" in everything.stderr and "--split" in everything.stderr
+
+
+def test_max_steps_stops_with_a_checkpoint_and_resume_finishes(image_folder: Path, tmp_path: Path) -> None:
+    import torch
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_folder), "--out", str(out), *TINY, *FAST]
+    result = run(*args, "--max-steps", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"finished": False}
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["global_step"] == 3
+    assert not (out / "summary.json").exists()
+    result = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--max-steps", "4")
+    assert result.exit_code == 0, result.output
+    assert "stopped after 4 steps (--max-steps 4); continue with:" in result.stdout
+    assert f"ftsgd train --data {image_folder.resolve()} --out {out} --resume" in result.stdout
+    result = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 10  # 2 epochs x ceil(72 / 16)
