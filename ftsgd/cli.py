@@ -20,17 +20,47 @@ from ftsgd import __version__, console
 from ftsgd.errors import FtsgdError, UsageError
 from ftsgd.recipe import DEFAULT_RECIPE
 
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 the run failed; 2 bad usage, recipe, data or weights (nothing was started); "
+    "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved); 141 the reader of the output went away."
+)
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose ``-h`` flag is listed without a value type, like every other flag."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(typer.core.TyperGroup):
+    """A command group whose ``-h`` flag is listed without a value type, like every other flag."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
 app = typer.Typer(
     name="ftsgd",
+    cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    epilog=EXIT_CODES,
 )
 recipes_app = typer.Typer(
+    cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"]},
     invoke_without_command=True,
+    epilog=EXIT_CODES,
 )
 app.add_typer(recipes_app, name="recipes")
 
@@ -49,7 +79,7 @@ WeightsOpt = Annotated[
         "--weights", "-w", help="Local weights file: .safetensors, .pth, .pt, .bin (sets model.weights)."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object instead of tables.")]
 
 
 @contextlib.contextmanager
@@ -65,6 +95,11 @@ def _user_errors() -> Iterator[None]:
             raise
         console.error(str(exc))
         raise typer.Exit(exc.exit_code) from None
+    except BrokenPipeError:
+        # `ftsgd ... | head`: the reader is gone. Stop quietly with the status a process killed by SIGPIPE
+        # has (as `cat` would), and keep Python from complaining about the unflushed stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
 
 
 def _overrides(sets: list[str] | None, **shorthands: Any) -> list[str]:
@@ -131,7 +166,7 @@ def recipes_list(
         recipes_list_command(as_json)
 
 
-@recipes_app.command("show")
+@recipes_app.command("show", cls=_Command, epilog=EXIT_CODES)
 def recipes_show(
     name: Annotated[str, typer.Argument(help="Built-in recipe name or path to a TOML file.")],
     sets: SetOpt = None,
@@ -151,7 +186,7 @@ def recipes_show(
         recipes_show_command(name, _overrides(sets), as_json)
 
 
-@recipes_app.command("keys")
+@recipes_app.command("keys", cls=_Command, epilog=EXIT_CODES)
 def recipes_keys(as_json: JsonOpt = False) -> None:
     """Document every recipe key: type, default and meaning.
 
@@ -168,7 +203,7 @@ def recipes_keys(as_json: JsonOpt = False) -> None:
 # --------------------------------------------------------------------------- inspect
 
 
-@app.command()
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def inspect(
     model: Annotated[
         str | None, typer.Argument(help="timm model name (or set model.name in the recipe).")
@@ -186,14 +221,14 @@ def inspect(
             "--batch-size",
             "-b",
             min=1,
-            help="Images per forward/backward pass for the activation memory [default: the recipe's "
+            help="Images per forward/backward pass for the activation memory \\[default: the recipe's "
             "micro-batch].",
         ),
     ] = None,
     img_size: Annotated[
         int | None,
         typer.Option(
-            "--img-size", min=8, help="Input resolution (sets data.img_size) [default: the model's]."
+            "--img-size", min=8, help="Input resolution (sets data.img_size) \\[default: the model's]."
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -231,7 +266,7 @@ def inspect(
 # --------------------------------------------------------------------------- train / eval / demo
 
 
-@app.command()
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def train(
     data: Annotated[
         Path, typer.Option("--data", "-d", help="Dataset folder with train/ and val/ (and more splits).")
@@ -240,17 +275,33 @@ def train(
     recipe: Annotated[
         str | None,
         typer.Option(
-            "--recipe", "-r", help=f"Built-in recipe name or TOML path [default: {DEFAULT_RECIPE}]."
+            "--recipe", "-r", help=f"Built-in recipe name or TOML path \\[default: {DEFAULT_RECIPE}]."
         ),
     ] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     sets: SetOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            metavar="",
+            help="Continue the run in --out, or start it if it is missing or never reached a checkpoint; a "
+            "finished run only prints its results. Safe to repeat with the same command line.",
+        ),
     ] = False,
     as_json: JsonOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final results.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", metavar="", help="Print nothing but warnings and errors.")
+    ] = False,
+    allow_new_images: Annotated[
+        bool,
+        typer.Option(
+            "--allow-new-images",
+            metavar="",
+            help="With --resume: accept a dataset that only gained images since the run started.",
+        ),
+    ] = False,
     max_steps: Annotated[
         int | None,
         typer.Option(
@@ -282,12 +333,13 @@ def train(
             quiet=quiet or as_json,
             argv=sys.argv,
             max_steps=max_steps or 0,
+            allow_new_images=allow_new_images,
         )
     if as_json:
         console.print_json(summary if summary is not None else {"finished": False})
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command, epilog=EXIT_CODES)
 def eval_(
     weights: Annotated[Path, typer.Argument(help="A run directory or an exported model.safetensors.")],
     data: Annotated[
@@ -330,11 +382,13 @@ def eval_(
         print_eval_results(results)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the demo.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 8,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing demo run directory.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", metavar="", help="Replace an existing demo run directory.")
+    ] = False,
 ) -> None:
     """Fine-tune a tiny ViT on a generated dataset with train/, val/ and a shifted ood/ split.
 

@@ -30,10 +30,11 @@ from ftsgd.recipe import (
     Recipe,
     describe_keys,
     list_recipes,
+    recipe_differences,
     recipe_to_dict,
     recipe_to_toml,
 )
-from ftsgd.rundir import RunDir
+from ftsgd.rundir import RunDir, locked
 from ftsgd.synthetic import make_image_folder
 from ftsgd.trainer import Trainer
 from ftsgd.validate import load_checked_recipe
@@ -64,34 +65,94 @@ def train_command(
     quiet: bool,
     argv: list[str],
     max_steps: int = 0,
+    allow_new_images: bool = False,
 ) -> dict[str, Any] | None:
-    """``ftsgd train``: resolve the recipe (or the run's own, with ``--resume``), train, print the results.
+    """``ftsgd train``: resolve the recipe, lock the run directory, train, print the results.
+
+    With ``--resume`` the same command line is always safe to run again: a missing run starts, a run
+    that never reached its first checkpoint starts over, an unfinished run continues and a finished one
+    only prints its results. Recipe flags given with ``--resume`` must resolve to the run's own recipe.
 
     Returns:
         The summary, or None when ``max_steps`` stopped the run early.
     """
     run = RunDir(out)
-    if resume:
-        if recipe is not None or overrides:
-            raise UsageError(
-                "--resume continues with the run's own recipe.toml; drop --recipe, --set, --model and "
-                "--weights (start a new --out to change the recipe)"
-            )
-        resolved = run.read_recipe(data)
-    else:
-        run.check_new()
-        resolved = resolve_train_recipe(recipe, overrides, data)
-    trainer = Trainer(resolved, out, resume=resume, quiet=quiet, argv=argv, max_steps=max_steps)
-    summary = trainer.fit()
+    wanted = resolve_train_recipe(recipe, overrides, data) if (recipe or overrides or not resume) else None
+    with locked(out):
+        resolved, resume = _resume_plan(run, wanted, data) if resume else (_new_run(run, wanted), False)
+        if resolved is None:
+            return _finished(run, quiet)
+        trainer = Trainer(
+            resolved,
+            out,
+            resume=resume,
+            quiet=quiet,
+            argv=argv,
+            max_steps=max_steps,
+            allow_new_images=allow_new_images,
+        )
+        summary = trainer.fit()
+    if quiet:
+        return summary
     if summary is None:
-        if not quiet:
-            console.info(
-                f"stopped after {trainer.state.global_step} steps (--max-steps {max_steps}); continue with:\n"
-                f"  {run.resume_command(resolved.data.root)}"
-            )
-    elif not quiet:
+        console.info(
+            f"stopped after {trainer.state.global_step} steps (--max-steps {max_steps}); continue with:\n"
+            f"  {run.resume_command(resolved.data.root)}"
+        )
+    else:
         print_train_results(summary)
     return summary
+
+
+def _new_run(run: RunDir, wanted: Recipe | None) -> Recipe | None:
+    run.check_new()
+    return wanted
+
+
+def _finished(run: RunDir, quiet: bool) -> dict[str, Any]:
+    """A finished run rerun with ``--resume``: its results, and nothing rewritten."""
+    summary = run.read_summary()
+    if not quiet:
+        console.info(f"{run.path} is finished (best epoch {summary['best_epoch']}); nothing to do")
+        print_train_results(summary)
+    return summary
+
+
+def _resume_plan(run: RunDir, wanted: Recipe | None, data: Path) -> tuple[Recipe | None, bool]:
+    """What ``--resume`` does with ``run``: ``(recipe, resume)``, or ``(None, False)`` when it is finished.
+
+    Raises:
+        UsageError: the recipe flags differ from the run's recipe (the differing keys are listed), or a
+            run that has to start needs them and none were given.
+    """
+    status = run.status()
+    if status == "unstarted":  # nothing of value was written: start over, with the flags if given
+        own = run.read_recipe(data) if wanted is None else None
+        run.clear_unstarted()
+        return wanted or own, False
+    if status == "new":
+        if wanted is None:
+            raise UsageError(
+                f"--resume: {run.path} holds no run yet and no recipe flags were given to start one "
+                "(--model, --weights, --recipe, --set)"
+            )
+        return wanted, False
+    if wanted is not None:
+        _refuse_other_recipe(run, run.read_recipe(data, for_resume=False), wanted)
+    if status == "finished":
+        return None, False
+    return run.read_recipe(data), True
+
+
+def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
+    changed = recipe_differences(own, wanted, ignore=("data.root",))
+    if changed:
+        lines = "\n".join(f"  - {c}" for c in changed)
+        raise UsageError(
+            f"--resume: the flags resolve to another recipe than the run {run.path} was started with:\n{lines}\n"
+            "Run the same command as before, drop the recipe flags to continue with the run's own recipe, "
+            "or start a new --out to change the recipe."
+        )
 
 
 def resolve_train_recipe(recipe: str | None, overrides: list[str], data: Path) -> Recipe:

@@ -628,6 +628,26 @@ def recipe_to_toml(recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipe_differences(old: Recipe, new: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Every key whose value differs, as ``"key.path: old -> new"`` lines, in recipe order."""
+    a, b = _flatten(recipe_to_dict(old)), _flatten(recipe_to_dict(new))
+    return [
+        f"{key}: {_toml_value(a[key]) if key in a else '(unset)'} -> {_toml_value(b[key]) if key in b else '(unset)'}"
+        for key in dict.fromkeys([*a, *b])
+        if key not in ignore and a.get(key) != b.get(key)
+    ]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in SECTIONS and not prefix:
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def describe_keys() -> list[tuple[str, str, str, str]]:
     """Every recipe key as ``(key path, type, default, description)`` for docs and ``recipes keys``."""
     rows = []

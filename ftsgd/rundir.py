@@ -8,6 +8,8 @@ Layout::
     model.safetensors  best weights by ID-validation accuracy, with metadata, + config.json
     summary.json       best epoch, each split's metrics at it, frozen parameters, command, versions
     skipped.txt        images left out by data.on_bad_image = "skip" (only when there were any)
+    dataset.json       the data's fingerprint: classes, and every file with its size and mtime
+    .ftsgd.lock        held (flock) by the one process writing the run; the OS releases it when that dies
 
 Every file is written atomically (:mod:`ftsgd.fileio`), so a kill at any moment leaves each one either
 as it was or complete.
@@ -15,9 +17,15 @@ as it was or complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import shlex
+import socket
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,20 +33,93 @@ from typing import Any
 import torch
 
 from ftsgd.data import SKIPPED_FILE, BadImage, skipped_lines
-from ftsgd.errors import RecipeError, UsageError
+from ftsgd.errors import RecipeError, UsageError, first_line
 from ftsgd.export import CONFIG_NAME, WEIGHTS_NAME
 from ftsgd.fileio import atomic_torch_save, atomic_write_text, jsonable, remove_stale_temps
 from ftsgd.recipe import Recipe, recipe_from_dict, recipe_to_toml
 from ftsgd.validate import environment_problems
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "METRICS", "RECIPE_FILE", "SUMMARY", "RunDir"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "METRICS", "RECIPE_FILE", "SUMMARY", "RunDir", "locked"]
 
 CHECKPOINT = "checkpoint.pt"
 RECIPE_FILE = "recipe.toml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+DATASET = "dataset.json"
+LOCK = ".ftsgd.lock"
 CHECKPOINT_FORMAT = 1
-_WRITTEN = (CHECKPOINT, WEIGHTS_NAME, METRICS, SUMMARY, SKIPPED_FILE, CONFIG_NAME)
+_WRITTEN = (CHECKPOINT, WEIGHTS_NAME, METRICS, SUMMARY, SKIPPED_FILE, CONFIG_NAME, DATASET, RECIPE_FILE)
+_BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE)
+"""What a run may have written before its first checkpoint: nothing of value, so it may start over."""
+
+
+@contextlib.contextmanager
+def locked(folder: Path, what: str = "run directory") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the duration of the block.
+
+    ``flock`` on ``folder/.ftsgd.lock``: the kernel releases it when the holder exits or is killed, so a
+    ``kill -9`` never leaves a stale lock. A second process is refused at once (exit 2) with the PID, host
+    and command of the holder. A folder this call created is removed again when the block fails before
+    anything else was written into it, so a refused or failed start leaves nothing behind.
+
+    Raises:
+        UsageError: ``folder`` cannot be created or written, or another process holds the lock.
+    """
+    created = _make_folder(folder, what)
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot write to the {what} {folder}: {exc.strerror or first_line(exc)}") from None
+    try:
+        _acquire(fd, path, what)
+        yield
+    except BaseException:
+        if created and {p.name for p in folder.iterdir()} <= {LOCK}:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                folder.rmdir()
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _make_folder(folder: Path, what: str) -> bool:
+    """Create ``folder`` (and parents); whether it was created. Unusable places are a clear exit 2."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} exists and is not a directory")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = (
+            "a parent is a file, not a folder"
+            if exc.errno == errno.ENOTDIR
+            else exc.strerror or first_line(exc)
+        )
+        raise UsageError(f"cannot create the {what} {folder}: {reason}; choose another --out") from None
+    return created
+
+
+def _acquire(fd: int, path: Path, what: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        raise UsageError(
+            f"the {what} {path.parent} is in use by {holder}; wait for it to finish (or stop it), "
+            "or choose another --out"
+        ) from None
+    except OSError as exc:  # e.g. a file system without locks
+        raise UsageError(f"cannot lock the {what} {path.parent}: {exc.strerror or first_line(exc)}") from None
+    holder = f"PID {os.getpid()} on {socket.gethostname()}"
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to the {what} {path.parent}: {exc.strerror or first_line(exc)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -63,12 +144,41 @@ class RunDir:
     def skipped(self) -> Path:
         return self.path / SKIPPED_FILE
 
+    def entries(self) -> set[str]:
+        """Names in the run directory, its lock file aside."""
+        return {p.name for p in self.path.iterdir()} - {LOCK} if self.path.is_dir() else set()
+
+    def status(self) -> str:
+        """``new`` (missing or empty), ``unstarted`` (no checkpoint yet), ``unfinished`` or ``finished``."""
+        if not self.entries():
+            return "new"
+        if (self.path / SUMMARY).is_file():
+            return "finished"
+        return "unfinished" if self.checkpoint.is_file() else "unstarted"
+
+    def clear_unstarted(self) -> None:
+        """Delete what a run wrote before its first checkpoint, so it can start over (nothing of value is lost).
+
+        Raises:
+            UsageError: the folder also holds files ftsgd did not write; they are never deleted.
+        """
+        foreign = sorted(
+            n for n in self.entries() if n not in _BEFORE_FIRST_CHECKPOINT and not n.endswith(".tmp")
+        )
+        if foreign:
+            raise UsageError(
+                f"run directory {self.path} never reached its first checkpoint, but it also holds "
+                f"{', '.join(foreign[:5])}, which ftsgd did not write; choose another --out"
+            )
+        for name in self.entries():
+            (self.path / name).unlink()
+
     def check_new(self) -> None:
         """Refuse an ``--out`` that is a file or a non-empty directory (a new run never mixes with old files)."""
         out = self.path
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()):
+        if self.entries():
             hint = " (it holds a run: add --resume to continue it)" if self.recipe_file.exists() else ""
             raise UsageError(
                 f"run directory {out} already exists and is not empty{hint}; choose another --out"
@@ -79,8 +189,13 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.recipe_file, recipe_to_toml(recipe))
 
-    def read_recipe(self, data: Path) -> Recipe:
-        """The run's own recipe, with ``data.root`` pointing at ``data`` (a dataset may move)."""
+    def read_recipe(self, data: Path, *, for_resume: bool = True) -> Recipe:
+        """The run's own recipe, with ``data.root`` pointing at ``data`` (a dataset may move).
+
+        For a resume (``for_resume``), a starting-weights file moved or deleted since is dropped from the
+        recipe (the checkpoint holds every weight) and the recipe's paths and names are checked; otherwise
+        the recipe is returned as it was written, to compare it with another one.
+        """
         if not self.recipe_file.is_file():
             raise UsageError(f"cannot resume: {self.path} is not an ftsgd run directory (no {RECIPE_FILE})")
         try:
@@ -89,17 +204,36 @@ class RunDir:
             raise UsageError(f"cannot resume: {self.recipe_file} is corrupt ({exc})") from None
         raw.setdefault("data", {})["root"] = str(data.expanduser().resolve())
         model = raw.get("model")
-        if (
-            isinstance(model, dict)
-            and model.get("weights")
-            and not Path(model["weights"]).expanduser().exists()
-        ):
-            # The checkpoint holds every weight: a starting-weights file moved or deleted since doesn't matter.
-            model["weights"] = ""
+        weights = model.get("weights") if isinstance(model, dict) else None
+        if for_resume and weights and not Path(weights).expanduser().exists():
+            model["weights"] = ""  # type: ignore[index]
         try:
-            return recipe_from_dict(raw, environment_problems)
+            return recipe_from_dict(raw, environment_problems if for_resume else None)
         except RecipeError as exc:
             raise RecipeError(exc.problems, source=str(self.recipe_file)) from None
+
+    def read_summary(self) -> dict[str, Any]:
+        """``summary.json`` of a finished run."""
+        try:
+            return json.loads((self.path / SUMMARY).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"{self.path / SUMMARY} is unreadable ({first_line(exc)}); delete it to finish the run again"
+            ) from None
+
+    def read_dataset(self) -> dict[str, Any] | None:
+        """The recorded data fingerprint (None for runs made before ftsgd recorded one)."""
+        path = self.path / DATASET
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot resume: {path} is corrupt ({first_line(exc)})") from None
+
+    def write_dataset(self, fingerprint: dict[str, Any]) -> None:
+        """Record the data the run trains on (compact: one row per file)."""
+        atomic_write_text(self.path / DATASET, json.dumps(fingerprint, separators=(",", ":")) + "\n")
 
     def read_checkpoint(self) -> dict[str, Any]:
         """The checkpoint to resume from, memory-mapped (weights are copied into the model page by page)."""

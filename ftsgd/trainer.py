@@ -52,9 +52,10 @@ from ftsgd.device import (
     resolve_device,
     set_rng_state,
 )
-from ftsgd.errors import FtsgdError, Interrupted, ModelError, RecipeError, RunError, first_line
+from ftsgd.errors import DataError, FtsgdError, Interrupted, ModelError, RecipeError, RunError, first_line
 from ftsgd.evaluate import evaluate
 from ftsgd.export import WEIGHTS_NAME, export_model
+from ftsgd.fingerprint import compare_fingerprints, fingerprint
 from ftsgd.freeze import train_mode
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
 from ftsgd.prepare import PreparedModel, prepare_model
@@ -104,6 +105,8 @@ class Trainer:
         argv: The command line, recorded in summary.json.
         max_steps: Stop once this many optimizer steps are done in total (0: no limit), after writing a
             checkpoint; ``--resume`` continues from there. Lets a cron job train in bounded slices.
+        allow_new_images: When resuming, accept a dataset that only gained images since the run
+            started (any other change to the data is refused).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class Trainer:
         quiet: bool = False,
         argv: list[str] | None = None,
         max_steps: int = 0,
+        allow_new_images: bool = False,
     ) -> None:
         if not recipe.model.name:
             raise ModelError(
@@ -126,6 +130,7 @@ class Trainer:
         self.quiet = quiet
         self.argv = list(argv if argv is not None else sys.argv)
         self.max_steps = max_steps
+        self.allow_new_images = allow_new_images
         self.device = resolve_device(recipe.train.device)
         self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
         if recipe.optim.step_in_backward and self.amp_dtype == torch.float16:
@@ -137,6 +142,7 @@ class Trainer:
             )
         self.state = RunState()
         self._saved_step: int | None = None
+        self._data_changed = False
         self._signal = 0
         self._progress: TrainingProgress | None = None
         self._is_setup = False
@@ -161,6 +167,9 @@ class Trainer:
     def _setup_data(self) -> None:
         recipe, t = self.recipe, self.recipe.train
         self.class_names, splits = discover_splits(recipe.data)
+        self.fingerprint = fingerprint(self.class_names, splits)
+        if self.resume:
+            self._check_same_data()
         # "skip" must drop bad files before the epoch order (a function of the sample list) exists.
         splits, self.skipped = preflight_scan(
             splits, on_bad_image=recipe.data.on_bad_image, root=recipe.data.root, train_split="train"
@@ -172,6 +181,33 @@ class Trainer:
         self.micro = t.micro_batch_size or t.batch_size
         self.workers = resolve_num_workers(recipe.data.num_workers)
         self.pin_memory = recipe.data.pin_memory and self.device.type == "cuda"
+
+    def _check_same_data(self) -> None:
+        """Refuse to resume on data other than the run's (before anything is decoded or built)."""
+        recorded = self.run.read_dataset()
+        self._data_changed = recorded is None
+        if recorded is None:
+            warn(
+                f"{self.run.path} records no data fingerprint (made by an older ftsgd): the data is not checked"
+            )
+            return
+        changes = compare_fingerprints(recorded, self.fingerprint)
+        if not changes.any or (self.allow_new_images and changes.only_grew):
+            self._data_changed = changes.any
+            if changes.any:
+                warn(f"continuing {self.run.path} on a grown dataset: {'; '.join(changes.lines())}")
+            return
+        lines = "\n".join(f"  - {line}" for line in changes.lines())
+        hint = (
+            "pass --allow-new-images to continue on the grown dataset (the rest of the run then sees a "
+            "different sample order than an uninterrupted run would)"
+            if changes.only_grew
+            else "point --data at the dataset the run started with, or start a new run with another --out"
+        )
+        raise DataError(
+            f"cannot resume {self.run.path}: the data under {self.recipe.data.root} is not what the run "
+            f"was trained on:\n{lines}\nTo continue, {hint}."
+        )
 
     def _setup_model(self, *, from_checkpoint: bool) -> None:
         t = self.recipe.train
@@ -265,13 +301,15 @@ class Trainer:
         return summary
 
     def _start_run(self) -> None:
+        """Write what a run holds before its first step: recipe and data fingerprint, or tidy up a resumed run."""
         if self.resume:
             self.run.remove_stale_temps()
-            self.run.write_metrics(
-                self.state.history
-            )  # drop lines of an epoch the checkpoint never saw finish
+            # drop the lines of an epoch the checkpoint never saw finish
+            self.run.write_metrics(self.state.history)
         else:
             self.run.start(self.recipe)
+        if self._data_changed or not self.resume:
+            self.run.write_dataset(self.fingerprint)
         self.run.write_skipped(self.skipped)
         if self.skipped:
             warn(
@@ -483,6 +521,8 @@ class Trainer:
         return self._progress
 
     def _start_message(self) -> str:
+        if self.resume and self.state.epoch >= self.recipe.train.epochs:
+            return f"finishing {self.run.path}: every epoch was trained; writing the summary"
         if self.resume:
             return (
                 f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "

@@ -444,3 +444,79 @@ def test_disk_full_keeps_previous_checkpoint_and_resume_finishes(
         _assert_same_as_reference(out, reference)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ------------------------------------------------------------------------------------------ rerun safety
+
+
+def _resume_full_args(data: Path, out: Path) -> list[str]:
+    """The whole command line plus --resume: what a cron job runs again and again."""
+    return [*_train_args(data, out), "--resume"]
+
+
+@pytest.mark.slow
+def test_the_identical_command_with_resume_survives_kill_9_at_random_moments(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Five runs of one command line, each but the last SIGKILLed at a random moment (the first before
+    any checkpoint exists), end with exactly the uninterrupted run's weights; a sixth run is a no-op."""
+    import random
+
+    rng = random.Random(12)
+    out = tmp_path / "run"
+    for attempt in range(4):
+        p = Proc(_resume_full_args(data, out), tmp_path, f"p{attempt}", "delay=0.05")
+        if attempt == 0:  # while scanning or building the model: no checkpoint yet
+            deadline = time.monotonic() + 90
+            while not (out / ".ftsgd.lock").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.2))
+        else:
+            p.wait_for_steps(rng.randint(1, 6))
+            time.sleep(rng.uniform(0, 0.3))
+        p.signal_group(signal.SIGKILL)
+        p.wait()
+        if attempt == 0:
+            assert not (out / "checkpoint.pt").exists()
+    p = Proc(_resume_full_args(data, out), tmp_path, "p4")
+    assert p.wait() == 0, p.stderr()
+    _assert_same_as_reference(out, reference)
+    before = (out / "summary.json").read_bytes()
+    p = Proc(_resume_full_args(data, out), tmp_path, "p5")
+    assert p.wait() == 0, p.stderr()
+    assert p.steps() == 0 and (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_two_trains_on_one_out_at_once_one_is_refused(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    runs = {
+        lr: Proc([*_train_args(data, out), "--set", f"optim.lr={lr}"], tmp_path, f"lr{lr}", "delay=0.05")
+        for lr in ("0.01", "0.0001")
+    }
+    codes = {lr: p.wait() for lr, p in runs.items()}
+    assert sorted(codes.values()) == [0, 2], {lr: (c, runs[lr].stderr()) for lr, c in codes.items()}
+    winner = next(lr for lr, c in codes.items() if c == 0)
+    loser = next(lr for lr, c in codes.items() if c == 2)
+    refusal = runs[loser].stderr()
+    assert "is in use by PID" in refusal or "already exists and is not empty" in refusal, refusal
+    assert runs[loser].steps() == 0
+    assert f"lr = {float(winner)!r}" in (out / "recipe.toml").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr"] == float(winner) and summary["steps"] == EPOCHS * STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_kill_9_does_not_block_the_next_run(data: Path, tmp_path: Path) -> None:
+    from ftsgd.rundir import locked
+
+    out = tmp_path / "run"
+    p = Proc(_train_args(data, out), tmp_path, "held", "delay=0.2")
+    p.wait_for_steps(1)
+    with pytest.raises(Exception, match="is in use by PID"), locked(out):
+        pass
+    p.signal_group(signal.SIGKILL)
+    p.wait()
+    assert (out / ".ftsgd.lock").exists()
+    with locked(out):  # the kernel released the dead process's lock
+        pass
