@@ -10,6 +10,7 @@ check so a user still sees every problem of a recipe in one message.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 from ftsgd.errors import WeightsError
@@ -38,9 +39,12 @@ def environment_problems(recipe: Recipe) -> list[str]:
         problems.append(f"model.weights: file not found: {m.weights}")
     elif m.weights:
         try:
-            resolve_weights_path(m.weights)  # a folder must hold a weights file
+            path = resolve_weights_path(m.weights)  # a folder must hold a weights file
         except WeightsError as exc:
             problems.append(f"model.weights: {exc}")
+        else:
+            if not os.access(path, os.R_OK):
+                problems.append(f"model.weights: {path} is not readable (permission denied)")
     name = m.name.strip()
     if name and not name.startswith(("hf-hub:", "local-dir:")):
         import timm

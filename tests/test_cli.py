@@ -413,3 +413,28 @@ def test_max_steps_stops_with_a_checkpoint_and_resume_finishes(image_folder: Pat
     result = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 10  # 2 epochs x ceil(72 / 16)
+
+
+def test_help_lists_exit_codes_and_shows_no_type_for_flags() -> None:
+    for command in (["-h"], ["train", "-h"], ["eval", "-h"], ["inspect", "-h"], ["recipes", "show", "-h"]):
+        result = run(*command, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, command
+        text = " ".join(result.stdout.split())
+        assert "Exit codes: 0 done; 1 the run failed; 2 bad usage" in text, command
+        assert "<bool>" not in result.stdout, command
+    text = " ".join(run("train", "-h", env={"COLUMNS": "200"}).stdout.split())
+    assert "[default: sgd-freeze-embed]" in text
+    assert "--quiet -q Print nothing but warnings and errors." in text
+
+
+def test_a_closed_pipe_stops_quietly_with_141() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftsgd", "recipes", "keys"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    proc.stdout.close()  # the reader is gone before anything was written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert err == b""
