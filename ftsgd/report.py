@@ -95,10 +95,13 @@ def run_report(
         warn(problem)
     if fmt == "json":
         print_json({**report.to_dict(), "plots": [str(p) for p in plots]})
-    elif fmt == "csv":
-        write_csv(build_table(report, table or "selection"))
-    elif fmt == "markdown":
-        sys.stdout.write(markdown(report, [table] if table else list(TABLES)))
+    elif fmt in ("csv", "markdown"):
+        if fmt == "csv":
+            write_csv(build_table(report, table or "selection"))
+        else:
+            sys.stdout.write(markdown(report, [table] if table else list(TABLES)))
+        for path in plots:  # stdout holds only the table
+            sys.stderr.write(f"plot: {path}\n")
     else:
         print_terminal(report, [table] if table else list(reversed(TABLES)), plots)
     return report

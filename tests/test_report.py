@@ -171,6 +171,9 @@ def test_plots_skip_what_has_no_data(tmp_path: Path) -> None:
     # no OOD split: no ID-vs-OOD plot; seed 1 unfinished: no selection, so no selected curves
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [plots.CURVES_ALL]
     assert f"plot: {tmp_path / 'plots' / plots.CURVES_ALL}" in result.stdout
+    csv_run = report(str(tmp_path / "runs"), "--csv", "--png", str(tmp_path / "plots"))
+    assert f"plot: {tmp_path / 'plots' / plots.CURVES_ALL}" in csv_run.stderr
+    assert "plot:" not in csv_run.stdout and csv_run.stdout.startswith("recipe,seeds,")
 
 
 def test_usage_errors_exit_2_before_any_output(sweep: Path, tmp_path: Path) -> None:
