@@ -31,6 +31,7 @@ from ftsgd.selection import (
 )
 
 TABLES = ("selection", "points", "runs")
+FORMATS = ("table", "json", "csv", "markdown")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ def run_report(
         UsageError: Bad ``fmt``/``table``, an unusable ``png`` folder, or a path holding no runs;
             all checked before any run is read or any file written.
     """
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
     if table is not None and table not in TABLES:
         raise UsageError(f"--table must be one of {', '.join(TABLES)}, got {table!r}")
     if not paths:
