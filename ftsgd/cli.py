@@ -411,6 +411,51 @@ def demo(
         demo_command(out=out, epochs=epochs, force=force, argv=sys.argv)
 
 
+@app.command()
+def report(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Run directories, or folders holding them (searched recursively).")
+    ],
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing", help="Let grid points with fewer finished seeds than the others compete."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print one table as CSV (see --table).")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print the tables as Markdown.")] = False,
+    table: Annotated[
+        str | None,
+        typer.Option(
+            "--table", help="selection | points | runs: only this table [default: all; CSV: selection]."
+        ),
+    ] = None,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", help="Write learning-curve and ID-vs-OOD plots (PNG) into this folder."),
+    ] = None,
+) -> None:
+    """Compare runs: per recipe, the grid point with the best mean ID-val accuracy over seeds (the paper's protocol).
+
+    Runs that differ only in train.seed are averaged; every other recipe key that differs between runs
+    of a recipe is a grid key. Unfinished and unreadable runs are listed, never dropped silently.
+
+    Examples:
+
+        ftsgd report runs/
+
+        ftsgd report runs/sgd-* runs/adamw-* --markdown --png plots/
+
+        ftsgd report runs/ --csv --table runs > runs.csv
+    """
+    from ftsgd.report import output_format, run_report
+
+    with _user_errors():
+        fmt = output_format(as_json=as_json, as_csv=as_csv, as_markdown=as_markdown)
+        run_report(paths, allow_missing=allow_missing, fmt=fmt, table=table, png=png)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
