@@ -6,9 +6,8 @@ one bad run: a corrupt ``summary.json`` or ``recipe.toml`` becomes a :class:`Run
 ``broken`` and a problem line, because a report that dies on the 37th of 72 runs helps nobody. Only a
 path that holds no run at all is a usage error.
 
-The file names are those ``ftsgd train`` writes (``ftsgd.train`` today, the run-directory module after
-the Trainer redesign); they are repeated here so reading a report does not import torch, and a test
-pins that both spell them the same.
+The run directory's file names are defined here, where reading them needs no torch, and
+:mod:`ftsgd.rundir` (which writes them) imports them from here.
 """
 
 from __future__ import annotations

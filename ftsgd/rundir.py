@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ftsgd.collect import CHECKPOINT, METRICS, RECIPE_FILE, SUMMARY
 from ftsgd.data import SKIPPED_FILE, BadImage, skipped_lines
 from ftsgd.errors import RecipeError, UsageError, first_line
 from ftsgd.export import CONFIG_NAME, WEIGHTS_NAME
@@ -41,10 +42,6 @@ from ftsgd.validate import environment_problems
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "METRICS", "RECIPE_FILE", "SUMMARY", "RunDir", "locked"]
 
-CHECKPOINT = "checkpoint.pt"
-RECIPE_FILE = "recipe.toml"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 DATASET = "dataset.json"
 LOCK = ".ftsgd.lock"
 CHECKPOINT_FORMAT = 1

@@ -14,7 +14,7 @@ from _runs import write_run
 from PIL import Image
 from typer.testing import CliRunner
 
-from ftsgd import collect, plots, train
+from ftsgd import collect, plots
 from ftsgd.cli import app
 
 runner = CliRunner()
@@ -63,9 +63,14 @@ def summaries(root: Path) -> dict[str, dict]:
     return {str(p.parent): json.loads(p.read_text()) for p in sorted(root.rglob("summary.json"))}
 
 
-def test_report_reads_the_files_train_writes() -> None:
-    names = (collect.RECIPE_FILE, collect.METRICS, collect.SUMMARY, collect.CHECKPOINT)
-    assert names == (train.RECIPE_FILE, train.METRICS, train.SUMMARY, train.CHECKPOINT)
+def test_report_reads_the_files_train_writes(sweep: Path) -> None:
+    """The run directory's files are named in one place, and a real run has them."""
+    from ftsgd import rundir
+
+    assert rundir.SUMMARY is collect.SUMMARY and rundir.RECIPE_FILE is collect.RECIPE_FILE
+    run = next(sweep.rglob("summary.json")).parent
+    for name in (collect.RECIPE_FILE, collect.METRICS, collect.SUMMARY, collect.CHECKPOINT):
+        assert (run / name).is_file(), name
 
 
 def test_json_matches_the_summaries_and_selects_by_mean_val(sweep: Path) -> None:
