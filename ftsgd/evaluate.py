@@ -137,7 +137,14 @@ def run_eval(
         ``{split: {"accuracy", "top5"?, "loss", "n", "per_class"}}``.
     """
     from ftsgd.console import warn
-    from ftsgd.data import build_loader, build_transform, discover_splits, preflight_scan, resolve_num_workers
+    from ftsgd.data import (
+        build_loader,
+        build_transform,
+        discover_splits,
+        ignored_warnings,
+        preflight_scan,
+        resolve_num_workers,
+    )
     from ftsgd.errors import DataError
     from ftsgd.export import load_exported_model
     from ftsgd.recipe import DataConfig
@@ -161,6 +168,8 @@ def run_eval(
         raise DataError(
             f"split(s) {', '.join(missing)} not found under {root}; available: {', '.join(found) or 'none'}"
         )
+    for message in ignored_warnings({name: found[name] for name in wanted}, root):
+        warn(message)
     checked, skipped = preflight_scan(
         {name: found[name] for name in wanted}, on_bad_image=on_bad_image, root=root, train_split=None
     )

@@ -44,6 +44,7 @@ from ftsgd.data import (
     build_loader,
     build_transform,
     discover_splits,
+    ignored_warnings,
     preflight_scan,
     resolve_num_workers,
     skipped_lines,
@@ -390,6 +391,8 @@ def train(
     ckpt = _read_checkpoint(out) if resume else None
 
     class_names, splits = discover_splits(recipe.data)
+    for message in ignored_warnings(splits, recipe.data.root):
+        warn(message)
     # Decode every image now, before the model is built: a bad file must fail the run in seconds,
     # not hours in, and "skip" must drop it before the epoch order (a function of the sample list) exists.
     splits, skipped = preflight_scan(
