@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import os
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError, features
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
@@ -582,6 +583,7 @@ def _sniffed(path: Path, reason: str) -> str:
     """`` (a JPEG image)`` for an extension-less file whose content is an image, else ``""``."""
     if reason != NO_EXTENSION:
         return ""
+    quiet_pil_warnings()
     try:
         with Image.open(path) as img:
             return f" (a {img.format} image)"
@@ -632,16 +634,57 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_PIL_FILTERS = [
+    ("ignore", None, Image.DecompressionBombWarning, None, 0),
+    ("ignore", None, UserWarning, re.compile(r"PIL\."), 0),
+]
+"""``warnings.filters`` entries that silence PIL's warnings about the files it decodes."""
+
+
+def quiet_pil_warnings() -> None:
+    """Keep PIL's warnings about decoded files off stderr; ftsgd words what matters itself.
+
+    An image over PIL's decompression-bomb pixel limit is a ``too large`` bad image (see
+    :func:`check_image`) instead of a raw ``DecompressionBombWarning`` line, and EXIF or palette
+    quirks are handled (orientation applied, transparency converted) rather than printed. The filters
+    go to the front of the process-wide list, once, and are put back there if something displaced
+    them (a ``catch_warnings`` block that ended, ``-W error``): ``warnings.catch_warnings()``
+    around each decode would swap the whole list, which is not thread-safe, and the pre-flight scan
+    decodes in threads. Called by every function here that opens an image, so DataLoader workers
+    are covered too.
+    """
+    if warnings.filters[: len(_PIL_FILTERS)] != _PIL_FILTERS:
+        for _, _, category, module, _ in reversed(_PIL_FILTERS):
+            warnings.filterwarnings("ignore", category=category, module=module.pattern if module else "")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Turn a loaded image the way its EXIF orientation tag says, in place (the tag is then removed).
+
+    Phone cameras store pixels as the sensor read them and record the rotation in EXIF; every viewer
+    applies it, so an image that looks upright on screen must also be upright for the model (as in
+    the datasets pretrained weights come from). Unparseable EXIF leaves the image as stored, as
+    viewers do: the pixels are fine, only the metadata is damaged.
+    """
+    try:
+        if img.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):
+            ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # damaged metadata must not cost the image
+        pass
+    return img
+
+
 def load_image(path: Path) -> Image.Image:
-    """Open an image file as 8-bit RGB (first frame of multi-frame files).
+    """Open an image file as 8-bit RGB (first frame of multi-frame files), upright per its EXIF tag.
 
     Raises:
         DataError: The file cannot be decoded; the message names it.
     """
+    quiet_pil_warnings()
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}. Remove or replace the file.") from exc
 
@@ -681,18 +724,29 @@ def check_image(path: Path | str) -> tuple[str, str] | None:
     scale through ``draft()`` (libjpeg still reads every byte, so truncation and corrupt data are
     caught, at a fraction of the cost), everything else at full size, then converted to RGB as
     :func:`load_image` does so unusual modes are exercised too. About 0.4 ms per small image.
+
+    An image over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels)
+    is ``too large``, like one over twice the limit that PIL refuses outright: decoding it at full
+    size every epoch, for a model that sees a few hundred pixels, takes over 268 MB (as RGB) per
+    image. PIL's own warning is never shown; the image is reported like any bad file and
+    ``data.on_bad_image`` decides.
     """
     path = Path(path)
+    quiet_pil_warnings()
     try:
         if os.stat(path).st_size == 0:
             return "empty file", "0 bytes"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF/palette warnings are not problems
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-                to_rgb(img)
+        with Image.open(path) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                return "too large", (
+                    f"{img.width}x{img.height} = {img.width * img.height:,} pixels, over PIL's "
+                    f"decompression-bomb limit of {limit:,}; downscale it"
+                )
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            to_rgb(upright(img))
     except UnidentifiedImageError:
         return "not an image", f"no known image format; it starts with {_head(path)}"
     except Image.DecompressionBombError as exc:
@@ -1103,8 +1157,10 @@ __all__ = [
     "is_image_file",
     "load_image",
     "preflight_scan",
+    "quiet_pil_warnings",
     "resolve_num_workers",
     "scan_images",
     "skipped_lines",
     "to_rgb",
+    "upright",
 ]

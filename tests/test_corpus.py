@@ -316,6 +316,35 @@ def test_train_and_eval_say_which_files_they_ignored(image_folder: Path, tmp_pat
     )
 
 
+@pytest.mark.slow
+def test_image_over_pil_pixel_limit_is_reported_by_ftsgd_not_pil(make_folder, tmp_path: Path) -> None:
+    """A real process with PIL's real limit (89,478,485 pixels) and nothing between it and stderr."""
+    import subprocess
+    import sys
+
+    root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    Image.new("1", (9500, 9500)).save(root / "train" / "a" / "pano.png")  # 90.25 M pixels, 11 kB
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftsgd", *_tiny_train_args(root, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"error: 1 of 7 image files under {root} cannot be read (pre-flight scan):\n"
+        "  too large (1):\n"
+        f"    {Path('train', 'a', 'pano.png')}: 9500x9500 = 90,250,000 pixels, over PIL's decompression-bomb "
+        "limit of 89,478,485; downscale it\n"
+        "Fix or remove these files, or leave them out with --set data.on_bad_image=skip "
+        '(data.on_bad_image = "skip" in the recipe); skipped files are listed in the run directory.\n'
+    )
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- weights
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ftsgd.data import (
     Split,
     build_loader,
     build_transform,
+    check_image,
     discover_splits,
     find_classes,
     ignored_warnings,
@@ -391,6 +393,102 @@ def test_unreadable_image_is_a_data_error(make_folder) -> None:
     ds = ImageDataset(splits["train"], None)
     with pytest.raises(DataError, match=r"cannot read image .*broken.png.*Remove or replace"):
         ds[[p.name for p, _ in ds.samples].index("broken.png")]
+
+
+def test_gif_is_read_first_frame_as_rgb(tmp_path: Path) -> None:
+    frames = [Image.new("P", (8, 8), 0), Image.new("P", (8, 8), 1)]
+    for frame in frames:
+        frame.putpalette([200, 10, 10, 10, 200, 10] + [0] * 762)
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], transparency=1)
+    assert check_image(tmp_path / "anim.gif") is None
+    img = load_image(tmp_path / "anim.gif")
+    assert img.mode == "RGB" and img.size == (8, 8) and img.getpixel((0, 0)) == (200, 10, 10)
+
+
+def _exif_jpeg(path: Path, orientation: int | None, exif: bytes | None = None) -> None:
+    """A 24x12 JPEG stored sideways: left half black, right half white, with an EXIF orientation tag."""
+    pixels = np.zeros((12, 24, 3), dtype=np.uint8)
+    pixels[:, 12:] = 255
+    if exif is None:
+        tags = Image.Exif()
+        if orientation is not None:
+            tags[0x0112] = orientation
+        exif = tags.tobytes()
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "dark"),
+    [
+        (None, (24, 12), "left"),
+        (1, (24, 12), "left"),
+        (3, (24, 12), "right"),  # upside down
+        (6, (12, 24), "top"),  # the phone was held upright: rotate 90 degrees clockwise
+        (8, (12, 24), "bottom"),
+    ],
+)
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int | None, size, dark: str) -> None:
+    path = tmp_path / "photo.jpg"
+    _exif_jpeg(path, orientation)
+    img = load_image(path)
+    assert img.size == size
+    grey = np.asarray(img.convert("L")).astype(int)
+    w, h = size
+    halves = {
+        "left": (grey[:, : w // 2], grey[:, w // 2 :]),
+        "right": (grey[:, w // 2 :], grey[:, : w // 2]),
+        "top": (grey[: h // 2], grey[h // 2 :]),
+        "bottom": (grey[h // 2 :], grey[: h // 2]),
+    }
+    black, white = halves[dark]
+    assert black.mean() < 20 and white.mean() > 235
+    assert check_image(path) is None
+    # What training and evaluation see: the dataset loads through load_image.
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    path.rename(tmp_path / "train" / "a" / "photo.jpg")
+    (tmp_path / "train" / "b").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "b" / "x.png")
+    _, splits = discover_splits(_cfg(tmp_path, val="train"))
+    assert ImageDataset(splits["train"], None)[0][0].size == size
+
+
+def test_damaged_exif_keeps_the_image_as_stored(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    _exif_jpeg(path, None, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        img = load_image(path)
+        assert check_image(path) is None
+    assert img.size == (24, 12)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_image_over_pil_pixel_limit_is_too_large_without_pil_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ftsgd.data import preflight_scan
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so a 40x40 image is over PIL's limit
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(root / "train" / cls / "small.png")
+    Image.new("RGB", (40, 40)).save(root / "train" / "a" / "big.png")  # 1600 pixels: PIL warns
+    Image.new("L", (50, 50)).save(root / "train" / "b" / "huge.png")  # 2500 > 2 x limit: PIL refuses
+    _, splits = discover_splits(_cfg(root, val="train"))
+    with warnings.catch_warnings(record=True) as caught:
+        assert check_image(root / "train" / "a" / "big.png") == (
+            "too large",
+            "40x40 = 1,600 pixels, over PIL's decompression-bomb limit of 1,000; downscale it",
+        )
+        with pytest.raises(DataError) as info:
+            preflight_scan(splits, root=root, workers=4)
+        kept, skipped = preflight_scan(splits, on_bad_image="skip", root=root, workers=4)
+        load_image(root / "train" / "a" / "big.png")  # still loads if asked to
+    assert [str(w.message) for w in caught] == []
+    assert "2 of 4 image files under" in str(info.value) and "  too large (2):" in str(info.value)
+    assert "train/b/huge.png: Image size (2500 pixels) exceeds limit of 2000 pixels" in str(info.value)
+    assert sorted(b.path.name for b in skipped) == ["big.png", "huge.png"]
+    assert len(kept["train"]) == 2
 
 
 # --------------------------------------------------------------------------- transforms
