@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd import console
-from ftsgd.data import build_loader, build_transform, discover_splits, preflight_scan, resolve_num_workers
+from ftsgd.data import (
+    build_loader,
+    build_transform,
+    discover_splits,
+    ignored_warnings,
+    preflight_scan,
+    resolve_num_workers,
+)
 from ftsgd.device import resolve_device
 from ftsgd.errors import DataError, UsageError
 from ftsgd.evaluate import evaluate
@@ -255,6 +262,8 @@ def _eval_splits(
         raise DataError(
             f"split(s) {', '.join(missing)} not found under {root}; available: {', '.join(found) or 'none'}"
         )
+    for message in ignored_warnings({name: found[name] for name in wanted}, root):
+        console.warn(message)
     checked, skipped = preflight_scan(
         {name: found[name] for name in wanted}, on_bad_image=on_bad_image, root=root, train_split=None
     )

@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import os
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
@@ -36,20 +37,56 @@ from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
     ".jpeg",
+    ".jfif",
+    ".jpe",
     ".png",
+    ".gif",
     ".bmp",
     ".webp",
     ".tif",
     ".tiff",
     ".ppm",
     ".pgm",
-)
-"""File extensions read as images (compared case-insensitively), as in timm and torchvision."""
+    ".pbm",
+    ".pnm",
+) + ((".avif",) if features.check_module("avif") else ())
+"""File extensions read as images (compared case-insensitively).
+
+torchvision's ImageFolder list (jpg, jpeg, png, bmp, webp, tif, tiff, ppm, pgm) plus what a folder of
+images collected from the web or a phone also holds and PIL decodes in every standard build: GIF (its
+first frame, as for any multi-frame file), the JPEG spellings ``.jfif``/``.jpe``, the rest of the
+netpbm family, and AVIF where this PIL build reads it. Anything else in a class folder is left out
+and counted (see :func:`ignored_warnings`), never dropped silently.
+"""
+
+NO_EXTENSION = "no extension"
+""":attr:`IgnoredFile.reason` of a file whose name has no extension."""
+
+OUTSIDE_CLASS = "outside a class folder"
+""":attr:`IgnoredFile.reason` of a file directly in a split folder, where it has no class."""
+
+REPEATED_FOLDER = "folder already read"
+""":attr:`IgnoredFile.reason` of a folder link that leads to a folder already read in the split."""
+
 
 LAYOUT_HINT = (
     "expected layout: <root>/train/<class>/<image>, <root>/val/<class>/<image>, and optionally more "
     "evaluation splits such as <root>/ood/<class>/<image>"
 )
+
+
+@dataclass(frozen=True)
+class IgnoredFile:
+    """A file in a split that is not taken as an image, or a folder link not followed twice.
+
+    Attributes:
+        path: The file, or the link that leads back to a folder already read.
+        reason: The group it is reported in: the lower-case extension (``.txt``), :data:`NO_EXTENSION`,
+            :data:`OUTSIDE_CLASS` or :data:`REPEATED_FOLDER`.
+    """
+
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -68,6 +105,8 @@ class Split:
     root: Path
     samples: tuple[tuple[Path, int], ...]
     classes: tuple[str, ...]
+    ignored: tuple[IgnoredFile, ...] = ()
+    """What discovery left out of this split and why (hidden files aside), for :func:`ignored_warnings`."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -98,13 +137,106 @@ def find_classes(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
 
 
-def _list_images(class_dir: Path) -> list[Path]:
-    """All image files under ``class_dir`` (recursively, following links), in a stable sorted order."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        found.extend(Path(dirpath, f) for f in filenames if not _is_hidden(f) and is_image_file(f))
-    return sorted(found)
+_IMAGE, _OTHER, _REPEAT, _CLASH = "image", "other", "repeat", "clash"
+"""What :func:`_walk_class` found: an image, another file, a folder read before by the same class
+folder (or the split folder or one above it: a loop), or one read before by another class folder."""
+
+_DirId = tuple[int, int]
+_Owners = dict[_DirId, tuple[str, Path]]
+"""``(st_dev, st_ino)`` of each folder read in a split -> (class that read it, path it was read at);
+the split folder and its ancestors are owned by ``""``."""
+
+
+def _dir_id(path: Path) -> _DirId:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DataError(f"cannot read folder {path}: {exc.strerror or exc}") from None
+    return st.st_dev, st.st_ino
+
+
+def _split_owners(split_dir: Path) -> _Owners:
+    """The owners map of a split before any class is read: the split folder and every folder above it.
+
+    A link to any of them from inside a class folder is a loop, whatever class reads it first.
+    """
+    real = split_dir.resolve()
+    return {_dir_id(p): ("", p) for p in (real, *real.parents)}
+
+
+def _walk_class(class_dir: Path, owners: _Owners) -> Iterator[tuple[str, Path, tuple[str, Path] | None]]:
+    """Walk one class folder, following links, but reading each real folder of the split only once.
+
+    ``os.walk(followlinks=True)`` re-reads a folder every time a link leads to it, so a link loop
+    multiplies images (a ``loop -> ..`` link turned 24 images into 984, most of them mislabelled)
+    until the OS refuses a path too deep. Folders are identified by ``(st_dev, st_ino)``, which
+    sees through any number of links.
+
+    Args:
+        class_dir: ``<split>/<class>``.
+        owners: Folders read so far in this split (updated); see :data:`_Owners`.
+
+    Yields:
+        ``(kind, path, first)``: ``kind`` is ``_IMAGE``/``_OTHER`` for a file (not hidden),
+        ``_REPEAT``/``_CLASH`` for a folder read before, with ``first`` its owner and path then.
+        Real folders depth-first, each folder's entries in sorted order, then the folders that
+        links lead to (so a folder is read at its real path when it has one in the class folder).
+    """
+    name = class_dir.name
+    stack, links = [class_dir], []
+    while stack or links:
+        # Real sub-folders first, links after, so a folder is read at its own path, not a link's.
+        folder = stack.pop() if stack else links.pop(0)
+        key = _dir_id(folder)
+        first = owners.get(key)
+        if first is not None:
+            yield (_REPEAT if first[0] in ("", name) else _CLASH), folder, first
+            continue
+        owners[key] = (name, folder)
+        try:
+            entries = sorted(os.scandir(folder), key=_entry_name)
+        except OSError as exc:
+            raise DataError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
+        subdirs: list[Path] = []
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            if entry.is_dir():  # follows links; a dangling link is a file (and an unreadable image)
+                (links if entry.is_symlink() else subdirs).append(Path(entry.path))
+            else:
+                yield (_IMAGE if is_image_file(entry.name) else _OTHER), Path(entry.path), None
+        stack.extend(reversed(subdirs))
+
+
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+def _ignore_reason(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return suffix or NO_EXTENSION
+
+
+def _read_class(class_dir: Path, owners: _Owners) -> tuple[list[Path], list[IgnoredFile], list[str]]:
+    """The images of one class folder (sorted), the files left out, and label clashes as messages."""
+    images: list[Path] = []
+    ignored: list[IgnoredFile] = []
+    clashes: list[str] = []
+    for kind, path, first in _walk_class(class_dir, owners):
+        if kind == _IMAGE:
+            images.append(path)
+        elif kind == _OTHER:
+            ignored.append(IgnoredFile(path, _ignore_reason(path.name)))
+        elif kind == _REPEAT:
+            ignored.append(IgnoredFile(path, REPEATED_FOLDER))
+        else:
+            assert first is not None
+            clashes.append(
+                f"{path} and {first[1]} are the same folder, reached from class folders {first[0]!r} and "
+                f"{class_dir.name!r}, so its images would be labelled as both. Remove the link "
+                "(links are followed, but a folder belongs to one class)"
+            )
+    return sorted(images), ignored, clashes
 
 
 def _has_image_folder_layout(folder: Path) -> bool:
@@ -112,11 +244,10 @@ def _has_image_folder_layout(folder: Path) -> bool:
 
     Stops at the first image found so discovery stays fast on large datasets.
     """
+    owners = _split_owners(folder)
     for class_dir in find_classes(folder):
-        for _dirpath, dirnames, filenames in os.walk(folder / class_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-            if any(not _is_hidden(f) and is_image_file(f) for f in filenames):
-                return True
+        if any(kind == _IMAGE for kind, _, _ in _walk_class(folder / class_dir, owners)):
+            return True
     return False
 
 
@@ -179,19 +310,60 @@ def _load_split(
             f"{name} split {split_dir} has {len(unknown)} class folder(s) that {known} lacks: {shown}. "
             f"Known classes: {_shorten(list(class_to_idx))}. Rename or remove those folders.{skip}"
         )
+    samples, ignored = _read_split(name, split_dir, classes, class_to_idx)
+    return Split(
+        name=name, root=split_dir, samples=tuple(samples), classes=tuple(classes), ignored=tuple(ignored)
+    )
+
+
+def _read_split(
+    name: str, split_dir: Path, classes: list[str], class_to_idx: dict[str, int]
+) -> tuple[list[tuple[Path, int]], list[IgnoredFile]]:
+    """The ``(image, label)`` samples of a split's class folders and the files left out.
+
+    Raises:
+        DataError: A folder reached from two class folders, or a class folder without images (the
+            message counts the files there that are not read as images, e.g. HEIC photos).
+    """
+    owners = _split_owners(split_dir)
     samples: list[tuple[Path, int]] = []
+    ignored = [
+        IgnoredFile(Path(e.path), OUTSIDE_CLASS)
+        for e in sorted(os.scandir(split_dir), key=_entry_name)
+        if not _is_hidden(e.name) and not e.is_dir()
+    ]
     empty: list[str] = []
+    clashes: list[str] = []
     for c in classes:
-        files = _list_images(split_dir / c)
+        files, left_out, clash = _read_class(split_dir / c, owners)
+        ignored.extend(left_out)
+        clashes.extend(clash)
         if not files:
-            empty.append(c)
+            empty.append(c + _left_out_summary([i for i in left_out if i.reason != REPEATED_FOLDER]))
         samples.extend((f, class_to_idx[c]) for f in files)
+    if clashes:
+        more = f" ({len(clashes) - 1} more such folder(s))" if len(clashes) > 1 else ""
+        raise DataError(f"{name} split {split_dir}: {clashes[0]}{more}")
     if empty:
         raise DataError(
             f"{name} split {split_dir}: class folder(s) without images: {', '.join(empty)}. "
             f"Add images ({', '.join(IMG_EXTENSIONS)}) or remove the empty folder(s)."
         )
-    return Split(name=name, root=split_dir, samples=tuple(samples), classes=tuple(classes))
+    return samples, ignored
+
+
+def _left_out_summary(ignored: list[IgnoredFile]) -> str:
+    """`` (it holds 3 files that are not read as images: 2 .heic, 1 without extension)``, or ``""``."""
+    if not ignored:
+        return ""
+    counts: dict[str, int] = {}
+    for item in ignored:
+        counts[item.reason] = counts.get(item.reason, 0) + 1
+    parts = ", ".join(
+        f"{n} {'without extension' if reason == NO_EXTENSION else reason}"
+        for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    return f" (it holds {len(ignored)} file(s) that are not read as images: {parts})"
 
 
 def discover_splits(
@@ -215,9 +387,16 @@ def discover_splits(
         trained model needs no training data); that split is just absent from the dict.
 
     Raises:
-        DataError: Missing root/train/val, a split whose class folder is not a known class, an empty
-            split or class folder, two evaluation splits with the same name, or an explicitly listed
-            split that does not exist.
+        DataError: Missing root/train/val, a train split with fewer than two classes, a split whose
+            class folder is not a known class, an empty split or class folder, a folder reached
+            (through links) from two class folders, two evaluation splits with the same name, or an
+            explicitly listed split that does not exist.
+
+    Links are followed, but each real folder is read once per split (identified by device and inode),
+    so a link loop or two links to one folder cannot repeat or relabel images; a link to a file is
+    taken as a file of the folder it is in. Files that are not images by their extension, files
+    directly in a split folder and links to folders already read are left out and recorded in
+    :attr:`Split.ignored`: show them with :func:`ignored_warnings`.
     """
     if not cfg.root:
         raise DataError(f"no dataset folder given: pass --data DIR (or set data.root); {LAYOUT_HINT}")
@@ -235,17 +414,7 @@ def discover_splits(
     if problems:
         raise _data_problems(problems, root, hint=LAYOUT_HINT)
 
-    if class_names is not None:
-        if not class_names:
-            raise DataError("the model's class list is empty; its metadata is missing or damaged")
-        classes = list(class_names)
-        known = "the model's class list"
-    else:
-        classes = find_classes(train_dir)
-        known = f"the train split ({train_dir})"
-        if not classes:
-            # Let _load_split explain (loose images vs. nothing at all).
-            _load_split("train", train_dir, {}, known)
+    classes, known = _class_list(class_names, train_dir, problems)
     class_to_idx = {c: i for i, c in enumerate(classes)}
 
     splits: dict[str, Split] = {}
@@ -258,22 +427,8 @@ def discover_splits(
                 problems.append(str(exc))
             taken.append(path)
 
-    extra: list[tuple[str, Path]] = []
     discovered = not cfg.eval_splits
-    if cfg.eval_splits:
-        for entry in cfg.eval_splits:
-            path = _resolve(root, entry)
-            if not path.is_dir():
-                problems.append(f"evaluation split {entry!r} (data.eval_splits): {path} does not exist")
-                continue
-            extra.append((path.name, path))
-    else:
-        for name in find_classes(root):  # sorted, non-hidden sub-folders
-            path = root / name
-            if not any(_same_dir(path, t) for t in taken) and _has_image_folder_layout(path):
-                extra.append((name, path))
-
-    for name, path in extra:
+    for name, path in _evaluation_split_dirs(root, cfg, taken, problems):
         if any(_same_dir(path, t) for t in taken):
             continue  # e.g. eval_splits = ["val", "ood"]: val is evaluated anyway
         if name in splits:
@@ -295,6 +450,46 @@ def discover_splits(
     return classes, splits
 
 
+def _class_list(class_names: list[str] | None, train_dir: Path, problems: list[str]) -> tuple[list[str], str]:
+    """The classes to label against, and where they came from (for messages)."""
+    if class_names is not None:
+        if not class_names:
+            raise DataError("the model's class list is empty; its metadata is missing or damaged")
+        return list(class_names), "the model's class list"
+    classes = find_classes(train_dir)
+    known = f"the train split ({train_dir})"
+    if not classes:
+        # Let _load_split explain (loose images vs. nothing at all).
+        _load_split("train", train_dir, {}, known)
+    if len(classes) == 1:
+        # One class trains to a meaningless "100%": the model learns to give the only answer there is.
+        problems.append(
+            f"train split {train_dir} has a single class folder ({classes[0]!r}); a classifier needs "
+            "at least two classes, one sub-folder of train/ each"
+        )
+    return classes, known
+
+
+def _evaluation_split_dirs(
+    root: Path, cfg: DataConfig, taken: list[Path], problems: list[str]
+) -> list[tuple[str, Path]]:
+    """``data.eval_splits`` as ``(name, folder)``, or every other folder under ``root`` shaped like a split."""
+    extra: list[tuple[str, Path]] = []
+    if cfg.eval_splits:
+        for entry in cfg.eval_splits:
+            path = _resolve(root, entry)
+            if not path.is_dir():
+                problems.append(f"evaluation split {entry!r} (data.eval_splits): {path} does not exist")
+                continue
+            extra.append((path.name, path))
+        return extra
+    for name in find_classes(root):  # sorted, non-hidden sub-folders
+        path = root / name
+        if not any(_same_dir(path, t) for t in taken) and _has_image_folder_layout(path):
+            extra.append((name, path))
+    return extra
+
+
 def _data_problems(problems: list[str], root: Path, hint: str = "") -> DataError:
     """One error for all the problems found; a single problem keeps its own message."""
     tail = f"; {hint}" if hint else ""
@@ -304,6 +499,106 @@ def _data_problems(problems: list[str], root: Path, hint: str = "") -> DataError
     return DataError(
         f"{len(problems)} problems with the dataset {root}:\n{lines}" + (f"\n{hint}" if hint else "")
     )
+
+
+_SHOW_IGNORED = 3
+"""How many example paths each group of ignored files lists."""
+
+_RAW_EXTENSIONS = frozenset({".arw", ".cr2", ".cr3", ".dng", ".nef", ".orf", ".raf", ".rw2"})
+"""Camera RAW extensions, which need developing rather than decoding (their hint says so)."""
+
+
+def ignored_warnings(splits: dict[str, Split], root: Path | str | None = None) -> list[str]:
+    """Warnings, in ftsgd's words, about what discovery left out of ``splits``.
+
+    Both ``train`` and ``eval`` print them (on stderr, so ``--json`` output stays one object):
+    a dataset whose GIFs, HEIC photos or extension-less files were silently skipped trains on less
+    data than its owner thinks.
+
+    Args:
+        splits: The splits to report on (from :func:`discover_splits`, possibly after the scan).
+        root: Dataset folder; paths are shown relative to it.
+
+    Returns:
+        Zero, one or two messages: files not read as images, grouped by reason with a count, a hint
+        and a few examples; and folder links not followed because their folder was already read.
+    """
+    root = Path(root).expanduser() if root is not None else None
+    items = list(dict.fromkeys(i for split in splits.values() for i in split.ignored))
+    files = [i for i in items if i.reason != REPEATED_FOLDER]
+    links = [i for i in items if i.reason == REPEATED_FOLDER]
+    messages = []
+    if files:
+        groups: dict[str, list[Path]] = {}
+        for item in files:
+            groups.setdefault(item.reason, []).append(item.path)
+        lines = [f"ignored {len(files)} file(s) that are not images in a class folder:"]
+        for reason, paths in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            examples = ", ".join(_shown(p, root) + _sniffed(p, reason) for p in paths[:_SHOW_IGNORED])
+            more = ", ..." if len(paths) > _SHOW_IGNORED else ""
+            lines.append(
+                f"  {_group_label(reason)} ({len(paths)}): {_ignore_hint(reason)}; e.g. {examples}{more}"
+            )
+        messages.append("\n".join(lines))
+    if links:
+        shown = ", ".join(f"{_shown(i.path, root)} -> {i.path.resolve()}" for i in links[:_SHOW_IGNORED])
+        more = ", ..." if len(links) > _SHOW_IGNORED else ""
+        messages.append(
+            f"did not follow {len(links)} folder link(s) to a folder already read (a link loop, or a "
+            f"second way to the same folder; each folder is read once): {shown}{more}"
+        )
+    return messages
+
+
+def _shown(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _group_label(reason: str) -> str:
+    if reason == NO_EXTENSION:
+        return "files without extension"
+    if reason == OUTSIDE_CLASS:
+        return "files outside any class folder"
+    return f"{reason} files"
+
+
+def _ignore_hint(reason: str) -> str:
+    """Why files of this group are not read, and what to do if they should be."""
+    if reason == NO_EXTENSION:
+        return (
+            "ftsgd recognises images by their extension (.jpg, .png, .gif, ...); rename those that are images"
+        )
+    if reason == OUTSIDE_CLASS:
+        return "files directly in a split folder have no class; images belong in <split>/<class>/"
+    if reason in (".heic", ".heif"):
+        return (
+            "PIL reads HEIC/HEIF photos only with the pillow-heif package, which ftsgd does not use; "
+            "convert them to JPEG"
+        )
+    if reason in _RAW_EXTENSIONS:
+        return "camera RAW files; export them as JPEG or PNG"
+    if reason == ".svg":
+        return "vector drawings; render them to PNG"
+    if reason in Image.registered_extensions():
+        return "an image type ftsgd does not read; convert them to PNG or JPEG"
+    return "not an image type"
+
+
+def _sniffed(path: Path, reason: str) -> str:
+    """`` (a JPEG image)`` for an extension-less file whose content is an image, else ``""``."""
+    if reason != NO_EXTENSION:
+        return ""
+    quiet_pil_warnings()
+    try:
+        with Image.open(path) as img:
+            return f" (a {img.format} image)"
+    except Exception:  # not an image, unreadable, a bomb: nothing to add to the example
+        return ""
 
 
 # --------------------------------------------------------------------------- image loading
@@ -349,16 +644,57 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_PIL_FILTERS = [
+    ("ignore", None, Image.DecompressionBombWarning, None, 0),
+    ("ignore", None, UserWarning, re.compile(r"PIL\."), 0),
+]
+"""``warnings.filters`` entries that silence PIL's warnings about the files it decodes."""
+
+
+def quiet_pil_warnings() -> None:
+    """Keep PIL's warnings about decoded files off stderr; ftsgd words what matters itself.
+
+    An image over PIL's decompression-bomb pixel limit is a ``too large`` bad image (see
+    :func:`check_image`) instead of a raw ``DecompressionBombWarning`` line, and EXIF or palette
+    quirks are handled (orientation applied, transparency converted) rather than printed. The filters
+    go to the front of the process-wide list, once, and are put back there if something displaced
+    them (a ``catch_warnings`` block that ended, ``-W error``): ``warnings.catch_warnings()``
+    around each decode would swap the whole list, which is not thread-safe, and the pre-flight scan
+    decodes in threads. Called by every function here that opens an image, so DataLoader workers
+    are covered too.
+    """
+    if warnings.filters[: len(_PIL_FILTERS)] != _PIL_FILTERS:
+        for _, _, category, module, _ in reversed(_PIL_FILTERS):
+            warnings.filterwarnings("ignore", category=category, module=module.pattern if module else "")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Turn a loaded image the way its EXIF orientation tag says, in place (the tag is then removed).
+
+    Phone cameras store pixels as the sensor read them and record the rotation in EXIF; every viewer
+    applies it, so an image that looks upright on screen must also be upright for the model (as in
+    the datasets pretrained weights come from). Unparseable EXIF leaves the image as stored, as
+    viewers do: the pixels are fine, only the metadata is damaged.
+    """
+    try:
+        if img.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):
+            ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # damaged metadata must not cost the image
+        pass
+    return img
+
+
 def load_image(path: Path) -> Image.Image:
-    """Open an image file as 8-bit RGB (first frame of multi-frame files).
+    """Open an image file as 8-bit RGB (first frame of multi-frame files), upright per its EXIF tag.
 
     Raises:
         DataError: The file cannot be decoded; the message names it.
     """
+    quiet_pil_warnings()
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}. Remove or replace the file.") from exc
 
@@ -398,18 +734,29 @@ def check_image(path: Path | str) -> tuple[str, str] | None:
     scale through ``draft()`` (libjpeg still reads every byte, so truncation and corrupt data are
     caught, at a fraction of the cost), everything else at full size, then converted to RGB as
     :func:`load_image` does so unusual modes are exercised too. About 0.4 ms per small image.
+
+    An image over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels)
+    is ``too large``, like one over twice the limit that PIL refuses outright: decoding it at full
+    size every epoch, for a model that sees a few hundred pixels, takes over 268 MB (as RGB) per
+    image. PIL's own warning is never shown; the image is reported like any bad file and
+    ``data.on_bad_image`` decides.
     """
     path = Path(path)
+    quiet_pil_warnings()
     try:
         if os.stat(path).st_size == 0:
             return "empty file", "0 bytes"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF/palette warnings are not problems
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-                to_rgb(img)
+        with Image.open(path) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                return "too large", (
+                    f"{img.width}x{img.height} = {img.width * img.height:,} pixels, over PIL's "
+                    f"decompression-bomb limit of {limit:,}; downscale it"
+                )
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            to_rgb(upright(img))
     except UnidentifiedImageError:
         return "not an image", f"no known image format; it starts with {_head(path)}"
     except Image.DecompressionBombError as exc:
@@ -802,9 +1149,13 @@ def build_loader(
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "NO_EXTENSION",
+    "OUTSIDE_CLASS",
+    "REPEATED_FOLDER",
     "SKIPPED_FILE",
     "BadImage",
     "EpochSampler",
+    "IgnoredFile",
     "ImageDataset",
     "Split",
     "build_loader",
@@ -812,11 +1163,14 @@ __all__ = [
     "check_image",
     "discover_splits",
     "find_classes",
+    "ignored_warnings",
     "is_image_file",
     "load_image",
     "preflight_scan",
+    "quiet_pil_warnings",
     "resolve_num_workers",
     "scan_images",
     "skipped_lines",
     "to_rgb",
+    "upright",
 ]

@@ -39,6 +39,7 @@ from ftsgd.data import (
     build_loader,
     build_transform,
     discover_splits,
+    ignored_warnings,
     preflight_scan,
     resolve_num_workers,
 )
@@ -167,6 +168,8 @@ class Trainer:
     def _setup_data(self) -> None:
         recipe, t = self.recipe, self.recipe.train
         self.class_names, splits = discover_splits(recipe.data)
+        for message in ignored_warnings(splits, recipe.data.root):
+            warn(message)
         self.fingerprint = fingerprint(self.class_names, splits)
         if self.resume:
             self._check_same_data()

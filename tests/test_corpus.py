@@ -239,6 +239,112 @@ def test_structural_problems_of_all_splits_reported_together(make_folder, tmp_pa
     assert "lacks: 'c'" in output and "lacks: 'd'" in output
 
 
+# --------------------------------------------------------------------------- data that means something else
+
+
+def _tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--model", "test_vit", *TINY, *extra]
+
+
+def test_single_class_dataset_refused_before_anything_runs(make_folder, tmp_path: Path) -> None:
+    root = make_folder({"train": {"cat": 4}, "val": {"cat": 2}})
+    out = tmp_path / "run"
+    exit_code, output = _train(root, out, "--model", "test_vit", *TINY)
+    assert exit_code == 2, output
+    assert output == (
+        f"error: train split {root / 'train'} has a single class folder ('cat'); a classifier needs at "
+        "least two classes, one sub-folder of train/ each\n"
+    )
+    assert not out.exists()
+
+
+def test_link_loop_in_a_class_folder_does_not_multiply_images(make_folder, tmp_path: Path) -> None:
+    root = make_folder({"train": {"a": 12, "b": 12}, "val": {"a": 1, "b": 1}})
+    (root / "train" / "a" / "loop").symlink_to("..")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, _tiny_train_args(root, out, "--json", "--set", "train.epochs=1", "--set", "train.batch_size=12")
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["split_sizes"] == {"train": 24, "val": 2}
+    assert result.stderr == (
+        "warning: did not follow 1 folder link(s) to a folder already read (a link loop, or a second way "
+        f"to the same folder; each folder is read once): train/a/loop -> {(root / 'train').resolve()}\n"
+    )
+
+
+def _add_unread_files(folder: Path) -> None:
+    """A GIF (read) and files that are not images by their name (ignored, and said so)."""
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "web.gif")
+    Image.new("RGB", (32, 32)).save(folder / "IMG_0001", format="JPEG")
+    (folder / "notes.txt").write_text("x")
+
+
+def test_train_and_eval_say_which_files_they_ignored(image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    _add_unread_files(data / "train" / "circle")
+    _add_unread_files(data / "ood" / "square")
+    ignored = (
+        "warning: ignored {n} file(s) that are not images in a class folder:\n"
+        "  .txt files ({k}): not an image type; e.g. {txt}\n"
+        "  files without extension ({k}): ftsgd recognises images by their extension (.jpg, .png, .gif, "
+        "...); rename those that are images; e.g. {raw}\n"
+    )
+    out = tmp_path / "run"
+    one_epoch = ("--set", "train.epochs=1", "--set", "train.batch_size=25", "--set", "data.augment=none")
+    result = CliRunner().invoke(app, _tiny_train_args(data, out, "--json", *one_epoch))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["split_sizes"] == {"train": 73, "val": 24, "ood": 25}  # + the GIFs
+    assert result.stderr == ignored.format(
+        n=4,
+        k=2,
+        txt="train/circle/notes.txt, ood/square/notes.txt",
+        raw="train/circle/IMG_0001 (a JPEG image), ood/square/IMG_0001 (a JPEG image)",
+    )
+
+    _export_tiny_vit(tmp_path / "exp")
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "exp"), "--data", str(data), "--split", "ood", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ood"]["n"] == 25
+    assert result.stderr == ignored.format(
+        n=2, k=1, txt="ood/square/notes.txt", raw="ood/square/IMG_0001 (a JPEG image)"
+    )
+
+
+@pytest.mark.slow
+def test_image_over_pil_pixel_limit_is_reported_by_ftsgd_not_pil(make_folder, tmp_path: Path) -> None:
+    """A real process with PIL's real limit (89,478,485 pixels) and nothing between it and stderr."""
+    import subprocess
+    import sys
+
+    root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    Image.new("1", (9500, 9500)).save(root / "train" / "a" / "pano.png")  # 90.25 M pixels, 11 kB
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftsgd", *_tiny_train_args(root, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"error: 1 of 7 image files under {root} cannot be read (pre-flight scan):\n"
+        "  too large (1):\n"
+        f"    {Path('train', 'a', 'pano.png')}: 9500x9500 = 90,250,000 pixels, over PIL's decompression-bomb "
+        "limit of 89,478,485; downscale it\n"
+        "Fix or remove these files, or leave them out with --set data.on_bad_image=skip "
+        '(data.on_bad_image = "skip" in the recipe); skipped files are listed in the run directory.\n'
+    )
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- weights
 
 

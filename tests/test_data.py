@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
+import shutil
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +15,16 @@ import torch
 from PIL import Image
 
 from ftsgd.data import (
+    REPEATED_FOLDER,
     EpochSampler,
     ImageDataset,
     Split,
     build_loader,
     build_transform,
+    check_image,
     discover_splits,
     find_classes,
+    ignored_warnings,
     load_image,
     resolve_num_workers,
 )
@@ -137,7 +144,7 @@ def test_empty_class_folder_and_empty_split(make_folder) -> None:
     root = make_folder({"train": {"a": 2, "b": 0}, "val": {"a": 1}})
     with pytest.raises(DataError, match=r"train split .*class folder\(s\) without images: b"):
         discover_splits(_cfg(root))
-    root = make_folder({"train": {"a": 1}})
+    root = make_folder({"train": {"a": 1, "b": 1}})
     (root / "val").mkdir()
     with pytest.raises(DataError, match=r"val split .* is empty: it has no class sub-folders"):
         discover_splits(_cfg(root))
@@ -148,15 +155,16 @@ def test_empty_class_folder_and_empty_split(make_folder) -> None:
 
 
 def test_extensions_case_insensitive_nested_and_non_images_ignored(make_folder) -> None:
-    root = make_folder({"train": {"a": 1}, "val": {"a": 1}})
+    root = make_folder({"train": {"a": 1, "b": 1}, "val": {"a": 1}})
     Image.new("RGB", (8, 8)).save(root / "train" / "a" / "UPPER.JPG", format="JPEG")
     (root / "train" / "a" / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(root / "train" / "a" / "sub" / "deep.BMP", format="BMP")
     (root / "train" / "a" / "labels.csv").write_text("x")
     (root / "train" / "a" / ".hidden.png").write_bytes(b"")
     _, splits = discover_splits(_cfg(root))
-    names = sorted(p.name for p, _ in splits["train"].samples)
+    names = sorted(p.name for p, label in splits["train"].samples if label == 0)
     assert names == ["0.png", "UPPER.JPG", "deep.BMP"]
+    assert [(i.path.name, i.reason) for i in splits["train"].ignored] == [("labels.csv", ".csv")]
 
 
 def test_class_names_matched_by_name(make_folder) -> None:
@@ -175,7 +183,7 @@ def test_class_names_matched_by_name(make_folder) -> None:
 
 
 def test_duplicate_split_names_rejected(make_folder) -> None:
-    root = make_folder({"train": {"a": 1}, "val": {"a": 1}})
+    root = make_folder({"train": {"a": 1, "b": 1}, "val": {"a": 1}})
     one = make_folder({"test": {"a": 1}})
     two = make_folder({"test": {"a": 1}})
     with pytest.raises(DataError, match="two splits are both named 'test'"):
@@ -187,6 +195,138 @@ def test_find_classes_sorted_and_skips_hidden(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     (tmp_path / "file.png").write_bytes(b"")
     assert find_classes(tmp_path) == ["C", "a", "b"]
+
+
+def test_single_class_train_split_refused(make_folder) -> None:
+    root = make_folder({"train": {"only": 3}, "val": {"only": 1}})
+    with pytest.raises(DataError) as info:
+        discover_splits(_cfg(root))
+    assert str(info.value) == (
+        f"train split {root / 'train'} has a single class folder ('only'); a classifier needs at least "
+        "two classes, one sub-folder of train/ each"
+    )
+    # Evaluating a two-class model on a split that holds one of its classes is fine.
+    classes, splits = discover_splits(_cfg(root), class_names=["only", "other"])
+    assert classes == ["only", "other"] and len(splits["val"]) == 1
+
+
+# --------------------------------------------------------------------------- links and ignored files
+
+
+def _labels_by_folder(split: Split, classes: list[str]) -> dict[str, int]:
+    """How many samples each class folder's label got, checking each sample sits in its class folder."""
+    counts: dict[str, int] = {}
+    for path, label in split.samples:
+        assert path.relative_to(split.root).parts[0] == classes[label], path
+        counts[classes[label]] = counts.get(classes[label], 0) + 1
+    return counts
+
+
+def test_link_loops_and_repeated_links_read_each_folder_once(make_folder, tmp_path: Path) -> None:
+    root = make_folder({"train": {"a": 12, "b": 12}, "val": {"a": 1, "b": 1}})
+    train = root / "train"
+    (train / "a" / "loop").symlink_to("..")  # the split folder: the case that made 24 images 984
+    (train / "a" / "self").symlink_to(".")
+    (train / "b" / "up").symlink_to("../..")  # the dataset folder, which holds val/ too
+    make_folder({"": {"sub": 2}}, root=train / "a")  # a real nested folder ...
+    (train / "a" / "again").symlink_to("sub")  # ... and a second way to it, sorted before it
+    outside = make_folder({"": {"extra": 3}}, root=tmp_path / "elsewhere")
+    (train / "b" / "more").symlink_to(outside / "extra")  # a link out of the dataset is followed
+
+    classes, splits = discover_splits(_cfg(root))
+    train_split = splits["train"]
+    assert len(train_split) == 12 + 2 + 12 + 3
+    assert _labels_by_folder(train_split, classes) == {"a": 14, "b": 15}
+    assert len({p.resolve() for p, _ in train_split.samples}) == len(train_split)
+    assert sorted(p.relative_to(train).as_posix() for p, _ in train_split.samples if "sub" in p.parts) == [
+        "a/sub/0.png",
+        "a/sub/1.png",
+    ]  # read at its real path, not through the link
+    repeated = sorted(i.path.relative_to(train).as_posix() for i in train_split.ignored)
+    assert repeated == ["a/again", "a/loop", "a/self", "b/up"]
+    assert {i.reason for i in train_split.ignored} == {REPEATED_FOLDER}
+    (message,) = ignored_warnings(splits, root)
+    assert message.startswith("did not follow 4 folder link(s) to a folder already read (a link loop")
+    assert f"train/a/again -> {(train / 'a' / 'sub').resolve()}" in message
+
+
+def test_link_to_another_class_folder_is_refused(make_folder) -> None:
+    root = make_folder({"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    (root / "train" / "cat" / "dogs").symlink_to("../dog")
+    with pytest.raises(DataError) as info:
+        discover_splits(_cfg(root))
+    assert str(info.value) == (
+        f"train split {root / 'train'}: {root / 'train' / 'dog'} and {root / 'train' / 'cat' / 'dogs'} are "
+        "the same folder, reached from class folders 'cat' and 'dog', so its images would be labelled as "
+        "both. Remove the link (links are followed, but a folder belongs to one class)"
+    )
+    (root / "train" / "cat" / "dogs").unlink()
+    shutil.rmtree(root / "val" / "dog")
+    (root / "val" / "dog").symlink_to("cat")  # a class folder that is another class's folder
+    with pytest.raises(DataError, match=r"val split .*reached from class folders 'cat' and 'dog'"):
+        discover_splits(_cfg(root, eval_splits=["val"]))
+
+
+def test_a_file_link_is_a_file_of_the_folder_it_is_in(make_folder) -> None:
+    """Linking a file into a class folder labels it with that folder's class (deliberate oversampling
+    or sharing); only folders are read once per split."""
+    root = make_folder({"train": {"a": 2, "b": 1}, "val": {"a": 1}})
+    (root / "train" / "a" / "copy.png").symlink_to("0.png")
+    (root / "train" / "b" / "from_a.png").symlink_to("../a/1.png")
+    classes, splits = discover_splits(_cfg(root))
+    assert _labels_by_folder(splits["train"], classes) == {"a": 3, "b": 2}
+    assert splits["train"].ignored == ()
+
+
+def test_files_that_are_not_images_are_counted_and_explained(make_folder) -> None:
+    root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    a, b = root / "train" / "a", root / "train" / "b"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(a / "IMG_0001", format="JPEG")  # an image without extension
+    (a / "README").write_text("notes")
+    (a / "notes.txt").write_text("x")
+    (b / "notes.txt").write_text("x")
+    (root / "val" / "b" / "log.txt").write_text("x")
+    (b / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (b / "scan.psd").write_bytes(b"8BPS")
+    (root / "train" / "labels.csv").write_text("path,label")
+    (a / ".DS_Store").write_bytes(b"\x00")  # hidden files are never reported
+    Image.new("RGB", (8, 8)).save(a / "web.gif")  # read, not ignored
+    Image.new("RGB", (8, 8)).save(a / "photo.jfif", format="JPEG")
+
+    _, splits = discover_splits(_cfg(root))
+    assert sorted(p.name for p, _ in splits["train"].samples) == [
+        "0.png", "0.png", "1.png", "1.png", "photo.jfif", "web.gif",
+    ]  # fmt: skip
+    messages = ignored_warnings(splits, root)
+    assert messages == [
+        "ignored 8 file(s) that are not images in a class folder:\n"
+        "  .txt files (3): not an image type; e.g. train/a/notes.txt, train/b/notes.txt, val/b/log.txt\n"
+        "  files without extension (2): ftsgd recognises images by their extension (.jpg, .png, .gif, ...); "
+        "rename those that are images; e.g. train/a/IMG_0001 (a JPEG image), train/a/README\n"
+        "  .heic files (1): PIL reads HEIC/HEIF photos only with the pillow-heif package, which ftsgd does "
+        "not use; convert them to JPEG; e.g. train/b/IMG_0002.HEIC\n"
+        "  .psd files (1): an image type ftsgd does not read; convert them to PNG or JPEG; e.g. "
+        "train/b/scan.psd\n"
+        "  files outside any class folder (1): files directly in a split folder have no class; images "
+        "belong in <split>/<class>/; e.g. train/labels.csv"
+    ]
+    assert ignored_warnings({"val": splits["val"]}, root) == [
+        "ignored 1 file(s) that are not images in a class folder:\n"
+        "  .txt files (1): not an image type; e.g. val/b/log.txt"
+    ]
+    assert ignored_warnings({"train": replace(splits["train"], ignored=())}) == []
+
+
+def test_class_folder_of_unread_files_says_what_it_holds(make_folder) -> None:
+    root = make_folder({"train": {"a": 2, "b": 0}, "val": {"a": 1}})
+    for i in range(2):
+        (root / "train" / "b" / f"IMG_{i}.heic").write_bytes(b"heic")
+    (root / "train" / "b" / "IMG_9").write_bytes(b"?")
+    with pytest.raises(DataError, match=re.escape(
+        "class folder(s) without images: b (it holds 3 file(s) that are not read as images: 2 .heic, "
+        "1 without extension)."
+    )):  # fmt: skip
+        discover_splits(_cfg(root))
 
 
 # --------------------------------------------------------------------------- image loading
@@ -220,15 +360,18 @@ def _odd_images(folder: Path) -> dict[str, Path]:
 
 def test_odd_modes_load_as_rgb_tensors(tmp_path: Path) -> None:
     paths = _odd_images(tmp_path / "train" / "a")
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "b.png")  # outside a class: not a sample
+    (tmp_path / "train" / "b").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "b" / "0.png")
     for path in paths.values():
         img = load_image(path)
         assert img.mode == "RGB" and img.size == (16, 16), path.name
     _, splits = discover_splits(_cfg(tmp_path, val="train"))
     ds = ImageDataset(splits["train"], build_transform(DATA_CONFIG, "none", training=False))
-    assert len(ds) == len(paths)
+    assert len(ds) == len(paths) + 1
     for i in range(len(ds)):
         x, label = ds[i]
-        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == 0
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == (i == len(paths))
 
 
 @pytest.mark.parametrize("name", ["grey16.png", "grey16.tif", "grey32.tif", "float.tif"])
@@ -243,13 +386,109 @@ def test_high_bit_depth_is_scaled_not_clipped(tmp_path: Path, name: str) -> None
 
 
 def test_unreadable_image_is_a_data_error(make_folder) -> None:
-    root = make_folder({"train": {"a": 1}, "val": {"a": 1}})
+    root = make_folder({"train": {"a": 1, "b": 1}, "val": {"a": 1}})
     bad = root / "train" / "a" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     _, splits = discover_splits(_cfg(root))
     ds = ImageDataset(splits["train"], None)
     with pytest.raises(DataError, match=r"cannot read image .*broken.png.*Remove or replace"):
         ds[[p.name for p, _ in ds.samples].index("broken.png")]
+
+
+def test_gif_is_read_first_frame_as_rgb(tmp_path: Path) -> None:
+    frames = [Image.new("P", (8, 8), 0), Image.new("P", (8, 8), 1)]
+    for frame in frames:
+        frame.putpalette([200, 10, 10, 10, 200, 10] + [0] * 762)
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], transparency=1)
+    assert check_image(tmp_path / "anim.gif") is None
+    img = load_image(tmp_path / "anim.gif")
+    assert img.mode == "RGB" and img.size == (8, 8) and img.getpixel((0, 0)) == (200, 10, 10)
+
+
+def _exif_jpeg(path: Path, orientation: int | None, exif: bytes | None = None) -> None:
+    """A 24x12 JPEG stored sideways: left half black, right half white, with an EXIF orientation tag."""
+    pixels = np.zeros((12, 24, 3), dtype=np.uint8)
+    pixels[:, 12:] = 255
+    if exif is None:
+        tags = Image.Exif()
+        if orientation is not None:
+            tags[0x0112] = orientation
+        exif = tags.tobytes()
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "dark"),
+    [
+        (None, (24, 12), "left"),
+        (1, (24, 12), "left"),
+        (3, (24, 12), "right"),  # upside down
+        (6, (12, 24), "top"),  # the phone was held upright: rotate 90 degrees clockwise
+        (8, (12, 24), "bottom"),
+    ],
+)
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int | None, size, dark: str) -> None:
+    path = tmp_path / "photo.jpg"
+    _exif_jpeg(path, orientation)
+    img = load_image(path)
+    assert img.size == size
+    grey = np.asarray(img.convert("L")).astype(int)
+    w, h = size
+    halves = {
+        "left": (grey[:, : w // 2], grey[:, w // 2 :]),
+        "right": (grey[:, w // 2 :], grey[:, : w // 2]),
+        "top": (grey[: h // 2], grey[h // 2 :]),
+        "bottom": (grey[h // 2 :], grey[: h // 2]),
+    }
+    black, white = halves[dark]
+    assert black.mean() < 20 and white.mean() > 235
+    assert check_image(path) is None
+    # What training and evaluation see: the dataset loads through load_image.
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    path.rename(tmp_path / "train" / "a" / "photo.jpg")
+    (tmp_path / "train" / "b").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "b" / "x.png")
+    _, splits = discover_splits(_cfg(tmp_path, val="train"))
+    assert ImageDataset(splits["train"], None)[0][0].size == size
+
+
+def test_damaged_exif_keeps_the_image_as_stored(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    _exif_jpeg(path, None, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        img = load_image(path)
+        assert check_image(path) is None
+    assert img.size == (24, 12)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_image_over_pil_pixel_limit_is_too_large_without_pil_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ftsgd.data import preflight_scan
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so a 40x40 image is over PIL's limit
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(root / "train" / cls / "small.png")
+    Image.new("RGB", (40, 40)).save(root / "train" / "a" / "big.png")  # 1600 pixels: PIL warns
+    Image.new("L", (50, 50)).save(root / "train" / "b" / "huge.png")  # 2500 > 2 x limit: PIL refuses
+    _, splits = discover_splits(_cfg(root, val="train"))
+    with warnings.catch_warnings(record=True) as caught:
+        assert check_image(root / "train" / "a" / "big.png") == (
+            "too large",
+            "40x40 = 1,600 pixels, over PIL's decompression-bomb limit of 1,000; downscale it",
+        )
+        with pytest.raises(DataError) as info:
+            preflight_scan(splits, root=root, workers=4)
+        kept, skipped = preflight_scan(splits, on_bad_image="skip", root=root, workers=4)
+        load_image(root / "train" / "a" / "big.png")  # still loads if asked to
+    assert [str(w.message) for w in caught] == []
+    assert "2 of 4 image files under" in str(info.value) and "  too large (2):" in str(info.value)
+    assert "train/b/huge.png: Image size (2500 pixels) exceeds limit of 2000 pixels" in str(info.value)
+    assert sorted(b.path.name for b in skipped) == ["big.png", "huge.png"]
+    assert len(kept["train"]) == 2
 
 
 # --------------------------------------------------------------------------- transforms
@@ -454,10 +693,10 @@ def test_preflight_skip_drops_files_and_recomputes_classes(make_folder) -> None:
 def test_preflight_checks_a_file_shared_by_two_splits_once(make_folder, monkeypatch) -> None:
     import ftsgd.data
 
-    root = make_folder({"train": {"a": 3}})
+    root = make_folder({"train": {"a": 3, "b": 1}})
     _, splits = discover_splits(_cfg(root, val="train"))
     seen: list[Path] = []
     real = ftsgd.data.check_image
     monkeypatch.setattr(ftsgd.data, "check_image", lambda p: seen.append(p) or real(p))
     ftsgd.data.preflight_scan(splits)
-    assert len(seen) == 3
+    assert len(seen) == 4
