@@ -51,6 +51,7 @@ __all__ = [
     "BlockRow",
     "Embedding",
     "apply_freeze",
+    "classifier_modules",
     "execution_order",
     "find_embedding",
     "frozen_parameter_names",
@@ -315,6 +316,15 @@ def _classifier_modules(model: nn.Module, order: Sequence[str] | None = None) ->
     candidates = list(order) if order else [n for n, _ in model.named_modules()]
     linears = [n for n in candidates if isinstance(modules.get(n), nn.Linear)]
     return (linears[-1],) if linears else ()
+
+
+def classifier_modules(model: nn.Module, embedding: Embedding | None = None) -> tuple[str, ...]:
+    """Module names of the classifier, found as the ``head`` policy finds it.
+
+    ``embedding`` (a :func:`find_embedding` result) supplies the execution order that models
+    without timm's ``get_classifier()`` need; without it they fall back to registration order.
+    """
+    return _classifier_modules(model, embedding.execution_order if embedding is not None else None)
 
 
 def _group_matcher(model: nn.Module) -> dict[str, Any] | None:

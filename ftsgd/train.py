@@ -52,7 +52,13 @@ from ftsgd.errors import FtsgdError, Interrupted, ModelError, RecipeError, RunEr
 from ftsgd.evaluate import evaluate
 from ftsgd.export import export_model
 from ftsgd.fileio import atomic_torch_save, atomic_write_text, remove_stale_temps
-from ftsgd.freeze import apply_freeze, find_embedding, frozen_parameter_names, train_mode
+from ftsgd.freeze import (
+    apply_freeze,
+    classifier_modules,
+    find_embedding,
+    frozen_parameter_names,
+    train_mode,
+)
 from ftsgd.models import build_model, copy_off_file, load_checkpoint_state, model_data_config
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
 from ftsgd.recipe import DEFAULT_RECIPE, Recipe, load_recipe, recipe_from_dict, recipe_to_toml
@@ -412,7 +418,9 @@ def train(
         raise _oom_error(exc, recipe, out) from None
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, recipe.optim)
+    optimizer = build_optimizer(
+        model, recipe.optim, embedding=embedding.modules, classifier=classifier_modules(model, embedding)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     forward = torch.compile(model) if t.compile else model
 
