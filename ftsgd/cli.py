@@ -205,9 +205,25 @@ def inspect(
             "--img-size", min=8, help="Input resolution (sets data.img_size) [default: the model's]."
         ),
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", "-d", help="Dataset folder: also run the gradient diagnostic on its train split."
+        ),
+    ] = None,
+    batches: Annotated[
+        int | None,
+        typer.Option("--batches", min=1, help="Training batches the diagnostic averages over [default: 8]."),
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option("--png", help="Also plot the diagnostic's gradient norms to this PNG file.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
+
+    With --data, also the paper's gradient diagnostic: per-layer gradient norms at the given weights
+    on the first training batches, and whether to freeze the embedding.
 
     The memory estimate includes activations, measured on real training-mode forward passes
     (batches up to 2 directly, larger ones from batch 1 and 2 extrapolated linearly).
@@ -221,8 +237,10 @@ def inspect(
         ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 --json
 
         ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
+
+        ftsgd inspect convnext_tiny --weights convnext_tiny.safetensors --data ~/data/birds --png grads.png
     """
-    from ftsgd.inspection import inspect_model
+    from ftsgd.inspection import inspect_model, run_diagnostic
     from ftsgd.recipe import load_recipe
 
     with _user_errors():
@@ -231,11 +249,23 @@ def inspect(
         shorthands = {"model.name": model or model_opt, "model.weights": weights}
         size = [f"data.img_size={img_size}"] if img_size is not None else []
         loaded = load_recipe(recipe, [*_overrides(sets, **shorthands), *size])
+        if data is None and (batches is not None or png is not None):
+            raise UsageError("--batches and --png belong to the gradient diagnostic: add --data DIR")
+        diagnostic = None
+        if data is not None:
+            diagnostic = run_diagnostic(loaded, data, batches, png, num_classes)
+            num_classes = diagnostic.num_classes
         report = inspect_model(loaded, num_classes, batch_size=batch_size)
+    if diagnostic is not None:
+        from ftsgd.diagnose import diagnostic_to_dict, print_diagnostic
+
+        report["gradient_diagnostic"] = diagnostic_to_dict(diagnostic)
     if as_json:
         console.print_json(report)
         return
     _print_inspect(report)
+    if diagnostic is not None:
+        print_diagnostic(diagnostic)
 
 
 def _print_inspect(r: dict[str, Any]) -> None:
@@ -261,6 +291,7 @@ def _print_inspect(r: dict[str, Any]) -> None:
         for b in r["blocks"]
     ]
     console.print_table("Top-level blocks", ["block", "type", "params", "frozen", "status"], rows)
+    _print_learning_rates(r)
     console.print_kv(
         [
             ("total params", f"{r['total_params']:,}"),
@@ -284,6 +315,27 @@ def _print_inspect(r: dict[str, Any]) -> None:
         ["bytes per parameter", f"{m['bytes_per_param']:.1f}"],
     ]
     console.print_table("Training-state memory estimate", ["", "bytes"], mem_rows)
+
+
+def _print_learning_rates(r: dict[str, Any]) -> None:
+    """One line when every trained layer gets optim.lr, else the learning rate per layer group."""
+    rows = r.get("learning_rates", [])
+    scales = {s for row in rows for s in row["lr_scales"]}
+    if scales <= {1.0}:
+        console.info("learning rate: optim.lr for every trainable layer")
+        return
+    table = [
+        [row["name"], row["kind"], _span(row["lr_scales"]), _span(row["lrs"])]
+        if row["lrs"]
+        else [row["name"], row["kind"], "frozen", "-"]
+        for row in rows
+    ]
+    console.print_table("Learning rate per layer group", ["group", "kind", "x optim.lr", "lr"], table)
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g}-{hi:.3g}"
 
 
 # --------------------------------------------------------------------------- train / eval / demo

@@ -6,12 +6,28 @@ Kept apart from the CLI so that the same data feeds the rich table, the plain li
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
+from ftsgd import console
+from ftsgd.diagnose import (
+    DEFAULT_BATCHES,
+    GradientDiagnostic,
+    check_png_path,
+    diagnose_from_recipe,
+    plot_diagnostic,
+)
 from ftsgd.errors import ModelError
-from ftsgd.freeze import find_embedding, frozen_parameter_names, top_level_blocks
+from ftsgd.freeze import (
+    apply_freeze,
+    classifier_modules,
+    find_embedding,
+    frozen_parameter_names,
+    top_level_blocks,
+)
 from ftsgd.memory import estimate_memory, measure_activations
 from ftsgd.models import build_model, model_data_config
+from ftsgd.optim import lr_per_layer
 from ftsgd.recipe import Recipe
 
 
@@ -51,6 +67,8 @@ def inspect_model(
     frozen_set = set(frozen)
     total = sum(p.numel() for p in model.parameters())
     frozen_params = sum(p.numel() for n, p in model.named_parameters() if n in frozen_set)
+    apply_freeze(model, frozen)  # as training does: the learning rates are those of what trains
+    lrs = lr_per_layer(model, recipe.optim, embedding.modules, classifier_modules(model, embedding))
     measured = None
     if activations:
         measured = _measure(model, recipe, frozen_set, input_size, batch_size)
@@ -72,6 +90,9 @@ def inspect_model(
         "total_params": total,
         "frozen_fraction": frozen_params / total if total else 0.0,
         "blocks": [dataclasses.asdict(b) for b in blocks],
+        "learning_rates": [
+            {**dataclasses.asdict(r), "lrs": [recipe.optim.lr * s for s in r.lr_scales]} for r in lrs
+        ],
         "memory": {
             **dataclasses.asdict(memory),
             "input_size": list(input_size),
@@ -110,3 +131,23 @@ def _measure(
                 "or --img-size matching the model"
             )
         raise ModelError(f"cannot measure activation memory of {recipe.model.name}: {exc}{hint}") from None
+
+
+def run_diagnostic(
+    recipe: Recipe, data: Path, batches: int | None, png: Path | None, num_classes: int | None
+) -> GradientDiagnostic:
+    """The gradient diagnostic of ``ftsgd inspect --data`` (and its ``--png`` plot).
+
+    ``batches`` None means :data:`ftsgd.diagnose.DEFAULT_BATCHES`.
+    """
+    if png is not None:
+        check_png_path(png)  # before minutes of work, not after
+    if not recipe.model.weights and not recipe.model.pretrained:
+        console.warn(
+            "no --weights: measuring randomly initialised weights; the diagnostic is meant for the "
+            "pretrained weights you will fine-tune"
+        )
+    result = diagnose_from_recipe(recipe, data, batches or DEFAULT_BATCHES, num_classes)
+    if png is not None:
+        plot_diagnostic(result, png)
+    return result
