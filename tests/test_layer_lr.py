@@ -4,6 +4,7 @@ weight-decay grouping, step-in-backward and recipe validation."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,6 +17,7 @@ from ftsgd.freeze import apply_freeze, classifier_modules, find_embedding, froze
 from ftsgd.layers import group_label, layer_groups
 from ftsgd.optim import StepInBackward, build_optimizer, lr_per_layer, param_groups, set_lr
 from ftsgd.recipe import FreezeConfig, OptimConfig, load_recipe
+from ftsgd.train import train
 
 DEPTH = 6  # test_vit's blocks
 DECAY = 0.5
@@ -222,3 +224,27 @@ def test_group_labels_name_the_largest_whole_modules() -> None:
     assert group_label([n for n in names if n.startswith("stages.3.")], names) == "stages.3"
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
     assert [g.name for g in layer_groups(plain, ("0",))] == ["0", "2"]
+
+
+def test_training_applies_the_scales(image_folder: Path, tmp_path: Path) -> None:
+
+    recipe = load_recipe(
+        "sgd",
+        [
+            "model.name=test_vit",
+            "model.kwargs={img_size=32}",
+            f'data.root="{image_folder}"',
+            "data.num_workers=0",
+            "train.epochs=1",
+            "train.batch_size=16",
+            f"optim.layer_decay={DECAY}",
+            "optim.embed_lr_scale=0.2",
+            "optim.head_lr_scale=10",
+        ],
+    )
+    train(recipe, tmp_path / "run", quiet=True)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    scales = sorted(g.get("lr_scale", 1.0) for g in saved)
+    assert scales[0] == pytest.approx(0.2 * DECAY**7)  # the patch embedding, in the bottom layer
+    assert scales[-1] == pytest.approx(10.0)  # the head
+    assert all(g["lr"] == pytest.approx(1e-3 * g.get("lr_scale", 1.0)) for g in saved)
