@@ -3,6 +3,10 @@
 Only trainable parameters reach the optimizer, so frozen ones get neither gradients nor optimizer
 state: that is where freezing the embedding saves memory on top of SGD's smaller state.
 
+Per-layer learning rates (layer-wise decay, embedding and classifier multipliers) are a ``lr_scale``
+on each parameter group, which the schedule multiplies in; groups are split by weight decay first,
+as timm does, and by multiplier second.
+
 The schedule is a pure function of (epoch, step) rather than a stateful scheduler object: resuming a
 run mid-epoch, or updating parameters inside backward with one optimizer per parameter, then needs
 no scheduler state at all, and the learning rate at any point is easy to test.
