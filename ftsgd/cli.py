@@ -213,7 +213,7 @@ def inspect(
     ] = None,
     batches: Annotated[
         int | None,
-        typer.Option("--batches", min=1, help="Training batches the diagnostic averages over [default: 8]."),
+        typer.Option("--batches", min=1, help="Training batches the diagnostic averages over (default 8)."),
     ] = None,
     png: Annotated[
         Path | None, typer.Option("--png", help="Also plot the diagnostic's gradient norms to this PNG file.")
