@@ -79,6 +79,33 @@ WeightsOpt = Annotated[
         "--weights", "-w", help="Local weights file: .safetensors, .pth, .pt, .bin (sets model.weights)."
     ),
 ]
+NumClassesOpt = Annotated[
+    int | None, typer.Option("--num-classes", "-n", min=1, help="Classifier size of your task.")
+]
+InspectBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Images per forward/backward pass for the activation memory \\[default: the recipe's micro-batch].",
+    ),
+]
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", min=8, help="Input resolution (sets data.img_size) \\[default: the model's]."),
+]
+DiagnosticDataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", "-d", help="Dataset folder: also run the gradient diagnostic on its train split."),
+]
+BatchesOpt = Annotated[
+    int | None,
+    typer.Option("--batches", min=1, help="Training batches the diagnostic averages over (default 8)."),
+]
+PngOpt = Annotated[
+    Path | None, typer.Option("--png", help="Also plot the diagnostic's gradient norms to this PNG file.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object instead of tables.")]
 
 
@@ -215,29 +242,19 @@ def inspect(
     recipe: RecipeOpt = DEFAULT_RECIPE,
     model_opt: ModelOpt = None,
     weights: WeightsOpt = None,
-    num_classes: Annotated[
-        int | None, typer.Option("--num-classes", "-n", min=1, help="Classifier size of your task.")
-    ] = None,
+    num_classes: NumClassesOpt = None,
     sets: SetOpt = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            "-b",
-            min=1,
-            help="Images per forward/backward pass for the activation memory \\[default: the recipe's "
-            "micro-batch].",
-        ),
-    ] = None,
-    img_size: Annotated[
-        int | None,
-        typer.Option(
-            "--img-size", min=8, help="Input resolution (sets data.img_size) \\[default: the model's]."
-        ),
-    ] = None,
+    batch_size: InspectBatchOpt = None,
+    img_size: ImgSizeOpt = None,
+    data: DiagnosticDataOpt = None,
+    batches: BatchesOpt = None,
+    png: PngOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
+
+    With --data, also the paper's gradient diagnostic: per-layer gradient norms at the given weights
+    on the first training batches, and whether to freeze the embedding.
 
     The memory estimate includes activations, measured on real training-mode forward passes
     (batches up to 2 directly, larger ones from batch 1 and 2 extrapolated linearly).
@@ -251,6 +268,8 @@ def inspect(
         ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 --json
 
         ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
+
+        ftsgd inspect convnext_tiny --weights convnext_tiny.safetensors --data ~/data/birds --png grads.png
     """
     from ftsgd.commands import inspect_command, print_inspect
 
@@ -260,11 +279,19 @@ def inspect(
         shorthands = {"model.name": model or model_opt, "model.weights": weights}
         size = [f"data.img_size={img_size}"] if img_size is not None else []
         overrides = [*_overrides(sets, **shorthands), *size]
-        report = inspect_command(recipe, overrides, num_classes=num_classes, batch_size=batch_size)
+        report, diagnostic = inspect_command(
+            recipe,
+            overrides,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            data=data,
+            batches=batches,
+            png=png,
+        )
     if as_json:
         console.print_json(report)
     else:
-        print_inspect(report)
+        print_inspect(report, diagnostic)
 
 
 # --------------------------------------------------------------------------- train / eval / demo

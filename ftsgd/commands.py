@@ -26,10 +26,11 @@ from ftsgd.data import (
     resolve_num_workers,
 )
 from ftsgd.device import resolve_device
+from ftsgd.diagnose import GradientDiagnostic, diagnostic_to_dict, print_diagnostic
 from ftsgd.errors import DataError, UsageError
 from ftsgd.evaluate import evaluate
 from ftsgd.export import load_exported_model
-from ftsgd.inspection import inspect_model
+from ftsgd.inspection import inspect_model, run_diagnostic
 from ftsgd.memory import format_bytes
 from ftsgd.recipe import (
     DEFAULT_RECIPE,
@@ -299,14 +300,34 @@ def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
 
 
 def inspect_command(
-    recipe: str, overrides: list[str], *, num_classes: int | None, batch_size: int | None
-) -> dict[str, Any]:
-    """``ftsgd inspect``: the embedding found, what the recipe freezes and the memory it saves."""
-    return inspect_model(load_checked_recipe(recipe, overrides), num_classes, batch_size=batch_size)
+    recipe: str,
+    overrides: list[str],
+    *,
+    num_classes: int | None,
+    batch_size: int | None,
+    data: Path | None = None,
+    batches: int | None = None,
+    png: Path | None = None,
+) -> tuple[dict[str, Any], GradientDiagnostic | None]:
+    """``ftsgd inspect``: the embedding found, what the recipe freezes and the memory it saves.
+
+    With ``data``, also the gradient diagnostic on its train split (its classifier sized by the data).
+    """
+    if data is None and (batches is not None or png is not None):
+        raise UsageError("--batches and --png belong to the gradient diagnostic: add --data DIR")
+    loaded = load_checked_recipe(recipe, overrides)
+    diagnostic = None
+    if data is not None:
+        diagnostic = run_diagnostic(loaded, data, batches, png, num_classes)
+        num_classes = diagnostic.num_classes
+    report = inspect_model(loaded, num_classes, batch_size=batch_size)
+    if diagnostic is not None:
+        report["gradient_diagnostic"] = diagnostic_to_dict(diagnostic)
+    return report, diagnostic
 
 
-def print_inspect(r: dict[str, Any]) -> None:
-    """``ftsgd inspect``'s report as key-value lines and tables."""
+def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = None) -> None:
+    """``ftsgd inspect``'s report as key-value lines and tables, then the diagnostic's bars."""
     console.print_kv(
         [
             ("model", r["model"]),
@@ -327,6 +348,7 @@ def print_inspect(r: dict[str, Any]) -> None:
         for b in r["blocks"]
     ]
     console.print_table("Top-level blocks", ["block", "type", "params", "frozen", "status"], rows)
+    _print_learning_rates(r)
     console.print_kv(
         [
             ("total params", f"{r['total_params']:,}"),
@@ -335,6 +357,28 @@ def print_inspect(r: dict[str, Any]) -> None:
         ]
     )
     console.print_table("Training-state memory estimate", ["", "bytes"], _memory_rows(r["memory"]))
+    if diagnostic is not None:
+        print_diagnostic(diagnostic)
+
+
+def _print_learning_rates(r: dict[str, Any]) -> None:
+    """One line when every trained layer gets optim.lr, else the learning rate per layer group."""
+    rows = r.get("learning_rates", [])
+    if {s for row in rows for s in row["lr_scales"]} <= {1.0}:
+        console.info("learning rate: optim.lr for every trainable layer")
+        return
+    table = [
+        [row["name"], row["kind"], _span(row["lr_scales"]), _span(row["lrs"])]
+        if row["lrs"]
+        else [row["name"], row["kind"], "frozen", "-"]
+        for row in rows
+    ]
+    console.print_table("Learning rate per layer group", ["group", "kind", "x optim.lr", "lr"], table)
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g}-{hi:.3g}"
 
 
 def _memory_rows(m: dict[str, Any]) -> list[list[str]]:

@@ -6,12 +6,23 @@ Kept apart from the CLI so that the same data feeds the rich table, the plain li
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
+from ftsgd import console
 from ftsgd.device import resolve_amp, resolve_device
+from ftsgd.diagnose import (
+    DEFAULT_BATCHES,
+    GradientDiagnostic,
+    check_png_path,
+    diagnose_from_recipe,
+    plot_diagnostic,
+)
 from ftsgd.errors import ModelError
 from ftsgd.freeze import top_level_blocks
 from ftsgd.memory import estimate_memory, measure_activations
+from ftsgd.models import classifier_modules
+from ftsgd.optim import lr_per_layer
 from ftsgd.prepare import PreparedModel, prepare_model
 from ftsgd.recipe import Recipe
 
@@ -53,6 +64,8 @@ def inspect_model(
     report = prepared.freeze_report()
     weights = report.pop("weights_report")
     embedding = prepared.embedding
+    classifier = classifier_modules(model, embedding.execution_order)
+    lrs = lr_per_layer(model, recipe.optim, embedding.modules, classifier)  # of what trains, freeze applied
     return {
         "model": recipe.model.name,
         "recipe": recipe.name,
@@ -65,6 +78,9 @@ def inspect_model(
         "embedding_checks": list(embedding.checks),
         "frozen_fraction": prepared.frozen_params / max(prepared.total_params, 1),
         "blocks": [dataclasses.asdict(b) for b in top_level_blocks(model, frozen_set)],
+        "learning_rates": [
+            {**dataclasses.asdict(r), "lrs": [recipe.optim.lr * s for s in r.lr_scales]} for r in lrs
+        ],
         "memory": {
             **dataclasses.asdict(memory),
             "input_size": list(input_size),
@@ -99,3 +115,23 @@ def _measure(
                 "or --img-size matching the model"
             )
         raise ModelError(f"cannot measure activation memory of {recipe.model.name}: {exc}{hint}") from None
+
+
+def run_diagnostic(
+    recipe: Recipe, data: Path, batches: int | None, png: Path | None, num_classes: int | None
+) -> GradientDiagnostic:
+    """The gradient diagnostic of ``ftsgd inspect --data`` (and its ``--png`` plot).
+
+    ``batches`` None means :data:`ftsgd.diagnose.DEFAULT_BATCHES`.
+    """
+    if png is not None:
+        check_png_path(png)  # before minutes of work, not after
+    if not recipe.model.weights and not recipe.model.pretrained:
+        console.warn(
+            "no --weights: measuring randomly initialised weights; the diagnostic is meant for the "
+            "pretrained weights you will fine-tune"
+        )
+    result = diagnose_from_recipe(recipe, data, batches or DEFAULT_BATCHES, num_classes)
+    if png is not None:
+        plot_diagnostic(result, png)
+    return result

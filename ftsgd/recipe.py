@@ -93,6 +93,15 @@ class OptimConfig:
     """Apply each parameter's update as soon as its gradient is ready and free the gradient: no full set
     of gradients ever exists (SGD without momentum then keeps ~4 bytes/parameter). Same weights as the
     normal step; not with gradient accumulation, train.grad_clip or train.amp = "fp16"."""
+    layer_decay: float = 0.0
+    """Layer-wise learning-rate decay in [0, 1]; 0 or 1 = off. The top trained layer (the classifier)
+    keeps optim.lr, each layer below gets this factor once more (timm's group_matcher layers: one per
+    block); frozen layers are not counted."""
+    embed_lr_scale: float = 1.0
+    """Multiplier on the embedding layer's learning rate (the paper's "0.2x LR on the embedding"
+    baseline is 0.2); the embedding must be trainable (freeze.policy = "none")."""
+    head_lr_scale: float = 1.0
+    """Multiplier on the classifier's learning rate (e.g. 10 for a freshly initialised head)."""
 
 
 @dataclass(frozen=True)
@@ -510,6 +519,30 @@ def _check_optim(r: Recipe, p: list[str]) -> None:
         p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
     if o.eps <= 0:
         p.append(f"optim.eps: must be > 0, got {o.eps!r}")
+    p.extend(_lr_scale_problems(o, r.freeze))
+
+
+def _lr_scale_problems(o: OptimConfig, f: FreezeConfig) -> list[str]:
+    """Per-layer learning-rate keys: ranges, and a scale on an embedding the policy freezes."""
+    p: list[str] = []
+    if not 0 <= o.layer_decay <= 1:
+        p.append(
+            f"optim.layer_decay: must be in [0, 1] (0 or 1 = off; e.g. 0.75 gives each layer below the "
+            f"top 0.75x the learning rate of the one above), got {o.layer_decay!r}"
+        )
+    for key, value in (("optim.embed_lr_scale", o.embed_lr_scale), ("optim.head_lr_scale", o.head_lr_scale)):
+        if value <= 0:
+            p.append(
+                f"{key}: must be > 0, got {value!r} (to keep a layer fixed, freeze it with freeze.policy "
+                "or freeze.patterns: that also saves its gradient and optimizer state)"
+            )
+    if o.embed_lr_scale != 1 and f.policy in ("embed", "embed+stage1", "stem", "head"):
+        p.append(
+            f"optim.embed_lr_scale: {o.embed_lr_scale!r} scales the embedding's learning rate, but "
+            f"freeze.policy = {f.policy!r} freezes the embedding, so the scale would do nothing; set "
+            'optim.embed_lr_scale = 1 (freezing) or freeze.policy = "none" (a smaller embedding LR)'
+        )
+    return p
 
 
 def _check_schedule(r: Recipe, p: list[str]) -> None:

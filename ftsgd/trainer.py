@@ -58,6 +58,7 @@ from ftsgd.evaluate import evaluate
 from ftsgd.export import WEIGHTS_NAME, export_model
 from ftsgd.fingerprint import compare_fingerprints, fingerprint
 from ftsgd.freeze import train_mode
+from ftsgd.models import classifier_modules
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
 from ftsgd.prepare import PreparedModel, prepare_model
 from ftsgd.recipe import Recipe
@@ -237,7 +238,13 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
 
     def _setup_optimizer(self) -> None:
-        self.optimizer = build_optimizer(self.model, self.recipe.optim)
+        embedding = self.prepared.embedding
+        self.optimizer = build_optimizer(
+            self.model,
+            self.recipe.optim,
+            embedding=embedding.modules,
+            classifier=classifier_modules(self.model, embedding.execution_order),
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 

@@ -252,7 +252,7 @@ def test_train_usage_errors_exit_2(image_folder: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "run4").exists()
 
 
-def test_train_refuses_existing_run_dir_and_resume_rejects_overrides(
+def test_train_refuses_existing_run_dir_and_resume_rejects_other_overrides(
     image_folder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
@@ -261,8 +261,20 @@ def test_train_refuses_existing_run_dir_and_resume_rejects_overrides(
     )
     again = run("train", "--data", str(image_folder), "--out", str(out), *TINY, *FAST)
     assert again.exit_code == 2 and "--resume" in again.stderr
-    resumed = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--set", "optim.lr=1")
-    assert resumed.exit_code == 2 and "run's own recipe.toml" in resumed.stderr
+    resumed = run(
+        "train",
+        "--data",
+        str(image_folder),
+        "--out",
+        str(out),
+        *TINY,
+        *FAST,
+        "--resume",
+        "--set",
+        "optim.lr=1",
+    )
+    assert resumed.exit_code == 2 and "the flags resolve to another recipe than the run" in resumed.stderr
+    assert "  - optim.lr: 0.02 -> 1.0" in resumed.stderr
     done = run("train", "--data", str(image_folder), "--out", str(out), "--resume", "--json")
     assert done.exit_code == 0
     assert json.loads(done.stdout)["best"] == json.loads((out / "summary.json").read_text())["best"]
@@ -274,6 +286,7 @@ def test_corrupt_run_dir_resume_exits_2(image_folder: Path, tmp_path: Path) -> N
         run("train", "--data", str(image_folder), "--out", str(out), *TINY, *FAST, "--quiet").exit_code == 0
     )
     (out / "checkpoint.pt").write_bytes(b"\x00garbage")
+    (out / "summary.json").unlink()  # an unfinished run: --resume must read the checkpoint
     result = run("train", "--data", str(image_folder), "--out", str(out), "--resume")
     assert result.exit_code == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
 
