@@ -182,8 +182,10 @@ def print_train_results(summary: dict[str, Any]) -> None:
     for name, m in summary["best"].items():
         role = "ID" if name == summary["val_split"] else "eval"
         rows.append([name, role, f"{100 * m['accuracy']:.2f}%", f"{m['loss']:.4f}", m["n"]])
+    by = summary.get("select_by", f"{summary['val_split']}.accuracy")
+    stopped = f", stopped early after epoch {summary['stop_epoch']}" if summary.get("stopped_early") else ""
     console.print_table(
-        f"Best epoch {summary['best_epoch']}/{summary['epochs']} (by {summary['val_split']} accuracy)",
+        f"Best epoch {summary['best_epoch']}/{summary['epochs']} (by {by}{stopped})",
         ["split", "", "accuracy", "loss", "images"],
         rows,
     )
@@ -390,6 +392,8 @@ def _memory_rows(m: dict[str, Any]) -> list[list[str]]:
     if m.get("batch_size"):
         size = "x".join(str(v) for v in m["input_size"])
         rows.append([f"activations (batch {m['batch_size']}, {size})", format_bytes(m["activations"])])
+    if m.get("ema"):
+        rows.append(["EMA weights (train.ema_decay)", format_bytes(m["ema"])])
     rows.append(["total (this recipe)", format_bytes(m["total"])])
     rows.append(["total (adamw, nothing frozen)", format_bytes(m["adamw_total"])])
     rows.append(["ratio to adamw", f"{m['ratio']:.2f}x"])

@@ -60,7 +60,9 @@ def inspect_model(
         input_size = (input_size[0], img_size, img_size)
     frozen_set = set(prepared.frozen)
     measured = _measure(prepared, recipe, input_size, batch_size) if activations else None
-    memory = estimate_memory(model, frozen_set, recipe.optim, activations=measured)
+    memory = estimate_memory(
+        model, frozen_set, recipe.optim, activations=measured, ema=recipe.train.ema_decay > 0
+    )
     report = prepared.freeze_report()
     weights = report.pop("weights_report")
     embedding = prepared.embedding

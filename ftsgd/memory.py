@@ -122,6 +122,9 @@ class MemoryEstimate:
         trainable_params: Number of trainable parameter elements.
         batch_size: Batch size the activations were measured for (0: not measured).
         input_size: ``(C, H, W)`` the activations were measured for (None: not measured).
+        ema: The moving average of the weights (``train.ema_decay > 0``): one more copy of every
+            parameter and buffer, on the training device; 0 when off. Counted in ``total`` (not in
+            ``adamw_total``: the baseline is plain AdamW).
     """
 
     weights: int
@@ -137,6 +140,7 @@ class MemoryEstimate:
     trainable_params: int = 0
     batch_size: int = 0
     input_size: tuple[int, ...] | None = None
+    ema: int = 0
 
 
 def state_slots(optim: OptimConfig) -> int:
@@ -163,6 +167,7 @@ def estimate_memory(
     optim: OptimConfig,
     *,
     activations: ActivationMeasurement | None = None,
+    ema: bool = False,
 ) -> MemoryEstimate:
     """Estimate training-state memory for ``model`` with ``frozen`` parameters and optimizer ``optim``.
 
@@ -176,6 +181,7 @@ def estimate_memory(
             ``requires_grad`` is not consulted, so the estimate can be made before freezing.
         optim: The ``[optim]`` recipe section: ``name``, ``momentum`` and ``step_in_backward``.
         activations: A :func:`measure_activations` result to include (None: activations are 0).
+        ema: Count a moving average of the weights (``train.ema_decay > 0``): one more copy of them.
 
     Returns:
         The :class:`MemoryEstimate`.
@@ -203,7 +209,8 @@ def estimate_memory(
         gradients = largest_grad
     act = activations.bytes if activations is not None else 0
     adamw_total += act
-    total = weights + gradients + optimizer_state + act
+    ema_bytes = weights if ema else 0
+    total = weights + gradients + optimizer_state + act + ema_bytes
     return MemoryEstimate(
         weights=weights,
         gradients=gradients,
@@ -218,6 +225,7 @@ def estimate_memory(
         trainable_params=trainable,
         batch_size=activations.batch_size if activations is not None else 0,
         input_size=tuple(activations.input_size) if activations is not None else None,
+        ema=ema_bytes,
     )
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "WeightsReport",
     "build_model",
     "classifier_modules",
+    "create_kwargs",
     "enable_grad_checkpointing",
     "input_config",
     "load_weights",
@@ -353,6 +354,20 @@ def unknown_model_error(name: str) -> ModelError:
     return ModelError(f"unknown model {name!r} (timm {timm.__version__} has no such architecture); {hint}")
 
 
+def create_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments of a recipe: ``model.kwargs`` plus the drop rates that are on.
+
+    ``model.drop_path_rate``/``model.drop_rate`` are only passed when non-zero, so architectures that
+    take neither still build with the defaults. They change training only (eval mode ignores them), so
+    exports leave them out like timm's own exporter does.
+    """
+    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    kwargs.update(
+        {k: v for k, v in (("drop_path_rate", cfg.drop_path_rate), ("drop_rate", cfg.drop_rate)) if v}
+    )
+    return kwargs
+
+
 def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Module, WeightsReport | None]:
     """Create the timm model a recipe asks for and load its starting weights.
 
@@ -379,7 +394,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
     if not is_source and not timm.is_model(name):
         raise unknown_model_error(name)
 
-    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    kwargs: dict[str, Any] = create_kwargs(cfg)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     pretrained = bool(cfg.pretrained) and not cfg.weights
@@ -392,14 +407,14 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise ModelError(
-            f"timm could not build {name!r} with model.kwargs {dict(cfg.kwargs)!r}: {first_line(exc)}. "
+            f"timm could not build {name!r} with model.kwargs {create_kwargs(cfg)!r}: {first_line(exc)}. "
             "Remove or correct the offending key in the recipe's [model] kwargs"
         ) from exc
     except (ValueError, AssertionError) as exc:
-        if not cfg.kwargs:
+        if not create_kwargs(cfg):
             raise
         raise ModelError(
-            f"timm could not build {name!r} with model.kwargs {dict(cfg.kwargs)!r}: "
+            f"timm could not build {name!r} with model.kwargs {create_kwargs(cfg)!r}: "
             f"{first_line(exc) if str(exc) else 'invalid value'}. Check the values in [model] kwargs"
         ) from exc
     except RuntimeError as exc:

@@ -41,6 +41,8 @@ AUGMENTS = ("rrc_flip", "flip", "none")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 BAD_IMAGE_ACTIONS = ("error", "skip")
+MIXUP_MODES = ("batch", "pair", "elem")
+SELECT_METRICS = ("accuracy", "loss")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class ModelConfig:
     """Use timm's own hub download (needs internet); prefer ``weights`` offline."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``, ``drop_path_rate``)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: timm's ``drop_path_rate`` (0 = off, the paper's setting); training only, not exported."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier: timm's ``drop_rate`` (0 = off); training only, not exported."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,16 @@ class DataConfig:
     """Pin host memory for faster copies to the GPU (ignored on CPU)."""
     on_bad_image: str = "error"
     """error | skip: what the pre-flight scan does with unreadable images."""
+    mixup: float = 0.0
+    """Mixup alpha for ``timm.data.Mixup`` (0 = off, the paper's setting; e.g. 0.8). Soft-target loss."""
+    cutmix: float = 0.0
+    """CutMix alpha for ``timm.data.Mixup`` (0 = off; e.g. 1.0). Soft-target loss."""
+    mixup_prob: float = 1.0
+    """Probability of mixing a batch (or element, see ``mixup_mode``) when mixup or cutmix is on."""
+    mixup_switch_prob: float = 0.5
+    """With both mixup and cutmix on: probability of CutMix instead of Mixup."""
+    mixup_mode: str = "batch"
+    """batch | pair | elem: draw the mixing parameters per batch, per pair of images or per image."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,7 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 10
-    """Training epochs; the best epoch by ID-validation accuracy is exported."""
+    """Training epochs; the best epoch by ``select_by`` (default ID-validation accuracy) is exported."""
     batch_size: int = 32
     """Images per optimizer step."""
     micro_batch_size: int = 0
@@ -174,6 +190,21 @@ class TrainConfig:
     """Wrap the model in ``torch.compile``."""
     checkpoint_every: int = 0
     """Write a resumable checkpoint every this many optimizer steps; 0 = at the end of each epoch only."""
+    select_by: str = "val.accuracy"
+    """Metric that picks the exported epoch: SPLIT.accuracy (higher is better) or SPLIT.loss (lower), for
+    val or any evaluation split (another split's is the paper's OOD-oracle ablation)."""
+    patience: int = 0
+    """Stop after this many epochs without improvement of ``select_by``; 0 = off (train every epoch)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights (``timm.utils.ModelEmaV3``; e.g. 0.999) and
+    evaluate, select and export it instead of the raw weights; 0 = off. Costs one more copy of the weights."""
+    ema_warmup: bool = False
+    """ModelEmaV3's decay warmup: the decay is min(ema_decay, 1 - (1 + step)^(-2/3)), i.e. 0.9 at step 31,
+    0.99 at step 999, so early weights fade out faster."""
+    tensorboard: bool = False
+    """Write TensorBoard event files into the run directory (needs the ``tensorboard`` package)."""
+    tensorboard_every: int = 10
+    """Log the per-step TensorBoard scalars (train loss/accuracy, lr) every this many optimizer steps."""
 
 
 @dataclass(frozen=True)
@@ -470,6 +501,7 @@ def check_values(r: Recipe) -> list[str]:
     _check_schedule(r, p)
     _check_data(r.data, p)
     _check_train(r.train, p)
+    _check_regularisation(r, p)
     if r.optim.step_in_backward:
         _check_step_in_backward(r, p)
     return p
@@ -569,6 +601,12 @@ def _check_data(d: DataConfig, p: list[str]) -> None:
     _choice(p, "data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
     _at_least(p, "data.img_size", d.img_size, 0, " (0 = the model's own input size)")
     _at_least(p, "data.num_workers", d.num_workers, -1, " (-1 = automatic)")
+    _at_least(p, "data.mixup", d.mixup, 0, " (0 = off)")
+    _at_least(p, "data.cutmix", d.cutmix, 0, " (0 = off)")
+    for key in ("mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(d, key) <= 1:
+            p.append(f"data.{key}: must be in [0, 1], got {getattr(d, key)!r}")
+    _choice(p, "data.mixup_mode", d.mixup_mode, MIXUP_MODES)
 
 
 def _check_train(t: TrainConfig, p: list[str]) -> None:
@@ -591,6 +629,55 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
     _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
+
+
+def _check_regularisation(r: Recipe, p: list[str]) -> None:
+    """Selection, stopping, EMA, mixup and the first-class drop rates."""
+    t, m = r.train, r.model
+    try:
+        select_metric(t.select_by)
+    except ValueError as exc:
+        p.append(f"train.select_by: {exc}")
+    _at_least(p, "train.patience", t.patience, 0, " (0 = off)")
+    if not 0 <= t.ema_decay < 1:
+        p.append(f"train.ema_decay: must be in [0, 1) (0 = off), got {t.ema_decay!r}")
+    _at_least(p, "train.tensorboard_every", t.tensorboard_every, 1)
+    if mixes(r) and t.batch_size % 2:
+        p.append(
+            f"train.batch_size: data.mixup/data.cutmix mix each image with another of its batch and need "
+            f"an even batch size, got {t.batch_size}"
+        )
+    for key in ("drop_path_rate", "drop_rate"):
+        if not 0 <= getattr(m, key) < 1:
+            p.append(f"model.{key}: must be in [0, 1) (0 = off), got {getattr(m, key)!r}")
+        if getattr(m, key) and key in m.kwargs:
+            p.append(f"model.{key}: also given in model.kwargs; set it in one place")
+
+
+def select_metric(select_by: str) -> tuple[str, str]:
+    """Split ``train.select_by`` into ``(split, metric)``: ``"ood.loss"`` -> ``("ood", "loss")``.
+
+    The metric is after the last dot, so a split folder may have dots in its name. Whether the split
+    exists is only known once the dataset is scanned (the trainer checks it then).
+
+    Raises:
+        ValueError: Not of the form SPLIT.accuracy or SPLIT.loss, or the training split.
+    """
+    split, _, metric = select_by.rpartition(".")
+    if not split or metric not in SELECT_METRICS:
+        raise ValueError(
+            f"expected SPLIT.accuracy or SPLIT.loss (e.g. val.accuracy, val.loss, ood.accuracy), got {select_by!r}"
+        )
+    if split == "train":
+        raise ValueError(
+            "the training split is not evaluated each epoch; use val or another evaluation split"
+        )
+    return split, metric
+
+
+def mixes(r: Recipe) -> bool:
+    """Whether the recipe mixes training images (data.mixup or data.cutmix on)."""
+    return r.data.mixup > 0 or r.data.cutmix > 0
 
 
 def _check_step_in_backward(r: Recipe, p: list[str]) -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from ftsgd import __version__
@@ -53,7 +52,16 @@ from ftsgd.device import (
     resolve_device,
     set_rng_state,
 )
-from ftsgd.errors import DataError, FtsgdError, Interrupted, ModelError, RecipeError, RunError, first_line
+from ftsgd.errors import (
+    DataError,
+    FtsgdError,
+    Interrupted,
+    ModelError,
+    RecipeError,
+    RunError,
+    UsageError,
+    first_line,
+)
 from ftsgd.evaluate import evaluate
 from ftsgd.export import WEIGHTS_NAME, export_model
 from ftsgd.fingerprint import compare_fingerprints, fingerprint
@@ -61,8 +69,10 @@ from ftsgd.freeze import train_mode
 from ftsgd.models import classifier_modules
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
 from ftsgd.prepare import PreparedModel, prepare_model
-from ftsgd.recipe import Recipe
+from ftsgd.recipe import Recipe, recipe_to_toml, select_metric
+from ftsgd.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
 from ftsgd.rundir import RunDir
+from ftsgd.tracking import TensorBoardLog
 from ftsgd.weights import copy_off_file, load_checkpoint_state
 
 __all__ = ["RunState", "Trainer"]
@@ -78,8 +88,10 @@ class RunState:
     """Optimizer steps already done in ``epoch``."""
     global_step: int = 0
     best_epoch: int = 0
-    """1-based epoch of the best ID-validation accuracy so far (0: none yet)."""
+    """1-based epoch of the best ``train.select_by`` value so far (0: none yet). Its value, and whether
+    ``train.patience`` stopped the run, follow from ``history``, so checkpoints need nothing more."""
     best_accuracy: float = -1.0
+    """ID-validation accuracy at ``best_epoch``."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One record per finished epoch (what metrics.jsonl holds)."""
     epoch_loss_sum: float = 0.0
@@ -148,6 +160,7 @@ class Trainer:
         self._signal = 0
         self._progress: TrainingProgress | None = None
         self._is_setup = False
+        self.tracker = TensorBoardLog(recipe.train.tensorboard_every)
 
     # ------------------------------------------------------------------------------------ set-up
 
@@ -160,6 +173,7 @@ class Trainer:
         ckpt = self.run.read_checkpoint() if self.resume else None
         self._setup_data()
         self._setup_model(from_checkpoint=ckpt is not None)
+        self._setup_regularisation()
         self._setup_optimizer()
         if ckpt is not None:
             self.load_checkpoint(ckpt)
@@ -171,6 +185,7 @@ class Trainer:
         self.class_names, splits = discover_splits(recipe.data)
         for message in ignored_warnings(splits, recipe.data.root):
             warn(message)
+        self._check_select_by(splits)
         self.fingerprint = fingerprint(self.class_names, splits)
         if self.resume:
             self._check_same_data()
@@ -223,7 +238,6 @@ class Trainer:
         self.model = self.prepared.model
         self.place_model()
         self.forward = torch.compile(self.model) if t.compile else self.model
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         data_config = self.prepared.data_config
         self.train_transform = build_transform(data_config, self.recipe.data.augment, training=True)
         self.eval_transform = build_transform(data_config, "none", training=False)
@@ -236,6 +250,24 @@ class Trainer:
             raise self._oom_error(exc) from None
         if self.recipe.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def _setup_regularisation(self) -> None:
+        """Mixup/CutMix with its soft-target loss (else cross-entropy), and the weights' EMA when on."""
+        self.mixup = build_mixup(self.recipe, len(self.class_names))
+        self.loss_fn = build_loss(self.recipe, self.mixup)
+        self.ema = build_ema(self.model, self.recipe)
+
+    def _check_select_by(self, splits: dict[str, Split]) -> None:
+        """``train.select_by`` must name a split that is evaluated every epoch (known once data is found)."""
+        split, _ = select_metric(self.recipe.train.select_by)
+        evaluated = [name for name in splits if name != "train"]
+        if split not in evaluated:
+            raise RecipeError(
+                [
+                    f"train.select_by: split {split!r} is not evaluated in this dataset; evaluated splits: "
+                    f"{', '.join(evaluated)} (data.val, data.eval_splits)"
+                ]
+            )
 
     def _setup_optimizer(self) -> None:
         embedding = self.prepared.embedding
@@ -255,6 +287,8 @@ class Trainer:
         if self._saved_step == self.state.global_step:
             return
         self.check_finite()
+        self.tracker.flush()  # the event files hold at least what the checkpoint has seen
+        ema = {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
         self.run.save_checkpoint(
             {
                 "model": self.model.state_dict(),
@@ -262,6 +296,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "state": asdict(self.state),
                 "rng": get_rng_state(),
+                **ema,
             }
         )
         self._saved_step = self.state.global_step
@@ -273,6 +308,12 @@ class Trainer:
         mapped during training and a second copy of the weights never lives for the whole run.
         """
         load_checkpoint_state(self.model, ckpt.pop("model"), self.run.checkpoint)
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise UsageError(
+                    f"cannot resume: {self.run.checkpoint} has no EMA weights; was train.ema_decay changed?"
+                )
+            load_checkpoint_state(self.ema.module, ckpt.pop("ema"), self.run.checkpoint)
         self.optimizer.load_state_dict(copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint))
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
@@ -293,19 +334,19 @@ class Trainer:
         progress = training_progress(
             self.quiet, epochs=self.recipe.train.epochs, steps_per_epoch=self.steps_per_epoch
         )
-        with progress, self._catch_signals(), self._run_errors():
+        with progress, self.tracker, self._catch_signals(), self._run_errors():
             self._progress = progress
             progress.message(self._start_message())
-            while self.state.epoch < self.recipe.train.epochs:
+            while not self.finished():
                 if not self.train_epoch():
                     return None
                 self.end_epoch(self.evaluate())
-                if self.state.epoch < self.recipe.train.epochs and (
-                    self._signal or self._max_steps_reached()
-                ):
+                if not self.finished() and (self._signal or self._max_steps_reached()):
                     if self._signal:
                         raise self._interrupted()
                     return None
+            if self.stopped_early():
+                progress.message(self._stop_message())
         summary = self.summary()
         self.run.write_summary(summary)
         return summary
@@ -320,6 +361,9 @@ class Trainer:
             self.run.start(self.recipe)
         if self._data_changed or not self.resume:
             self.run.write_dataset(self.fingerprint)
+        if self.recipe.train.tensorboard:
+            resume_step = self.state.global_step if self.resume else None
+            self.tracker.open(self.run.path, recipe_to_toml(self.recipe), resume_step=resume_step)
         self.run.write_skipped(self.skipped)
         if self.skipped:
             warn(
@@ -354,6 +398,8 @@ class Trainer:
             The summed loss over the batch's images and the number predicted correctly.
         """
         self.optimizer.zero_grad(set_to_none=True)
+        if self.mixup is not None:  # soft targets from here on; the loss is timm's SoftTargetCrossEntropy
+            x, y = self.mix(x, y)
         n = len(y)
         loss_total = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -364,25 +410,33 @@ class Trainer:
             loss = self.loss_fn(logits.float(), ys)
             self.scaler.scale(loss * (len(ys) / n)).backward()
             loss_total += loss.detach() * len(ys)
-            correct += (logits.detach().argmax(dim=1) == ys).sum()
+            correct += (logits.detach().argmax(dim=1) == hard_labels(ys)).sum()
         if not isinstance(self.optimizer, StepInBackward):  # which already updated during backward
             if self.recipe.train.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.recipe.train.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.global_step + 1)
         # both statistics in one device-to-host copy: one GPU sync per step, not two
         loss_sum, hits = torch.stack([loss_total.double(), correct.double()]).tolist()
         return loss_sum, int(hits)
 
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix of a batch, seeded by ``(train.seed, epoch, step)`` so a resumed run mixes alike."""
+        assert self.mixup is not None
+        seed = mix_seed(self.recipe.train.seed, self.state.epoch, self.state.step_in_epoch)
+        return mix_batch(self.mixup, x, y, seed)
+
     def evaluate(self) -> dict[str, dict[str, Any]]:
-        """Accuracy, loss and per-class accuracy of the current weights on every evaluation split."""
+        """Accuracy, loss and per-class accuracy of the current weights (their EMA when on) on every split."""
         return {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
 
     def evaluate_split(self, split: Split) -> dict[str, Any]:
         """:func:`ftsgd.evaluate.evaluate` on one split, under the run's device and precision."""
         return evaluate(
-            self.forward,
+            self.ema.module if self.ema is not None else self.forward,
             self.eval_loader(split),
             device=self.device,
             class_names=self.class_names,
@@ -394,12 +448,13 @@ class Trainer:
         """Record the finished epoch, export the weights when it is the best so far, and checkpoint."""
         state = self.state
         record = self._epoch_record(results)
-        best = results["val"]["accuracy"] > state.best_accuracy
+        best = self.improves(results)
         if best:
             state.best_accuracy, state.best_epoch = results["val"]["accuracy"], state.epoch + 1
             self.export()
         record["peak_memory_bytes"] = peak_memory_bytes(self.device)  # evaluation and export included
         state.history.append(record)
+        self.tracker.epoch(record)
         state.next_epoch()
         self._saved_step = None  # the epoch's end is a new state even at the same global step
         self.save_checkpoint()
@@ -408,15 +463,47 @@ class Trainer:
         self._progress_or_quiet().end_epoch(record, best)
 
     def export(self) -> None:
-        """Write the current weights as ``model.safetensors`` + ``config.json``."""
+        """Write the current weights as ``model.safetensors`` + ``config.json`` (their EMA when that is on)."""
         export_model(
-            self.model,
+            self.ema.module if self.ema is not None else self.model,
             self.run.weights,
             architecture=self.recipe.model.name,
             class_names=self.class_names,
             data_config=self.prepared.data_config,
             recipe_name=self.recipe.name,
             model_kwargs=dict(self.recipe.model.kwargs),
+        )
+
+    # ------------------------------------------------------------------------------------ selection
+
+    def selected_value(self, splits: dict[str, dict[str, Any]]) -> float:
+        """The ``train.select_by`` metric in one epoch's split results."""
+        split, metric = select_metric(self.recipe.train.select_by)
+        return float(splits[split][metric])
+
+    def improves(self, results: dict[str, dict[str, Any]]) -> bool:
+        """Whether an epoch's results beat the best epoch so far (ties keep the earlier epoch)."""
+        state = self.state
+        if not state.best_epoch:
+            return True
+        value = self.selected_value(results)
+        best = self.selected_value(state.history[state.best_epoch - 1]["splits"])
+        return value < best if self.recipe.train.select_by.endswith(".loss") else value > best
+
+    def stopped_early(self) -> bool:
+        """Whether ``train.patience`` epochs passed without improvement before the last epoch."""
+        state, t = self.state, self.recipe.train
+        return bool(t.patience) and state.epoch < t.epochs and state.epoch - state.best_epoch >= t.patience
+
+    def finished(self) -> bool:
+        """Every epoch trained, or stopped early by ``train.patience``."""
+        return self.state.epoch >= self.recipe.train.epochs or self.stopped_early()
+
+    def _stop_message(self) -> str:
+        t, state = self.recipe.train, self.state
+        return (
+            f"stopped early after epoch {state.epoch}/{t.epochs}: {t.select_by} did not improve for "
+            f"{t.patience} epoch(s) (train.patience); best epoch {state.best_epoch}"
         )
 
     # ------------------------------------------------------------------------------------ loop helpers
@@ -490,6 +577,7 @@ class Trainer:
         state.epoch_correct += correct
         state.epoch_seen += n
         ips = state.epoch_seen / max(state.epoch_seconds, 1e-9)
+        self.tracker.step(state.global_step, loss_sum / n, correct / n, lr)
         self._progress_or_quiet().step(state.epoch, state.step_in_epoch, loss_sum / n, lr, ips)
         return now
 
@@ -564,6 +652,11 @@ class Trainer:
             "epochs": recipe.train.epochs,
             "steps": state.global_step,
             "best_epoch": state.best_epoch,
+            "select_by": recipe.train.select_by,
+            "best_value": self.selected_value(best["splits"]),
+            "stopped_early": self.stopped_early(),
+            "stop_epoch": state.epoch if self.stopped_early() else None,
+            "weights_exported": "ema" if self.ema is not None else "raw",
             "val_split": "val",
             "val_accuracy": best["splits"]["val"]["accuracy"] if "val" in best["splits"] else None,
             "best": best["splits"],

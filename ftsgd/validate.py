@@ -10,6 +10,7 @@ check so a user still sees every problem of a recipe in one message.
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from pathlib import Path
 
@@ -59,7 +60,26 @@ def environment_problems(recipe: Recipe) -> list[str]:
             f"optim.name: unknown optimizer {recipe.optim.name!r}; {hint}(sgd, adamw, or a timm optimizer name)"
         )
     problems.extend(_data_path_problems(recipe.data))
+    problems.extend(_missing_packages(recipe))
     return problems
+
+
+def _missing_packages(recipe: Recipe) -> list[str]:
+    """Optional packages the recipe needs that are not installed (found before any work is done)."""
+    if recipe.train.tensorboard and not _importable("tensorboard"):
+        return [
+            "train.tensorboard: needs the tensorboard package, which is not installed: "
+            "pip install 'ftsgd[tensorboard]' (or pip install tensorboard), or set train.tensorboard = false"
+        ]
+    return []
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _data_path_problems(d: DataConfig) -> list[str]:
