@@ -700,3 +700,33 @@ def test_preflight_checks_a_file_shared_by_two_splits_once(make_folder, monkeypa
     monkeypatch.setattr(ftsgd.data, "check_image", lambda p: seen.append(p) or real(p))
     ftsgd.data.preflight_scan(splits)
     assert len(seen) == 4
+
+
+def test_iter_image_files_streams_in_sorted_order_with_the_split_rules(tmp_path: Path) -> None:
+    from ftsgd.data import iter_image_files
+
+    root = tmp_path / "drop"
+    names = [
+        "b.png",
+        "a/x.jpg",
+        "a/sub/y.PNG",
+        "a-z.webp",
+        "a/.hidden.png",
+        ".cache/z.png",
+        "a/notes.txt",
+        "c.tif",
+    ]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    (root / "a" / "loop").symlink_to(root)  # followed, but never into a folder being walked
+    (root / "link").symlink_to(root / "a" / "sub")
+    got = list(iter_image_files(root))
+    kept = ["b.png", "a/x.jpg", "a/sub/y.PNG", "a-z.webp", "c.tif", "link/y.PNG"]
+    assert got == sorted(root / n for n in kept)
+
+    errors: list[OSError] = []
+    assert list(iter_image_files(root / "b.png", on_error=errors.append)) == []
+    assert len(errors) == 1 and isinstance(errors[0], NotADirectoryError)
+    with pytest.raises(NotADirectoryError):
+        list(iter_image_files(root / "b.png"))

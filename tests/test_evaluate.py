@@ -138,3 +138,18 @@ def test_matches_manual_computation_with_timm_model(image_folder: Path) -> None:
     )
     assert cl["accuracy"] == results["accuracy"]  # amp_dtype is ignored on CPU
     assert math.isclose(cl["loss"], results["loss"], rel_tol=1e-4)
+
+
+def test_confusion_matrix_counts_true_against_predicted() -> None:
+    names = ["a", "b", "c"]
+    labels = [0, 0, 0, 1, 1, 2, 2]
+    predicted = [0, 1, 2, 1, 1, 0, 0]
+    model = TableModel(_logits_for([[p] for p in predicted], 3))
+    results = evaluate(model, _loader(labels), device=CPU, class_names=names)
+    assert results["confusion"] == [[1, 1, 1], [0, 2, 0], [2, 0, 0]]
+    # accuracy and per-class numbers are read off the same matrix
+    for i, name in enumerate(names):
+        row = results["confusion"][i]
+        assert sum(row) == results["per_class"][name]["n"]
+        assert row[i] / sum(row) == results["per_class"][name]["accuracy"]
+    assert results["accuracy"] == 3 / 7
