@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from ftsgd import console
 from ftsgd.data import (
+    IgnoredTally,
     build_loader,
     discover_splits,
     ignored_warnings,
@@ -384,7 +385,8 @@ def predict_command(
         raise UsageError(f"unknown output {output!r}; use {', '.join(PREDICT_OUTPUTS)}")
     check_sources(paths)
     predictor = Predictor(weights, device=device, top_k=top_k)
-    items = iter_items(paths, stdin if stdin is not None else sys.stdin.buffer)
+    ignored = IgnoredTally()
+    items = iter_items(paths, stdin if stdin is not None else sys.stdin.buffer, ignored)
     stream = predictor.predict(items, batch_size=batch_size, workers=resolve_num_workers(workers))
     writer = PredictionWriter(output, predictor.top_k)
     tally = BadInputs()
@@ -393,6 +395,8 @@ def predict_command(
             tally.count(prediction)
             if prediction.error is None or on_bad_image == "error":
                 writer.write(prediction)
+    for message in ignored.messages(where="in the folders given"):
+        console.warn(message)
     return tally.finish(on_bad_image)
 
 

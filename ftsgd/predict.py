@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import torch
 
-from ftsgd.data import IMG_EXTENSIONS, check_image, iter_image_files, load_image
+from ftsgd.data import IMG_EXTENSIONS, IgnoredTally, check_image, iter_image_files, load_image
 from ftsgd.device import resolve_device
 from ftsgd.errors import FtsgdError, RunError, UsageError, first_line
 from ftsgd.evaluate import logits_of
@@ -116,31 +116,33 @@ def _ignore(_exc: OSError) -> None:
     """Unlistable sub-folders are reported while predicting; the pre-check only looks for one image."""
 
 
-def iter_items(sources: list[str], stdin: IO[bytes]) -> Iterator[Item]:
+def iter_items(sources: list[str], stdin: IO[bytes], ignored: IgnoredTally | None = None) -> Iterator[Item]:
     """Every input image, lazily, in order: files as given, folders walked, stdin read line by line.
 
     A file named directly (or on stdin) is always classified, whatever its extension; a folder
-    contributes the files with an image extension, recursively, in sorted order
-    (:func:`ftsgd.data.iter_image_files`). Stdin is read as bytes and decoded like the OS decodes file
-    names, so any name round-trips; empty lines are ignored.
+    contributes its image files by the rules of a dataset's class folders
+    (:func:`ftsgd.data.iter_image_files`), and what it leaves out is counted in ``ignored``. Stdin is
+    read as bytes and decoded like the OS decodes file names, so any name round-trips; empty lines are
+    skipped.
     """
     for source in sources:
         if source != STDIN:
-            yield from _expand(source)
+            yield from _expand(source, ignored)
             continue
         for line in stdin:
             path = os.fsdecode(line.rstrip(b"\r\n"))
             if path:
-                yield from _expand(path)
+                yield from _expand(path, ignored)
 
 
-def _expand(path: str) -> Iterator[Item]:
+def _expand(path: str, ignored: IgnoredTally | None) -> Iterator[Item]:
     """A file as one item; a folder as its image files, plus an error item per sub-folder it cannot list."""
     if not os.path.isdir(path):
         yield Item(path)
         return
     unlisted: list[OSError] = []
-    for file in iter_image_files(path, on_error=unlisted.append):
+    on_ignored = ignored.add if ignored is not None else None
+    for file in iter_image_files(path, on_error=unlisted.append, on_ignored=on_ignored):
         yield from _listing_errors(unlisted)
         yield Item(str(file))
     yield from _listing_errors(unlisted)

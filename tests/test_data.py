@@ -702,8 +702,8 @@ def test_preflight_checks_a_file_shared_by_two_splits_once(make_folder, monkeypa
     assert len(seen) == 4
 
 
-def test_iter_image_files_streams_in_sorted_order_with_the_split_rules(tmp_path: Path) -> None:
-    from ftsgd.data import iter_image_files
+def test_iter_image_files_streams_by_the_class_folder_rules(tmp_path: Path) -> None:
+    from ftsgd.data import REPEATED_FOLDER, IgnoredFile, iter_image_files
 
     root = tmp_path / "drop"
     names = [
@@ -714,16 +714,29 @@ def test_iter_image_files_streams_in_sorted_order_with_the_split_rules(tmp_path:
         "a/.hidden.png",
         ".cache/z.png",
         "a/notes.txt",
-        "c.tif",
+        "c.gif",
+        "elsewhere/w.jpeg",
     ]
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"")
-    (root / "a" / "loop").symlink_to(root)  # followed, but never into a folder being walked
-    (root / "link").symlink_to(root / "a" / "sub")
-    got = list(iter_image_files(root))
-    kept = ["b.png", "a/x.jpg", "a/sub/y.PNG", "a-z.webp", "c.tif", "link/y.PNG"]
-    assert got == sorted(root / n for n in kept)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.png").write_bytes(b"")
+    (root / "a" / "loop").symlink_to(tmp_path)  # a folder above: a loop, never followed
+    (root / "again").symlink_to(root / "a" / "sub")  # a second way to a folder: read once
+    (root / "0-out").symlink_to(outside)  # sorts first, but links are read after the real folders
+    ignored: list[IgnoredFile] = []
+    got = list(iter_image_files(root, on_ignored=ignored.append))
+    real = sorted(
+        root / n for n in ["b.png", "a/x.jpg", "a/sub/y.PNG", "a-z.webp", "c.gif", "elsewhere/w.jpeg"]
+    )
+    assert got == [*real, root / "0-out" / "o.png"]
+    assert sorted((i.path.name, i.reason) for i in ignored) == [
+        ("again", REPEATED_FOLDER),
+        ("loop", REPEATED_FOLDER),
+        ("notes.txt", ".txt"),
+    ]
 
     errors: list[OSError] = []
     assert list(iter_image_files(root / "b.png", on_error=errors.append)) == []

@@ -92,6 +92,9 @@ def test_folders_follow_the_image_rules_and_named_files_are_always_tried(
     expected = sorted([root / "b.png", root / "a/x.png", root / "a/sub/y.PNG", root / "a-z.png"])
     assert paths == [*map(str, expected), str(root / "notes.txt")]
     assert records(result.stdout)[-1]["error"].startswith("not an image")
+    # what a folder leaves out is said on stderr, as train and eval do (never dropped silently)
+    assert "ignored 1 file(s) that are not images in the folders given" in result.stderr
+    assert ".txt files (1): not an image type; e.g. " + str(root / "notes.txt") in result.stderr
 
 
 def _bad_inputs(tmp_path: Path, image_folder: Path) -> tuple[str, list[str]]:
