@@ -418,8 +418,9 @@ def eval_(
         console.print_json(results)
         return
     print_eval_results(results)
-    for name in results if png is not None else []:
-        console.info(f"heatmap: {confusion_png_path(png, name)}")
+    for name, r in results.items() if png is not None else []:
+        if "confusion" in r:
+            console.info(f"heatmap: {confusion_png_path(png, name)}")
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES)

@@ -31,7 +31,7 @@ from ftsgd.data import (
 from ftsgd.device import resolve_device
 from ftsgd.diagnose import GradientDiagnostic, diagnostic_to_dict, print_diagnostic
 from ftsgd.errors import DataError, RunError, UsageError
-from ftsgd.evaluate import evaluate
+from ftsgd.evaluate import CONFUSION_MAX_CLASSES, evaluate
 from ftsgd.export import inference_transform, load_exported_model
 from ftsgd.inspection import inspect_model, run_diagnostic
 from ftsgd.memory import format_bytes
@@ -319,6 +319,11 @@ def print_confusion(results: dict[str, dict[str, Any]]) -> None:
     """Each split's confusion matrix as a table (rows: true class, columns: predicted class)."""
     for name, r in results.items():
         classes = list(r["per_class"])
+        if "confusion" not in r:
+            console.info(
+                f"Confusion matrix ({name}): not counted for more than {CONFUSION_MAX_CLASSES} classes"
+            )
+            continue
         if len(classes) > CONFUSION_TABLE_LIMIT:
             console.info(
                 f"Confusion matrix ({name}): {len(classes)} classes are too many for a table; it is "

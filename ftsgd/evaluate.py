@@ -20,7 +20,11 @@ from torch.utils.data import DataLoader
 
 from ftsgd.device import autocast
 
-__all__ = ["evaluate", "logits_of"]
+__all__ = ["CONFUSION_MAX_CLASSES", "evaluate", "logits_of"]
+
+CONFUSION_MAX_CLASSES = 1024
+"""Classes up to which the confusion matrix is counted (1024 x 1024 counts are 8 MiB on the device). A
+21k-class model's matrix would take gigabytes; beyond this only the per-class counts are kept."""
 
 
 @torch.no_grad()
@@ -56,7 +60,8 @@ def evaluate(
         than five classes. ``accuracy``/``top5`` are fractions in [0, 1], ``loss`` the mean
         cross-entropy, ``per_class`` maps every class name to ``{"accuracy": float | None, "n": int}``,
         ``confusion[i][j]`` counts the images of class ``class_names[i]`` predicted as ``class_names[j]``
-        (rows: true class, columns: predicted class, both in ``class_names`` order).
+        (rows: true class, columns: predicted class, both in ``class_names`` order); ``confusion`` is
+        left out above :data:`CONFUSION_MAX_CLASSES` classes.
 
     Raises:
         ValueError: An empty loader, or logits whose width does not match ``class_names``.
@@ -69,7 +74,8 @@ def evaluate(
     model.eval()
 
     # confusion[true, predicted]; accuracy and per-class counts are its diagonal and row sums
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    full = num_classes <= CONFUSION_MAX_CLASSES
+    counts = torch.zeros(num_classes**2 if full else 2 * num_classes, dtype=torch.long, device=device)
     top5_correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     non_blocking = device.type == "cuda"
@@ -83,27 +89,34 @@ def evaluate(
                     "for the given class_names"
                 )
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
+            counts += _count(labels, logits.argmax(dim=1), num_classes, full)
             if want_top5:
                 top5 = logits.topk(5, dim=1).indices
                 top5_correct += (top5 == labels[:, None]).any(dim=1).sum()
     finally:
         model.train(was_training)
     # the one device-to-host copy (counts stay exact in float64 up to 2**53 images)
-    *counts, top5_hits, loss_total = torch.cat(
-        [confusion.double(), top5_correct.double()[None], loss_sum[None]]
+    *flat, top5_hits, loss_total = torch.cat(
+        [counts.double(), top5_correct.double()[None], loss_sum[None]]
     ).tolist()
-    return _results(class_names, [int(c) for c in counts], int(top5_hits), loss_total, want_top5)
+    return _results(class_names, [int(c) for c in flat], int(top5_hits), loss_total, want_top5, full)
+
+
+def _count(labels: torch.Tensor, predicted: torch.Tensor, k: int, full: bool) -> torch.Tensor:
+    """One batch's counts: confusion cells (``true * k + predicted``), or per-class totals then hits."""
+    if full:
+        return torch.bincount(labels * k + predicted, minlength=k * k)
+    return torch.bincount(torch.cat([labels, k + labels[predicted == labels]]), minlength=2 * k)
 
 
 def _results(
-    class_names: list[str], counts: list[int], top5_hits: int, loss_total: float, want_top5: bool
+    class_names: list[str], counts: list[int], top5_hits: int, loss_total: float, want_top5: bool, full: bool
 ) -> dict[str, Any]:
-    """:func:`evaluate`'s dictionary from the flat confusion counts and the summed top-5 hits and loss."""
+    """:func:`evaluate`'s dictionary from the flat counts (see :func:`_count`), top-5 hits and summed loss."""
     k = len(class_names)
-    matrix = [counts[i * k : (i + 1) * k] for i in range(k)]
-    total_l = [sum(row) for row in matrix]
-    correct_l = [matrix[i][i] for i in range(k)]
+    matrix = [counts[i * k : (i + 1) * k] for i in range(k)] if full else None
+    total_l = [sum(row) for row in matrix] if matrix else counts[:k]
+    correct_l = [matrix[i][i] for i in range(k)] if matrix else counts[k:]
     n = sum(total_l)
     if n == 0:
         raise ValueError("cannot evaluate on an empty loader")
@@ -116,7 +129,8 @@ def _results(
         name: {"accuracy": (c / t if t else None), "n": t}
         for name, c, t in zip(class_names, correct_l, total_l, strict=True)
     }
-    results["confusion"] = matrix
+    if matrix is not None:
+        results["confusion"] = matrix
     return results
 
 

@@ -276,6 +276,8 @@ def write_confusion_plots(results: dict[str, dict[str, Any]], out: Path) -> list
         raise UsageError(f"cannot create the plot folder {out}: {exc.strerror or exc}") from None
     written = []
     for split, r in results.items():
+        if "confusion" not in r:  # not counted for this many classes
+            continue
         title = f"{split}: accuracy {100 * r['accuracy']:.2f}% ({r['n']} images)"
         path = out / CONFUSION.format(split=split)
         save_png(confusion_figure(r["confusion"], list(r["per_class"]), title), path)

@@ -59,8 +59,10 @@ def test_many_classes_point_to_json_and_png(capsys: pytest.CaptureFixture[str]) 
     matrix = [[int(i == j) for j in range(21)] for i in range(21)]
     few = {"accuracy": 1.0, "per_class": {"a": {}, "b": {}}, "confusion": [[1, 0], [0, 1]]}
     many = {"accuracy": 1.0, "per_class": {c: {} for c in classes}, "confusion": matrix}
-    print_confusion({"val": few, "big": many})
+    huge = {"accuracy": 1.0, "per_class": {c: {} for c in classes}}  # no matrix: too many classes to count
+    print_confusion({"val": few, "big": many, "huge": huge})
     out = capsys.readouterr().out
+    assert "Confusion matrix (huge): not counted for more than 1024 classes" in out
     assert "Confusion matrix: val" in out
     assert "Confusion matrix (big): 21 classes are too many for a table" in out and "--json" in out
     assert "--png DIR" in out and "c20" not in out
