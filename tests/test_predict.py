@@ -261,3 +261,12 @@ def test_file_names_that_are_not_utf8(trained_run: Path, image_folder: Path, tmp
     as_csv = subprocess.run(_cli(trained_run, str(folder), "--csv"), capture_output=True, check=False)
     assert as_csv.returncode == 0, as_csv.stderr
     assert len(as_csv.stdout.splitlines()) == 2 and b"caf" in as_csv.stdout
+
+
+def test_help_of_predict_and_export() -> None:
+    for command in ("predict", "export"):
+        result = runner.invoke(app, [command, "-h"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, command
+        text = " ".join(result.stdout.split())
+        assert "Examples" in text and "Exit codes: 0 done; 1 the run failed; 2 bad usage" in text, command
+        assert "<bool>" not in result.stdout
