@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from ftsgd import __version__, console
-from ftsgd.errors import FtsgdError, UsageError
+from ftsgd.errors import FtsgdError, Interrupted, UsageError
 from ftsgd.recipe import DEFAULT_RECIPE
 
 app = typer.Typer(
@@ -63,7 +63,8 @@ def _user_errors() -> Iterator[None]:
     except FtsgdError as exc:
         if os.environ.get("FTSGD_DEBUG") == "1":
             raise
-        console.error(str(exc))
+        if not (isinstance(exc, Interrupted) and console.secondary_rank()):  # rank 0 says how to resume
+            console.error(str(exc))
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -196,6 +197,15 @@ def inspect(
             "--img-size", min=8, help="Input resolution (sets data.img_size) [default: the model's]."
         ),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Also estimate the memory per GPU of a torchrun job of N processes, with DDP and with FSDP "
+            "(train.shard).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
@@ -212,6 +222,8 @@ def inspect(
         ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 --json
 
         ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
+
+        ftsgd inspect vit_giant_patch14_clip_224 --nproc 8
     """
     from ftsgd.commands import inspect_command, print_inspect
 
@@ -221,7 +233,9 @@ def inspect(
         shorthands = {"model.name": model or model_opt, "model.weights": weights}
         size = [f"data.img_size={img_size}"] if img_size is not None else []
         overrides = [*_overrides(sets, **shorthands), *size]
-        report = inspect_command(recipe, overrides, num_classes=num_classes, batch_size=batch_size)
+        report = inspect_command(
+            recipe, overrides, num_classes=num_classes, batch_size=batch_size, nproc=nproc
+        )
     if as_json:
         console.print_json(report)
     else:

@@ -87,7 +87,7 @@ def train_command(
         if not quiet:
             console.info(
                 f"stopped after {trainer.state.global_step} steps (--max-steps {max_steps}); continue with:\n"
-                f"  {run.resume_command(resolved.data.root)}"
+                f"  {trainer.resume_command()}"
             )
     elif not quiet:
         print_train_results(summary)
@@ -229,10 +229,17 @@ def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
 
 
 def inspect_command(
-    recipe: str, overrides: list[str], *, num_classes: int | None, batch_size: int | None
+    recipe: str,
+    overrides: list[str],
+    *,
+    num_classes: int | None,
+    batch_size: int | None,
+    nproc: int | None = None,
 ) -> dict[str, Any]:
     """``ftsgd inspect``: the embedding found, what the recipe freezes and the memory it saves."""
-    return inspect_model(load_checked_recipe(recipe, overrides), num_classes, batch_size=batch_size)
+    return inspect_model(
+        load_checked_recipe(recipe, overrides), num_classes, batch_size=batch_size, nproc=nproc
+    )
 
 
 def print_inspect(r: dict[str, Any]) -> None:
@@ -265,6 +272,24 @@ def print_inspect(r: dict[str, Any]) -> None:
         ]
     )
     console.print_table("Training-state memory estimate", ["", "bytes"], _memory_rows(r["memory"]))
+    if "memory_per_process" in r:
+        _print_job_memory(r["memory_per_process"])
+
+
+def _print_job_memory(m: dict[str, Any]) -> None:
+    """``inspect --nproc N``: memory per GPU with DDP and with FSDP, side by side."""
+    kinds = [
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer state", "optimizer_state"),
+        (f"activations (batch {m['micro_batch']} per GPU)", "activations"),
+        ("gathered blocks (FSDP)", "gathered"),
+        ("total per GPU", "total"),
+    ]
+    rows = [[label, format_bytes(m["ddp"][key]), format_bytes(m["fsdp"][key])] for label, key in kinds]
+    console.print_table(
+        f"Memory per GPU with {m['nproc']} processes (torchrun)", ["", "DDP", "FSDP (train.shard)"], rows
+    )
 
 
 def _memory_rows(m: dict[str, Any]) -> list[list[str]]:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ftsgd.device import autocast
+from ftsgd.distributed import all_reduce_sum, multi_process
 
 
 @torch.no_grad()
@@ -57,7 +58,6 @@ def evaluate(
     want_top5 = num_classes > 5
     was_training = model.training
     model.eval()
-
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     top5_correct = torch.zeros((), dtype=torch.long, device=device)
@@ -71,7 +71,8 @@ def evaluate(
             labels = labels.to(device, non_blocking=non_blocking)
             with autocast(device, amp_dtype):
                 out = model(images)
-            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            # [: len(labels)]: blank images (data.BlankFill) of a job's process without images count for nothing
+            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()[: len(labels)]
             if logits.ndim != 2 or logits.shape[1] != num_classes:
                 raise ValueError(
                     f"model returned logits of shape {tuple(logits.shape)}, expected (batch, {num_classes}) "
@@ -87,6 +88,7 @@ def evaluate(
     finally:
         model.train(was_training)
 
+    correct, total, top5_correct, loss_sum = _sum_over_processes(correct, total, top5_correct, loss_sum)
     total_l, correct_l = total.tolist(), correct.tolist()
     n = sum(total_l)
     if n == 0:
@@ -101,3 +103,21 @@ def evaluate(
         for name, c, t in zip(class_names, correct_l, total_l, strict=True)
     }
     return results
+
+
+def _sum_over_processes(
+    correct: torch.Tensor, total: torch.Tensor, top5_correct: torch.Tensor, loss_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The counts and loss sums of every process of a multi-process job added up, in one all-reduce.
+
+    Each process evaluated a disjoint part of the split (nothing padded, nothing twice), so the sums
+    are exactly the one-process counts. Counts travel as float64, exact far beyond any dataset size.
+    In a one-process run the tensors come back unchanged.
+    """
+    if not multi_process():
+        return correct, total, top5_correct, loss_sum
+    k = correct.numel()
+    packed = torch.cat([correct.double(), total.double(), top5_correct.double().view(1), loss_sum.view(1)])
+    all_reduce_sum(packed)
+    counts = packed[: 2 * k + 1].round().long()
+    return counts[:k], counts[k : 2 * k], counts[2 * k], packed[-1]

@@ -6,12 +6,14 @@ Kept apart from the CLI so that the same data feeds the rich table, the plain li
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from ftsgd.device import resolve_amp, resolve_device
 from ftsgd.errors import ModelError
 from ftsgd.freeze import top_level_blocks
-from ftsgd.memory import estimate_memory, measure_activations
+from ftsgd.memory import MemoryEstimate, estimate_memory, job_memory, measure_activations
+from ftsgd.parallel import shard_units
 from ftsgd.prepare import PreparedModel, prepare_model
 from ftsgd.recipe import Recipe
 
@@ -23,6 +25,7 @@ def inspect_model(
     batch_size: int | None = None,
     img_size: int | None = None,
     activations: bool = True,
+    nproc: int | None = None,
 ) -> dict[str, Any]:
     """Build the recipe's model and describe its embedding, frozen parameters and memory.
 
@@ -34,6 +37,8 @@ def inspect_model(
         img_size: input resolution; None uses ``data.img_size`` or the model's own.
         activations: measure activation memory (training-mode forward passes on the recipe's device,
             under its autocast dtype, with its freezing and gradient checkpointing).
+        nproc: also estimate the memory per GPU of a ``torchrun`` job of this many processes, with DDP and
+            with FSDP (``train.shard``): ``memory_per_process``.
 
     Returns:
         A JSON-ready dict; the keys ``model``, ``policy``, ``embedding``, ``frozen``,
@@ -53,6 +58,9 @@ def inspect_model(
     report = prepared.freeze_report()
     weights = report.pop("weights_report")
     embedding = prepared.embedding
+    per_process = (
+        _job(prepared, recipe, memory, input_size, batch_size, nproc, activations) if nproc else None
+    )
     return {
         "model": recipe.model.name,
         "recipe": recipe.name,
@@ -71,7 +79,35 @@ def inspect_model(
             "activations_method": measured.method if measured else "not measured",
         },
         "weights": weights,
+        **({"memory_per_process": per_process} if per_process else {}),
     }
+
+
+def _job(
+    prepared: PreparedModel,
+    recipe: Recipe,
+    estimate: MemoryEstimate,
+    input_size: tuple[int, ...],
+    batch_size: int | None,
+    nproc: int,
+    activations: bool,
+) -> dict[str, Any]:
+    """Memory per GPU with ``nproc`` processes; activations at the micro-batch each GPU then runs.
+
+    The global batch is shared by the processes, so a GPU runs ``min(micro_batch_size, batch_size / N)``
+    images per forward pass (``--batch-size`` sets it directly).
+    """
+    t = recipe.train
+    micro = batch_size or min(t.micro_batch_size or t.batch_size, math.ceil(t.batch_size / nproc))
+    measured = _measure(prepared, recipe, input_size, micro) if activations else None
+    per_gpu = job_memory(
+        prepared.model,
+        estimate,
+        nproc,
+        units=shard_units(prepared.model),
+        activations=measured.bytes if measured else 0,
+    )
+    return {"nproc": nproc, "micro_batch": micro, **{k: dataclasses.asdict(v) for k, v in per_gpu.items()}}
 
 
 def _measure(
