@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
+from ftsgd.distributed import gather_objects
 from ftsgd.errors import DataError
 from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
 
@@ -491,6 +492,7 @@ def preflight_scan(
     root: Path | str | None = None,
     workers: int = 0,
     train_split: str | None = "train",
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Split], list[BadImage]]:
     """Decode every file of every split once, before any model is built, so bad data fails in seconds.
 
@@ -504,6 +506,8 @@ def preflight_scan(
         train_split: Key of the training split: with ``skip``, every one of its classes must keep at
             least one image (a class that is never trained on is not a usable task). ``None`` for
             evaluation-only scans.
+        shard: ``(rank, world)`` in a multi-process job: each process decodes every ``world``-th file
+            and the failures are gathered, so the job scans the dataset once, not once per process.
 
     Returns:
         ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
@@ -520,7 +524,13 @@ def preflight_scan(
     for name, split in splits.items():
         for path, _ in split.samples:
             owner.setdefault(path, name)
-    failed = scan_images(owner, workers=workers)
+    if shard is None:
+        failed = scan_images(owner, workers=workers)
+    else:
+        rank, world = shard
+        failed = {}
+        for part in gather_objects(scan_images(list(owner)[rank::world], workers=workers)):
+            failed.update(part)
     bad = [BadImage(path, owner[path], *failed[path]) for path in owner if path in failed]
     if not bad:
         return splits, []

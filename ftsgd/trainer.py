@@ -216,7 +216,11 @@ class Trainer:
         self.class_names, splits = discover_splits(recipe.data)
         # "skip" must drop bad files before the epoch order (a function of the sample list) exists.
         splits, self.skipped = preflight_scan(
-            splits, on_bad_image=recipe.data.on_bad_image, root=recipe.data.root, train_split="train"
+            splits,
+            on_bad_image=recipe.data.on_bad_image,
+            root=recipe.data.root,
+            train_split="train",
+            shard=(self.world.rank, self.world.size) if self.world.distributed else None,
         )
         self.splits = splits
         self.train_split = splits["train"]

@@ -325,9 +325,14 @@ def test_a_rank_that_fails_ends_the_job_naming_it(data: Path) -> None:
 
 
 def test_sigterm_stops_every_rank_at_the_same_step_and_saves_once(data: Path) -> None:
+    """Also: the pre-flight scan is shared (each process decodes half the files) and still finds every bad one."""
+    bad_data = data.parent / "term-data"
+    shutil.copytree(data, bad_data)
+    for split in ("train", "val"):
+        (bad_data / split / "circle" / "zz-broken.png").write_bytes(b"not an image")
     out = data.parent / "term"
-    sets = [*VIT, "train.checkpoint_every=0", "train.epochs=3"]
-    job = Job(_train_args(data, out, sets), data.parent, "term", fault="delay=0.4")
+    sets = [*VIT, "train.checkpoint_every=0", "train.epochs=3", 'data.on_bad_image="skip"']
+    job = Job(_train_args(bad_data, out, sets), data.parent, "term", fault="delay=0.4")
     pid = job.wait_for_steps(rank=1, n=2)
     os.kill(pid, signal.SIGTERM)  # one process first, as a scheduler's signal may land
     assert job.wait() != 0
@@ -342,6 +347,9 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_saves_once(data: Path) ->
     )
     assert "interrupted by SIGTERM; checkpoint saved" in job.stderr()
     assert "[rank 1] error" not in job.stderr()
+    assert {rank for rank, _ in writes} == {"0"}
+    skipped = (out / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[1] for line in skipped) == ["train", "val"]
 
 
 # ------------------------------------------------------------------------------------------ FSDP
