@@ -793,11 +793,9 @@ class Trainer:
         except torch.OutOfMemoryError as exc:
             raise self._oom_error(exc) from None
         except Exception as exc:
-            if self.world.distributed and is_peer_failure(exc):
-                raise self._peer_error(exc) from exc
-            if (
-                self._signal and not self.world.distributed
-            ):  # e.g. a DataLoader worker killed by the same Ctrl-C
+            if self.world.distributed:
+                self._raise_job_error(exc)
+            elif self._signal:  # e.g. a DataLoader worker killed by the same Ctrl-C
                 raise self._interrupted() from None
             if self.recipe.train.compile and _is_compile_error(exc):
                 raise RunError(
@@ -828,6 +826,21 @@ class Trainer:
         if not self.world.distributed:
             return command
         return f"torchrun <the same torchrun options> -m {command}"
+
+    def _raise_job_error(self, exc: Exception) -> None:
+        """Failures only a multi-process job has, as user-facing errors (returns for any other error).
+
+        No checkpoint is attempted on any error of a job: it needs every process, and the others may be
+        gone or somewhere else in the step.
+        """
+        if is_peer_failure(exc):
+            raise self._peer_error(exc) from exc
+        if "not used in producing loss" in str(exc):
+            raise RunError(
+                f"{self.recipe.model.name} has trainable parameters that take no part in the forward pass, and "
+                "DDP waits for a gradient of every trainable parameter; freeze them (freeze.patterns) or train "
+                "on one process"
+            ) from exc
 
     def _peer_error(self, exc: BaseException) -> RunError:
         """A collective failed: another process of the job died, failed, or stopped answering.
