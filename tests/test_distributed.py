@@ -289,23 +289,28 @@ def test_batchnorm_cnn_matches_one_process(data: Path, micro: int) -> None:
 # ------------------------------------------------------------------------------------------ faults
 
 
-def test_killed_job_resumes_bitwise_on_two_processes_and_closely_on_one(
-    data: Path, single_vit: Path, job_vit: Job
-) -> None:
+@pytest.fixture(scope="module")
+def killed(data: Path) -> Path:
+    """The ViT job with its rank 1 killed by SIGKILL after 5 steps: its run directory, to copy from."""
     out = data.parent / "killed"
     job = Job(_train_args(data, out, VIT, "--quiet"), data.parent, "killed", fault="delay=0.3")
     pid = job.wait_for_steps(rank=1, n=5)
     os.kill(pid, signal.SIGKILL)
     assert job.wait() != 0
     assert "rank      : 1" in job.stderr()  # torchrun names the rank that died
-    saved = _checkpoint(out)["state"]["global_step"]
-    assert 4 <= saved < STEPS
-    one = data.parent / "killed-one"
-    shutil.copytree(out, one)
+    assert 4 <= _checkpoint(out)["state"]["global_step"] < STEPS
+    return out
 
-    resumed = Job(_resume_args(data, out), data.parent, "resumed")
+
+def test_killed_job_resumes_bitwise_on_two_processes_and_closely_on_one(
+    data: Path, single_vit: Path, job_vit: Job, killed: Path
+) -> None:
+    two, one = data.parent / "killed-two", data.parent / "killed-one"
+    shutil.copytree(killed, two)
+    shutil.copytree(killed, one)
+    resumed = Job(_resume_args(data, two), data.parent, "resumed")
     assert resumed.wait() == 0, resumed.stderr()
-    _assert_bitwise_identical(data.parent / "job-vit", out)
+    _assert_bitwise_identical(data.parent / "job-vit", two)
 
     _single(data, one, VIT, resume=True)  # the 2-process checkpoint on 1 process
     _assert_weights_close(single_vit, one)
@@ -355,27 +360,28 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_saves_once(data: Path) ->
 # ------------------------------------------------------------------------------------------ FSDP
 
 
-def test_sharded_fsdp_job_trains_checkpoints_and_resumes(data: Path, single_vit: Path) -> None:
+def test_sharded_fsdp_job_resumes_a_ddp_checkpoint_trains_and_checkpoints(
+    data: Path, single_vit: Path, killed: Path
+) -> None:
+    """The killed DDP job finished with train.shard = true: FSDP2 loads the one-process-format checkpoint,
+    trains (reduce-scatter, sharded SGD momentum), writes checkpoints and the export gathered on rank 0."""
     out = data.parent / "fsdp"
-    sets = [*VIT, "train.shard=true"]
-    first = Job(_train_args(data, out, sets, "--quiet", "--max-steps", "5"), data.parent, "fsdp")
-    assert first.wait() == 0, first.stderr()
-    ckpt = _checkpoint(out)
-    assert ckpt["state"]["global_step"] == 5
-    plain = _checkpoint(single_vit)["optimizer"]
-    assert sorted(ckpt["optimizer"]["state"]) == sorted(plain["state"])  # one-process format (indices)
-    one = data.parent / "fsdp-one"
-    shutil.copytree(out, one)
-
-    second = Job(_resume_args(data, out), data.parent, "fsdp-resumed")
-    assert second.wait() == 0, second.stderr()
-    _assert_weights_close(single_vit, out)
+    shutil.copytree(killed, out)
+    recipe = (out / "recipe.toml").read_text()
+    assert recipe.count("\nshard = false\n") == 1
+    (out / "recipe.toml").write_text(recipe.replace("\nshard = false\n", "\nshard = true\n"))
+    job = Job(_resume_args(data, out), data.parent, "fsdp")
+    assert job.wait() == 0, job.stderr()
     assert json.loads((out / "summary.json").read_text())["sharded"] is True
+    _assert_weights_close(single_vit, out)
+    sharded, plain = _checkpoint(out)["optimizer"], _checkpoint(single_vit)["optimizer"]
+    assert sorted(sharded["state"]) == sorted(plain["state"])  # one-process format: parameter indices
+    for i, state in plain["state"].items():  # momentum buffers gathered onto the right parameters
+        torch.testing.assert_close(
+            sharded["state"][i]["momentum_buffer"], state["momentum_buffer"], rtol=0, atol=1e-5
+        )
     exported = load_file(out / "model.safetensors")
     assert exported.keys() == load_file(single_vit / "model.safetensors").keys()
-
-    _single(data, one, VIT, resume=True)  # a sharded checkpoint resumed without FSDP
-    _assert_weights_close(single_vit, one)
 
 
 # ------------------------------------------------------------------------------------------ in-process
