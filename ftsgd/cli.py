@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from ftsgd import __version__, console
-from ftsgd.errors import FtsgdError, UsageError
+from ftsgd.errors import FtsgdError, Interrupted, UsageError
 from ftsgd.recipe import DEFAULT_RECIPE
 
 EXIT_CODES = (
@@ -103,6 +103,15 @@ BatchesOpt = Annotated[
     int | None,
     typer.Option("--batches", min=1, help="Training batches the diagnostic averages over (default 8)."),
 ]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Also estimate the memory per GPU of a torchrun job of N processes, with DDP and with FSDP "
+        "(train.shard).",
+    ),
+]
 PngOpt = Annotated[
     Path | None, typer.Option("--png", help="Also plot the diagnostic's gradient norms to this PNG file.")
 ]
@@ -120,7 +129,8 @@ def _user_errors() -> Iterator[None]:
     except FtsgdError as exc:
         if os.environ.get("FTSGD_DEBUG") == "1":
             raise
-        console.error(str(exc))
+        if not (isinstance(exc, Interrupted) and console.secondary_rank()):  # rank 0 says how to resume
+            console.error(str(exc))
         raise typer.Exit(exc.exit_code) from None
     except BrokenPipeError:
         # `ftsgd ... | head`: the reader is gone. Stop quietly with the status a process killed by SIGPIPE
@@ -249,6 +259,7 @@ def inspect(
     data: DiagnosticDataOpt = None,
     batches: BatchesOpt = None,
     png: PngOpt = None,
+    nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
@@ -270,6 +281,8 @@ def inspect(
         ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
 
         ftsgd inspect convnext_tiny --weights convnext_tiny.safetensors --data ~/data/birds --png grads.png
+
+        ftsgd inspect vit_giant_patch14_clip_224 --nproc 8
     """
     from ftsgd.commands import inspect_command, print_inspect
 
@@ -287,6 +300,7 @@ def inspect(
             data=data,
             batches=batches,
             png=png,
+            nproc=nproc,
         )
     if as_json:
         console.print_json(report)

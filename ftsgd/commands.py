@@ -8,7 +8,9 @@ them into a message and an exit code.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import os
 import re
@@ -30,6 +32,7 @@ from ftsgd.data import (
 )
 from ftsgd.device import resolve_device
 from ftsgd.diagnose import GradientDiagnostic, diagnostic_to_dict, print_diagnostic
+from ftsgd.distributed import decided_by_rank0, launched_world_size
 from ftsgd.errors import DataError, RunError, UsageError
 from ftsgd.evaluate import CONFUSION_MAX_CLASSES, evaluate
 from ftsgd.export import inference_transform, load_exported_model
@@ -50,7 +53,7 @@ from ftsgd.recipe import (
 )
 from ftsgd.rundir import RunDir, locked
 from ftsgd.synthetic import make_image_folder
-from ftsgd.trainer import Trainer
+from ftsgd.trainer import Trainer, join_job_with
 from ftsgd.validate import load_checked_recipe
 
 __all__ = [
@@ -92,8 +95,10 @@ def train_command(
     """
     run = RunDir(out)
     wanted = resolve_train_recipe(recipe, overrides, data) if (recipe or overrides or not resume) else None
-    with locked(out):
-        resolved, resume = _resume_plan(run, wanted, data) if resume else (_new_run(run, wanted), False)
+    with contextlib.ExitStack() as held:
+        _join_job(run, wanted, data)
+        plan = functools.partial(_locked_plan, held, run, wanted, data, resume)
+        resolved, resume = decided_by_rank0(plan)  # under torchrun: rank 0 locks and decides for the job
         if resolved is None:
             return _finished(run, quiet)
         trainer = Trainer(
@@ -111,11 +116,35 @@ def train_command(
     if summary is None:
         console.info(
             f"stopped after {trainer.state.global_step} steps (--max-steps {max_steps}); continue with:\n"
-            f"  {run.resume_command(resolved.data.root)}"
+            f"  {trainer.resume_command()}"
         )
     else:
         print_train_results(summary)
     return summary
+
+
+def _join_job(run: RunDir, wanted: Recipe | None, data: Path) -> None:
+    """Under torchrun, join the job before anything touches the run directory (a no-op otherwise).
+
+    Joining waits for every process, so the directory is read by all of them before rank 0 changes it.
+    """
+    if launched_world_size() < 2:
+        return
+    own = run.read_recipe(data, for_resume=False) if wanted is None and run.recipe_file.is_file() else None
+    join_job_with(wanted or own or Recipe())
+
+
+def _locked_plan(
+    held: contextlib.ExitStack, run: RunDir, wanted: Recipe | None, data: Path, resume: bool
+) -> tuple[Recipe | None, bool]:
+    """Lock the run directory (for as long as ``held`` lasts) and decide what to train: ``(recipe, resume)``.
+
+    ``(None, False)``: the run is finished. Only one process of a job calls this (rank 0).
+    """
+    held.enter_context(locked(run.path))
+    if resume:
+        return _resume_plan(run, wanted, data)
+    return _new_run(run, wanted), False
 
 
 def _new_run(run: RunDir, wanted: Recipe | None) -> Recipe | None:
@@ -529,6 +558,7 @@ def inspect_command(
     data: Path | None = None,
     batches: int | None = None,
     png: Path | None = None,
+    nproc: int | None = None,
 ) -> tuple[dict[str, Any], GradientDiagnostic | None]:
     """``ftsgd inspect``: the embedding found, what the recipe freezes and the memory it saves.
 
@@ -541,7 +571,7 @@ def inspect_command(
     if data is not None:
         diagnostic = run_diagnostic(loaded, data, batches, png, num_classes)
         num_classes = diagnostic.num_classes
-    report = inspect_model(loaded, num_classes, batch_size=batch_size)
+    report = inspect_model(loaded, num_classes, batch_size=batch_size, nproc=nproc)
     if diagnostic is not None:
         report["gradient_diagnostic"] = diagnostic_to_dict(diagnostic)
     return report, diagnostic
@@ -578,8 +608,26 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
         ]
     )
     console.print_table("Training-state memory estimate", ["", "bytes"], _memory_rows(r["memory"]))
+    if "memory_per_process" in r:
+        _print_job_memory(r["memory_per_process"])
     if diagnostic is not None:
         print_diagnostic(diagnostic)
+
+
+def _print_job_memory(m: dict[str, Any]) -> None:
+    """``inspect --nproc N``: memory per GPU with DDP and with FSDP, side by side."""
+    kinds = [
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer state", "optimizer_state"),
+        (f"activations (batch {m['micro_batch']} per GPU)", "activations"),
+        ("gathered blocks (FSDP)", "gathered"),
+        ("total per GPU", "total"),
+    ]
+    rows = [[label, format_bytes(m["ddp"][key]), format_bytes(m["fsdp"][key])] for label, key in kinds]
+    console.print_table(
+        f"Memory per GPU with {m['nproc']} processes (torchrun)", ["", "DDP", "FSDP (train.shard)"], rows
+    )
 
 
 def _print_learning_rates(r: dict[str, Any]) -> None:

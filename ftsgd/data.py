@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
+from ftsgd.distributed import gather_objects
 from ftsgd.errors import DataError
 from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
 
@@ -931,6 +932,7 @@ def preflight_scan(
     root: Path | str | None = None,
     workers: int = 0,
     train_split: str | None = "train",
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Split], list[BadImage]]:
     """Decode every file of every split once, before any model is built, so bad data fails in seconds.
 
@@ -944,6 +946,8 @@ def preflight_scan(
         train_split: Key of the training split: with ``skip``, every one of its classes must keep at
             least one image (a class that is never trained on is not a usable task). ``None`` for
             evaluation-only scans.
+        shard: ``(rank, world)`` in a multi-process job: each process decodes every ``world``-th file
+            and the failures are gathered, so the job scans the dataset once, not once per process.
 
     Returns:
         ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
@@ -960,7 +964,13 @@ def preflight_scan(
     for name, split in splits.items():
         for path, _ in split.samples:
             owner.setdefault(path, name)
-    failed = scan_images(owner, workers=workers)
+    if shard is None:
+        failed = scan_images(owner, workers=workers)
+    else:
+        rank, world = shard
+        failed = {}
+        for part in gather_objects(scan_images(list(owner)[rank::world], workers=workers)):
+            failed.update(part)
     bad = [BadImage(path, owner[path], *failed[path]) for path in owner if path in failed]
     if not bad:
         return splits, []
@@ -1152,6 +1162,88 @@ class EpochSampler(Sampler[int]):
         return max(0, self.num_samples - self.start)
 
 
+@dataclass(frozen=True)
+class BatchShard:
+    """The part of one global batch that one process of a ``torchrun`` job trains on.
+
+    The global batch (``train.batch_size`` images in the ``(seed, epoch)`` order, fewer at an epoch's
+    end) is cut into micro-batches of ``chunk`` consecutive images, exactly as one process cuts it,
+    and the micro-batches are dealt to the processes in contiguous, balanced groups. So every
+    micro-batch is one that a one-process run with ``train.micro_batch_size = chunk`` computes too.
+
+    Attributes:
+        lo: First position (in the global batch) of this process's images.
+        hi: One past its last position; ``lo == hi`` when this process gets no image of a small
+            last batch (it still takes part in the step's collectives).
+        first: Index of its first micro-batch among the global batch's micro-batches.
+        count: Number of its micro-batches.
+        total: Number of micro-batches of the whole global batch.
+    """
+
+    lo: int
+    hi: int
+    first: int
+    count: int
+    total: int
+
+
+def batch_shard(n: int, chunk: int, rank: int, world: int) -> BatchShard:
+    """Which images of a global batch of ``n`` go to process ``rank`` of ``world`` (see :class:`BatchShard`)."""
+    if chunk < 1 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need chunk >= 1 and 0 <= rank < world, got {chunk}, {rank}, {world}")
+    total = -(-n // chunk)
+    first, end = rank * total // world, (rank + 1) * total // world
+    return BatchShard(min(first * chunk, n), min(end * chunk, n), first, end - first, total)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One process's part (:func:`batch_shard`) of every global batch of an epoch.
+
+    Every process walks the same global order, so the global batches, and each sample's
+    ``(seed, epoch, index)`` augmentation, are those of a one-process run whatever the number of
+    processes; and every process yields one (possibly empty) list per global batch, so all of them
+    run the same number of steps.
+    """
+
+    def __init__(
+        self, order: EpochSampler, *, batch_size: int, chunk: int, rank: int, world: int, start_batch: int = 0
+    ) -> None:
+        self.order = order
+        self.batch_size = batch_size
+        self.chunk = chunk
+        self.rank = rank
+        self.world = world
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order.order()
+        for start in range(self.start_batch * self.batch_size, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            part = batch_shard(len(batch), self.chunk, self.rank, self.world)
+            yield batch[part.lo : part.hi]
+
+    def __len__(self) -> int:
+        return max(0, -(-self.order.num_samples // self.batch_size) - self.start_batch)
+
+
+@dataclass(frozen=True)
+class BlankFill:
+    """Collate a process's part of a batch; an empty part becomes two blank images with no labels.
+
+    A process without images in a small last batch still runs its forward and backward pass: DDP's
+    gradient all-reduce and FSDP's parameter all-gathers need every process. The blank images carry
+    no label, so the trainer gives them zero loss weight and evaluation counts nothing for them.
+    Two rather than one, so that BatchNorm in training mode has more than one value per channel.
+    """
+
+    input_size: tuple[int, ...]
+
+    def __call__(self, batch: list[tuple[Any, int]]) -> Any:
+        if batch:
+            return default_collate(batch)
+        return torch.zeros((2, *self.input_size)), torch.zeros(0, dtype=torch.long)
+
+
 def _worker_init(worker_id: int) -> None:
     """Seed a worker's global RNGs from its torch seed (itself from the loader's seeded generator).
 
@@ -1195,6 +1287,8 @@ def build_loader(
     start_batch: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    shard: tuple[int, int, int] | None = None,
+    input_size: tuple[int, ...] = (3, 224, 224),
 ) -> DataLoader:
     """A deterministic DataLoader for one epoch of a split.
 
@@ -1211,6 +1305,10 @@ def build_loader(
         start_batch: Skip this many batches of the epoch (resume mid-epoch).
         num_workers: Worker processes (already resolved, see :func:`resolve_num_workers`).
         pin_memory: Pin batches for faster host-to-GPU copies.
+        shard: ``(chunk, rank, world)`` in a multi-process job: ``batch_size`` is the global batch and
+            this loader yields process ``rank``'s part of each one (:class:`ShardedBatchSampler`,
+            :class:`BlankFill`); None loads whole batches.
+        input_size: ``(C, H, W)`` of the transformed images, for :class:`BlankFill`.
 
     Returns:
         The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
@@ -1220,6 +1318,16 @@ def build_loader(
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     dataset = ImageDataset(split, transform, training=training, seed=seed, epoch=epoch)
+    if shard is not None:
+        return _sharded_loader(
+            dataset,
+            batch_size,
+            shard,
+            start_batch,
+            input_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
     sampler = EpochSampler(
         len(dataset),
         shuffle=training,
@@ -1240,6 +1348,34 @@ def build_loader(
     )
 
 
+def _sharded_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    shard: tuple[int, int, int],
+    start_batch: int,
+    input_size: tuple[int, ...],
+    *,
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """:func:`build_loader` for one process of a multi-process job (see ``shard`` there)."""
+    chunk, rank, world = shard
+    order = EpochSampler(len(dataset), shuffle=dataset.training, seed=dataset.seed, epoch=dataset.epoch)
+    batches = ShardedBatchSampler(
+        order, batch_size=batch_size, chunk=chunk, rank=rank, world=world, start_batch=start_batch
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=BlankFill(tuple(input_size)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(dataset.seed * 100003 + dataset.epoch),
+    )
+
+
 __all__ = [
     "IMG_EXTENSIONS",
     "NO_EXTENSION",
@@ -1247,11 +1383,15 @@ __all__ = [
     "REPEATED_FOLDER",
     "SKIPPED_FILE",
     "BadImage",
+    "BatchShard",
+    "BlankFill",
     "EpochSampler",
     "IgnoredFile",
     "IgnoredTally",
     "ImageDataset",
+    "ShardedBatchSampler",
     "Split",
+    "batch_shard",
     "build_loader",
     "build_transform",
     "check_image",

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ftsgd.device import autocast
+from ftsgd.distributed import all_reduce_sum
 
 __all__ = ["CONFUSION_MAX_CLASSES", "evaluate", "logits_of"]
 
@@ -83,6 +84,8 @@ def evaluate(
         for images, labels in loader:
             labels = labels.to(device, non_blocking=non_blocking)
             logits = logits_of(model, images, device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+            # [: len(labels)]: blank images (data.BlankFill) of a job's process without images count for nothing
+            logits = logits[: len(labels)]
             if logits.ndim != 2 or logits.shape[1] != num_classes:
                 raise ValueError(
                     f"model returned logits of shape {tuple(logits.shape)}, expected (batch, {num_classes}) "
@@ -95,10 +98,10 @@ def evaluate(
                 top5_correct += (top5 == labels[:, None]).any(dim=1).sum()
     finally:
         model.train(was_training)
-    # the one device-to-host copy (counts stay exact in float64 up to 2**53 images)
-    *flat, top5_hits, loss_total = torch.cat(
-        [counts.double(), top5_correct.double()[None], loss_sum[None]]
-    ).tolist()
+    # the one device-to-host copy (counts stay exact in float64 up to 2**53 images); in a torchrun job
+    # every process evaluated a disjoint part of the split, so one all-reduce gives the whole split's sums
+    packed = all_reduce_sum(torch.cat([counts.double(), top5_correct.double()[None], loss_sum[None]]))
+    *flat, top5_hits, loss_total = packed.tolist()
     return _results(class_names, [int(c) for c in flat], int(top5_hits), loss_total, want_top5, full)
 
 

@@ -77,7 +77,9 @@ def _weights_path(path: Path | str) -> Path:
     return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
 
 
-def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _export_tensors(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's state dict as CPU, contiguous tensors that share no storage, copying only what must be.
 
     safetensors refuses tensors that share storage (tied weights, views) or are non-contiguous
@@ -85,7 +87,7 @@ def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     the model's own: safetensors writes straight from its memory, so exporting a CPU model costs no
     second copy of the weights (a full copy would be the largest allocation of a memory-light run).
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     owners: dict[tuple[str, int], int] = {}
     for value in state.values():
         key = (str(value.device), value.untyped_storage().data_ptr())
@@ -168,6 +170,7 @@ def export_model(
     recipe_name: str,
     model_kwargs: dict | None = None,
     extra: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``model.safetensors`` (weights + metadata) and ``config.json`` atomically.
 
@@ -182,6 +185,8 @@ def export_model(
         recipe_name: Recipe the model was trained with, for provenance.
         model_kwargs: ``timm.create_model`` keyword arguments (``cfg.model.kwargs``), JSON-serialisable.
         extra: More string metadata (e.g. run id, best epoch); may not override the standard keys.
+        state_dict: The tensors to write instead of ``model.state_dict()``: the whole state of a model
+            sharded by FSDP, gathered on this process (its own ``state_dict`` holds only slices).
 
     Raises:
         ValueError: ``class_names`` does not match the classifier, ``model_kwargs`` is not JSON
@@ -223,7 +228,7 @@ def export_model(
     weights_path = _weights_path(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
-    atomic_save_safetensors(_export_tensors(target), weights_path, metadata=metadata)
+    atomic_save_safetensors(_export_tensors(target, state_dict), weights_path, metadata=metadata)
     atomic_write_text(
         weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )

@@ -205,6 +205,9 @@ class TrainConfig:
     """Write TensorBoard event files into the run directory (needs the ``tensorboard`` package)."""
     tensorboard_every: int = 10
     """Log the per-step TensorBoard scalars (train loss/accuracy, lr) every this many optimizer steps."""
+    shard: bool = False
+    """Under torchrun: shard weights, gradients and optimizer state over the processes with FSDP2
+    (``fully_shard``) instead of replicating them with DDP; for models that don't fit one GPU."""
 
 
 @dataclass(frozen=True)
@@ -629,6 +632,11 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
     _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
+    if t.shard and t.amp == "fp16":
+        p.append(
+            'train.shard: cannot be combined with train.amp = "fp16": the gradient scaler would see only this '
+            'process\'s slice of the gradients; use train.amp = "bf16" (or "auto")'
+        )
 
 
 def _check_regularisation(r: Recipe, p: list[str]) -> None:
@@ -693,6 +701,11 @@ def _check_step_in_backward(r: Recipe, p: list[str]) -> None:
         p.append(
             "optim.step_in_backward: cannot be combined with train.grad_clip: global-norm clipping "
             "needs every gradient at once, which step-in-backward never keeps; set train.grad_clip = 0"
+        )
+    if t.shard:
+        p.append(
+            "optim.step_in_backward: cannot be combined with train.shard: FSDP reduces gradients across "
+            "processes after backward, not parameter by parameter; set optim.step_in_backward = false"
         )
     if t.amp == "fp16":
         p.append(
