@@ -34,6 +34,7 @@ from ftsgd.inspection import inspect_model, run_diagnostic
 from ftsgd.memory import format_bytes
 from ftsgd.recipe import (
     DEFAULT_RECIPE,
+    SWEEP_KEYS,
     DataConfig,
     Recipe,
     describe_keys,
@@ -153,7 +154,7 @@ def _resume_plan(run: RunDir, wanted: Recipe | None, data: Path) -> tuple[Recipe
 
 
 def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
-    changed = recipe_differences(own, wanted, ignore=("data.root",))
+    changed = recipe_differences(own, wanted, ignore=("data.root", *SWEEP_KEYS))
     if changed:
         lines = "\n".join(f"  - {c}" for c in changed)
         raise UsageError(
