@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"rundir"},
     {"trainer"},
     {"commands"},
+    {"sweep"},
     {"cli"},
     {"__main__"},
 ]
