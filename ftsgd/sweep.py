@@ -222,9 +222,9 @@ class Sweep:
         atomic_write_text(self.plan.out / SWEEP_FILE, text)
 
     def finish_run(self, run: PlannedRun, record: RunRecord) -> None:
-        """Record a run's new status; the selection is redone when a run finished."""
+        """Record a run's new status; the selection is redone when a run finished or failed."""
         self.records[run.path] = record
-        if record.status == FINISHED:
+        if record.status in (FINISHED, FAILED):
             self.report = collect_sweep_report(self.plan, self.records)
         self.write()
 
@@ -242,7 +242,7 @@ def sweep_command(opts: SweepOptions) -> dict[str, Any]:
         UsageError: Bad usage, any grid point's recipe, a changed grid or a run directory holding another
             recipe; all found before any run starts.
         RunError: Some runs failed (the others were trained); exit 1.
-        Interrupted: SIGINT/SIGTERM stopped the sweep after its running runs saved their checkpoints.
+        Interrupted: SIGINT/SIGTERM stopped the sweep after its running runs stopped (saving checkpoints).
     """
     plan = plan_sweep(opts)
     if opts.print_commands:
@@ -280,8 +280,9 @@ def conclude(sweep: Sweep, stop: Stop) -> dict[str, Any]:
     if stop.count:
         name = signal.Signals(stop.signum).name
         raise Interrupted(
-            f"sweep interrupted by {name}: the running runs saved their checkpoints; run the same command "
-            f"again to continue ({counts[FINISHED]} of {len(sweep.plan.runs)} runs finished)",
+            f"sweep interrupted by {name}: its running runs were stopped (a run stopped while training saves "
+            f"its checkpoint); run the same command again to continue ({counts[FINISHED]} of "
+            f"{len(sweep.plan.runs)} runs finished)",
             stop.signum,
         )
     if counts[FAILED]:
@@ -813,15 +814,19 @@ def launch(run: PlannedRun, slot: Slot, out: Path) -> Active:
     env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads))
     if slot.device is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.device
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ftsgd", *run.args],
-        stdin=subprocess.DEVNULL,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        preexec_fn=functools.partial(child_setup, slot.cpus, parent_death_signal()),
-    )
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ftsgd", *run.args],
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=functools.partial(child_setup, slot.cpus, parent_death_signal()),
+        )
+    except BaseException:
+        handle.close()
+        raise
     return Active(run, slot, process, log, handle, handle.tell())
 
 
@@ -1010,6 +1015,8 @@ def print_pending_commands(plan: Plan, as_json: bool) -> dict[str, Any]:
     else:
         sys.stdout.write("".join(f"{command}\n" for command in document["commands"]))
         sys.stdout.flush()
+    if not pending:
+        console.warn(f"nothing to run: every run of the sweep in {plan.out} is finished")
     return document
 
 
