@@ -239,6 +239,72 @@ def _read_class(class_dir: Path, owners: _Owners) -> tuple[list[Path], list[Igno
     return sorted(images), ignored, clashes
 
 
+def iter_image_files(
+    folder: Path | str,
+    on_error: Callable[[OSError], None] | None = None,
+    on_ignored: Callable[[IgnoredFile], None] | None = None,
+) -> Iterator[Path]:
+    """The image files under ``folder``, lazily and in a stable order, by the rules of a class folder.
+
+    The streaming sibling of the split listing (``ftsgd predict`` walks folders of any size with it):
+    :data:`IMG_EXTENSIONS`, hidden files and folders skipped, links followed but each real folder read
+    once (a link loop, a link to a folder above ``folder`` or a second way to a folder adds nothing),
+    real sub-folders before the folders links lead to. Each folder is listed and sorted only when the
+    walk reaches it and its files and real sub-folders are visited in name order, so memory grows with
+    the largest single folder and the number of folders, never with the number of files.
+
+    Args:
+        folder: The folder to walk.
+        on_error: Called with the ``OSError`` of a folder that cannot be listed, after which the walk
+            goes on (like ``os.walk``'s ``onerror``); without it the error is raised.
+        on_ignored: Called with each file left out because it is not an image by its extension, and each
+            folder link not followed because its folder was already read (see :class:`IgnoredFile`).
+    """
+    start = Path(folder)
+    try:
+        read = {_dir_id(p) for p in start.resolve().parents}  # a link to any of them is a loop
+    except DataError:
+        read = set()
+    links = [start]
+    while links:
+        yield from _walk_real(links.pop(0), read, links, on_error, on_ignored)
+
+
+def _walk_real(
+    folder: Path,
+    read: set[_DirId],
+    links: list[Path],
+    on_error: Callable[[OSError], None] | None,
+    on_ignored: Callable[[IgnoredFile], None] | None,
+) -> Iterator[Path]:
+    """One folder of :func:`iter_image_files` and its real sub-folders; links to folders are queued."""
+    try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in read:
+            if on_ignored is not None:
+                on_ignored(IgnoredFile(folder, REPEATED_FOLDER))
+            return
+        entries = sorted(os.scandir(folder), key=_entry_name)
+    except OSError as exc:
+        if on_error is None:
+            raise
+        on_error(exc)
+        return
+    read.add((st.st_dev, st.st_ino))
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():  # follows links; a dangling link is a file (and an unreadable image)
+            if entry.is_symlink():
+                links.append(Path(entry.path))
+            else:
+                yield from _walk_real(Path(entry.path), read, links, on_error, on_ignored)
+        elif is_image_file(entry.name):
+            yield Path(entry.path)
+        elif on_ignored is not None:
+            on_ignored(IgnoredFile(Path(entry.path), _ignore_reason(entry.name)))
+
+
 def _has_image_folder_layout(folder: Path) -> bool:
     """Cheaply decide whether ``folder`` looks like a split: a class sub-folder holding an image.
 
@@ -523,31 +589,58 @@ def ignored_warnings(splits: dict[str, Split], root: Path | str | None = None) -
         Zero, one or two messages: files not read as images, grouped by reason with a count, a hint
         and a few examples; and folder links not followed because their folder was already read.
     """
-    root = Path(root).expanduser() if root is not None else None
-    items = list(dict.fromkeys(i for split in splits.values() for i in split.ignored))
-    files = [i for i in items if i.reason != REPEATED_FOLDER]
-    links = [i for i in items if i.reason == REPEATED_FOLDER]
-    messages = []
-    if files:
-        groups: dict[str, list[Path]] = {}
-        for item in files:
-            groups.setdefault(item.reason, []).append(item.path)
-        lines = [f"ignored {len(files)} file(s) that are not images in a class folder:"]
-        for reason, paths in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-            examples = ", ".join(_shown(p, root) + _sniffed(p, reason) for p in paths[:_SHOW_IGNORED])
-            more = ", ..." if len(paths) > _SHOW_IGNORED else ""
-            lines.append(
-                f"  {_group_label(reason)} ({len(paths)}): {_ignore_hint(reason)}; e.g. {examples}{more}"
+    tally = IgnoredTally()
+    for item in dict.fromkeys(i for split in splits.values() for i in split.ignored):
+        tally.add(item)
+    return tally.messages(root)
+
+
+class IgnoredTally:
+    """What a walk left out: a count and the first few examples per reason, so memory stays constant.
+
+    :func:`ignored_warnings` reports a dataset's splits with it; ``ftsgd predict`` feeds it from
+    :func:`iter_image_files` while it streams.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[Path]] = {}
+
+    def add(self, item: IgnoredFile) -> None:
+        """Count one file (or folder link) left out."""
+        self.counts[item.reason] = self.counts.get(item.reason, 0) + 1
+        shown = self.examples.setdefault(item.reason, [])
+        if len(shown) < _SHOW_IGNORED:
+            shown.append(item.path)
+
+    def messages(self, root: Path | str | None = None, where: str = "in a class folder") -> list[str]:
+        """The warnings: files not read as images (by reason, with a hint), then folder links not followed.
+
+        Args:
+            root: Paths are shown relative to it.
+            where: Where the files were, for the first message's first line.
+        """
+        root = Path(root).expanduser() if root is not None else None
+        files = {r: n for r, n in self.counts.items() if r != REPEATED_FOLDER}
+        messages = []
+        if files:
+            lines = [f"ignored {sum(files.values())} file(s) that are not images {where}:"]
+            for reason, n in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])):
+                paths = self.examples[reason]
+                examples = ", ".join(_shown(p, root) + _sniffed(p, reason) for p in paths)
+                more = ", ..." if n > len(paths) else ""
+                lines.append(f"  {_group_label(reason)} ({n}): {_ignore_hint(reason)}; e.g. {examples}{more}")
+            messages.append("\n".join(lines))
+        n_links = self.counts.get(REPEATED_FOLDER, 0)
+        if n_links:
+            links = self.examples[REPEATED_FOLDER]
+            shown = ", ".join(f"{_shown(p, root)} -> {p.resolve()}" for p in links)
+            more = ", ..." if n_links > len(links) else ""
+            messages.append(
+                f"did not follow {n_links} folder link(s) to a folder already read (a link loop, or a "
+                f"second way to the same folder; each folder is read once): {shown}{more}"
             )
-        messages.append("\n".join(lines))
-    if links:
-        shown = ", ".join(f"{_shown(i.path, root)} -> {i.path.resolve()}" for i in links[:_SHOW_IGNORED])
-        more = ", ..." if len(links) > _SHOW_IGNORED else ""
-        messages.append(
-            f"did not follow {len(links)} folder link(s) to a folder already read (a link loop, or a "
-            f"second way to the same folder; each folder is read once): {shown}{more}"
-        )
-    return messages
+        return messages
 
 
 def _shown(path: Path, root: Path | None) -> str:
@@ -1156,6 +1249,7 @@ __all__ = [
     "BadImage",
     "EpochSampler",
     "IgnoredFile",
+    "IgnoredTally",
     "ImageDataset",
     "Split",
     "build_loader",
@@ -1165,6 +1259,7 @@ __all__ = [
     "find_classes",
     "ignored_warnings",
     "is_image_file",
+    "iter_image_files",
     "load_image",
     "preflight_scan",
     "quiet_pil_warnings",

@@ -28,11 +28,20 @@ import torch
 from torch import nn
 
 from ftsgd import __version__
+from ftsgd.data import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.fileio import atomic_save_safetensors, atomic_write_text, jsonable
 from ftsgd.models import classifier_modules, model_data_config, unwrap_model
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_model", "load_exported_model", "read_export"]
+__all__ = [
+    "CONFIG_NAME",
+    "PREPROCESSING_KEYS",
+    "WEIGHTS_NAME",
+    "export_model",
+    "inference_transform",
+    "load_exported_model",
+    "read_export",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,6 +61,8 @@ _RESERVED = (
     "recipe",
     "ftsgd_version",
 )
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+"""The metadata keys that describe an export's preprocessing (what timm calls its data config)."""
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
 
 _SOURCE_CFG_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "tag"}
@@ -294,11 +305,7 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     arch = meta["architecture"]
     num_classes = int(meta.get("num_classes", len(meta["class_names"])))
     kwargs = dict(meta.get("model_kwargs") or {})
-    overlay = {
-        key: meta[key]
-        for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-        if key in meta
-    }
+    overlay = {key: meta[key] for key in PREPROCESSING_KEYS if key in meta}
     overlay["num_classes"] = num_classes
     try:
         model = timm.create_model(
@@ -318,3 +325,12 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
         ) from None
     model.eval()
     return model, meta
+
+
+def inference_transform(meta: Mapping[str, Any]) -> Any:
+    """The eval transform an export was trained with, from its metadata (resize, centre crop, normalise).
+
+    ``ftsgd eval``, ``ftsgd predict`` and the ONNX check all preprocess through this one function, so an
+    image becomes the same tensor in each of them.
+    """
+    return build_transform({k: meta[k] for k in PREPROCESSING_KEYS}, "none", training=False)

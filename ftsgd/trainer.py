@@ -609,6 +609,7 @@ class Trainer:
             "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
             "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
             "splits": {name: {k: r[k] for k in keep if k in r} for name, r in results.items()},
+            "per_class": {"val": results["val"]["per_class"]},  # each class's accuracy and images
             "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
             "epoch_time_s": state.epoch_seconds,
         }

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"validate", "prepare", "fingerprint", "regularisation"},
     {"evaluate", "memory", "diagnose", "tracking"},
     {"export", "inspection"},
-    {"rundir"},
+    {"rundir", "predict", "onnx_export"},
     {"trainer"},
     {"commands"},
     {"sweep"},
