@@ -605,6 +605,118 @@ def report(
         run_report(paths, allow_missing=allow_missing, fmt=fmt, table=table, png=png)
 
 
+SweepRecipesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--recipe",
+        "-r",
+        metavar="NAME_OR_PATH",
+        help=f"Built-in recipe name or TOML path (repeatable) \\[default: {DEFAULT_RECIPE}].",
+    ),
+]
+GridOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--grid",
+        "-g",
+        metavar="KEY.PATH=V1,V2,...",
+        help="Values to try for a recipe key (repeatable); replaces that key in each recipe's \\[sweep] grid.",
+    ),
+]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs trained at once.")]
+DevicesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--devices", help="GPUs for the jobs, round-robin (CUDA_VISIBLE_DEVICES values), e.g. 0,1,2,3."
+    ),
+]
+PrintCommandsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--print-commands",
+        metavar="",
+        help="Print one `ftsgd train` line per run not finished yet, and train nothing.",
+    ),
+]
+AllowChangedGridOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-changed-grid",
+        metavar="",
+        help="Accept a grid, --set, --recipe or --data other than the sweep.json in --out records.",
+    ),
+]
+RetryFailedOpt = Annotated[
+    bool, typer.Option("--retry-failed", metavar="", help="Train runs that failed in an earlier sweep again.")
+]
+SweepJsonOpt = Annotated[
+    bool, typer.Option("--json", metavar="", help="Print sweep.json's content instead of tables.")
+]
+SweepPngOpt = Annotated[
+    Path | None,
+    typer.Option("--png", help="Write the report's learning-curve and ID-vs-OOD plots into this folder."),
+]
+
+
+@app.command(cls=_Command, epilog=EXIT_CODES)
+def sweep(
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Dataset folder with train/ and val/ (and more splits).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Sweep folder: runs go to OUT/<recipe>/<key=value,...>/.")
+    ],
+    recipes: SweepRecipesOpt = None,
+    grids: GridOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    sets: SetOpt = None,
+    jobs: JobsOpt = 1,
+    devices: DevicesOpt = None,
+    print_commands: PrintCommandsOpt = False,
+    allow_changed_grid: AllowChangedGridOpt = False,
+    retry_failed: RetryFailedOpt = False,
+    as_json: SweepJsonOpt = False,
+    png: SweepPngOpt = None,
+) -> None:
+    """Train a grid of runs per recipe and select per the paper: best mean ID-val accuracy over seeds.
+
+    Each grid point is an ordinary run directory trained by `ftsgd train ... --resume`; rerunning the same
+    command skips finished runs and continues interrupted ones. Built-in recipes carry the paper's
+    learning-rate grid for their optimizer and seeds 0, 1, 2.
+
+    Examples:
+
+        ftsgd sweep --data ~/data/birds --out sweeps/birds --recipe sgd-freeze-embed --recipe adamw --model vit_base_patch16_clip_224 --weights clip_b16.safetensors
+
+        ftsgd sweep --data ~/data/birds --out sweeps/quick --model convnext_tiny --grid optim.lr=1e-3,3e-3 --grid train.seed=0,1 --jobs 2
+
+        ftsgd sweep --data ~/data/birds --out sweeps/birds --model resnet50 --print-commands > runs.txt
+    """
+    from ftsgd.sweep import SweepOptions, sweep_command
+
+    with _user_errors():
+        sweep_command(
+            SweepOptions(
+                data=data,
+                out=out,
+                recipes=list(recipes or []),
+                grids=list(grids or []),
+                sets=list(sets or []),
+                model=model,
+                weights=weights,
+                jobs=jobs,
+                devices=devices,
+                print_commands=print_commands,
+                allow_changed_grid=allow_changed_grid,
+                retry_failed=retry_failed,
+                as_json=as_json,
+                png=png,
+                argv=sys.argv,
+            )
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

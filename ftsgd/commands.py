@@ -43,6 +43,7 @@ from ftsgd.plots import CONFUSION, check_plot_dir, write_confusion_plots
 from ftsgd.predict import Prediction, Predictor, check_sources, csv_header, iter_items
 from ftsgd.recipe import (
     DEFAULT_RECIPE,
+    SWEEP_KEYS,
     DataConfig,
     Recipe,
     describe_keys,
@@ -188,7 +189,7 @@ def _resume_plan(run: RunDir, wanted: Recipe | None, data: Path) -> tuple[Recipe
 
 
 def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
-    changed = recipe_differences(own, wanted, ignore=("data.root",))
+    changed = recipe_differences(own, wanted, ignore=("data.root", *SWEEP_KEYS))
     if changed:
         lines = "\n".join(f"  - {c}" for c in changed)
         raise UsageError(

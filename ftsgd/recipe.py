@@ -211,6 +211,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """What ``ftsgd sweep`` tries for this recipe; ``ftsgd train`` ignores it (it never changes a run)."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """``ftsgd sweep``'s grid: recipe key -> the values to try, one run per combination, e.g.
+    { "optim.lr" = [1e-4, 1e-3], "train.seed" = [0, 1, 2] }; ``--grid KEY=V1,V2`` replaces one key's values.
+    The built-in recipes carry the paper's learning rates for their optimizer and seeds 0, 1, 2."""
+
+    def __post_init__(self) -> None:
+        # `{ optim.lr = [...] }` (unquoted) is a nested table in TOML: one spelling, dotted keys, from here on
+        object.__setattr__(self, "grid", flatten_grid(self.grid))
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole fine-tuning recipe."""
 
@@ -224,6 +238,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -239,6 +254,7 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "sweep": SweepConfig,
 }
 TOP_LEVEL_KEYS = ("name", "description", "base")
 
@@ -505,6 +521,7 @@ def check_values(r: Recipe) -> list[str]:
     _check_data(r.data, p)
     _check_train(r.train, p)
     _check_regularisation(r, p)
+    p.extend(grid_problems(r.sweep.grid))
     if r.optim.step_in_backward:
         _check_step_in_backward(r, p)
     return p
@@ -821,3 +838,111 @@ def _field_docs(cls: type) -> dict[str, str]:
         ):
             docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
+
+
+# --------------------------------------------------------------------------- sweep grids
+
+SWEEP_KEYS = ("sweep.grid",)
+"""Recipe keys that never change what a run trains: ignored when a run's recipe is compared with another."""
+GRID_FORBIDDEN = {"data.root": "a sweep trains on one dataset (--data)"}
+
+
+def flatten_grid(grid: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim": {"lr": [...]}}`` -> ``{"optim.lr": [...]}``; a later spelling of a key wins."""
+    flat: dict[str, Any] = {}
+    for key, value in grid.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in flatten_grid(value).items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _grid_label(where: str, key: str) -> str:
+    """How a problem names a grid key: ``sweep.grid."optim.lr"`` in a recipe, ``--grid optim.lr`` on the CLI."""
+    return f"{where} {key}" if where.startswith("-") else f"{where}.{_toml_key(key)}"
+
+
+def grid_problems(grid: dict[str, Any], where: str = "sweep.grid") -> list[str]:
+    """Every problem of a grid: unknown keys, empty or non-list values, wrongly typed or repeated values.
+
+    Each value is checked against its key's type here; the full recipe of each combination is checked
+    when a sweep resolves it (cross-key rules such as ``schedule.min_lr < optim.lr``).
+    """
+    problems: list[str] = []
+    for key, values in grid.items():
+        label = _grid_label(where, key)
+        hint = _grid_key_problem(key)
+        if hint:
+            problems.append(f"{label}: {hint}")
+        elif not isinstance(values, list) or not values:
+            problems.append(f"{label}: expected a non-empty list of values, got {values!r}")
+        else:
+            section, _, name = key.partition(".")
+            tp = typing.get_type_hints(SECTIONS[section])[name]
+            coerced = [_coerce(v, tp, f"{label}[{i}]", problems) for i, v in enumerate(values)]
+            seen = [_toml_value(v) for v in coerced if v is not None]
+            repeated = sorted({v for v in seen if seen.count(v) > 1})
+            if repeated:
+                problems.append(f"{label}: {', '.join(repeated)} given more than once")
+    return problems
+
+
+def _grid_key_problem(key: str) -> str:
+    """Why ``key`` cannot be a grid key (empty when it can)."""
+    if key in GRID_FORBIDDEN:
+        return f"cannot be a grid key: {GRID_FORBIDDEN[key]}"
+    section, _, name = key.partition(".")
+    cls = SECTIONS.get(section) if section != "sweep" else None
+    names = [f.name for f in dataclasses.fields(cls)] if cls else []
+    if name in names:
+        return ""
+    known = [f"{s}.{f.name}" for s, c in SECTIONS.items() if s != "sweep" for f in dataclasses.fields(c)]
+    close = difflib.get_close_matches(key, known, n=1)
+    return "unknown recipe key" + (
+        f" (did you mean {close[0]}?)" if close else " (`ftsgd recipes keys` lists them)"
+    )
+
+
+def parse_grid_option(text: str) -> tuple[str, list[Any]]:
+    """Parse one ``--grid KEY.PATH=V1,V2,...``: values are read as TOML where they can be, else as strings.
+
+    ``optim.lr=1e-4,3e-4`` gives floats, ``data.augment=flip,none`` strings, and lists or tables are
+    written as TOML: ``optim.betas=[0.9,0.999],[0.9,0.99]``, ``model.kwargs={img_size=32},{img_size=64}``.
+    """
+    key, sep, rhs = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not rhs.strip():
+        raise RecipeError(
+            [f"--grid {text!r}: expected KEY.PATH=V1,V2,..., e.g. --grid optim.lr=1e-4,3e-4"], "--grid"
+        )
+    try:
+        values = tomllib.loads(f"v = [{rhs}]")["v"]
+    except tomllib.TOMLDecodeError:
+        values = [parse_override(f"v={item}")[1] for item in rhs.split(",")]
+    return key, values
+
+
+def recipe_grid(name_or_path: str) -> dict[str, list[Any]]:
+    """The ``[sweep]`` grid a recipe (or the built-in it names as ``base``) carries, checked.
+
+    Raises:
+        RecipeError: the recipe cannot be read, or its grid has problems (each with its key path).
+    """
+    _, raw = load_raw(name_or_path)
+    sweep = raw.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise RecipeError([f"sweep: expected a table [sweep], got {sweep!r}"], name_or_path)
+    grid = sweep.get("grid", {})
+    if not isinstance(grid, dict):
+        raise RecipeError([f"sweep.grid: expected a table of key = [values], got {grid!r}"], name_or_path)
+    flat = flatten_grid(grid)
+    problems = grid_problems(flat)
+    if problems:
+        raise RecipeError(problems, name_or_path)
+    return flat
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal, the form ``--set key=VALUE`` reads back to the same value."""
+    return _toml_value(value)

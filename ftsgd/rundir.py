@@ -40,7 +40,16 @@ from ftsgd.fileio import atomic_torch_save, atomic_write_text, jsonable, remove_
 from ftsgd.recipe import Recipe, recipe_from_dict, recipe_to_toml
 from ftsgd.validate import environment_problems
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "METRICS", "RECIPE_FILE", "SUMMARY", "RunDir", "locked"]
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_FORMAT",
+    "METRICS",
+    "RECIPE_FILE",
+    "SUMMARY",
+    "RunDir",
+    "lock_holder",
+    "locked",
+]
 
 DATASET = "dataset.json"
 LOCK = ".ftsgd.lock"
@@ -55,8 +64,10 @@ def locked(folder: Path, what: str = "run directory") -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the duration of the block.
 
     ``flock`` on ``folder/.ftsgd.lock``: the kernel releases it when the holder exits or is killed, so a
-    ``kill -9`` never leaves a stale lock. A second process is refused at once (exit 2) with the PID, host
-    and command of the holder. A folder this call created is removed again when the block fails before
+    ``kill -9`` never leaves a stale lock. Forked children (DataLoader workers) close their copy of the
+    descriptor at once, so workers that outlive a killed trainer for a few seconds do not keep holding
+    it. A second process is refused at once (exit 2) with the
+    PID and host of the holder. A folder this call created is removed again when the block fails before
     anything else was written into it, so a refused or failed start leaves nothing behind.
 
     Raises:
@@ -70,6 +81,7 @@ def locked(folder: Path, what: str = "run directory") -> Iterator[None]:
         raise UsageError(f"cannot write to the {what} {folder}: {exc.strerror or first_line(exc)}") from None
     try:
         _acquire(fd, path, what)
+        _HELD.add(fd)
         yield
     except BaseException:
         if created and {p.name for p in folder.iterdir()} <= {LOCK}:
@@ -78,6 +90,7 @@ def locked(folder: Path, what: str = "run directory") -> Iterator[None]:
                 folder.rmdir()
         raise
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock
 
 
@@ -98,17 +111,64 @@ def _make_folder(folder: Path, what: str) -> bool:
     return created
 
 
-def _acquire(fd: int, path: Path, what: str) -> None:
+_HELD: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    """After ``fork``: drop the child's copies of the lock descriptors this process holds.
+
+    ``flock`` belongs to the open file, which a fork shares: a DataLoader worker would otherwise keep
+    the run locked after its trainer was killed, until it noticed and exited. Closing the child's copy
+    leaves the parent's lock in place (never ``LOCK_UN`` here: that would unlock it for the parent too).
+    """
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` if nobody holds it; whether it was taken."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        return False
+    return True
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who holds ``folder``'s lock (``PID 12 on host``) when another process does, else None.
+
+    A lock this process holds counts too: ``flock`` on a second descriptor conflicts with the first.
+    """
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR)
+    except OSError:
+        return None  # no lock file: nobody ever held it
+    try:
+        if _try_lock(fd):
+            return None
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+
+
+def _acquire(fd: int, path: Path, what: str) -> None:
+    try:
+        taken = _try_lock(fd)
+    except OSError as exc:  # e.g. a file system without locks
+        raise UsageError(f"cannot lock the {what} {path.parent}: {exc.strerror or first_line(exc)}") from None
+    if not taken:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         raise UsageError(
             f"the {what} {path.parent} is in use by {holder}; wait for it to finish (or stop it), "
             "or choose another --out"
-        ) from None
-    except OSError as exc:  # e.g. a file system without locks
-        raise UsageError(f"cannot lock the {what} {path.parent}: {exc.strerror or first_line(exc)}") from None
+        )
     holder = f"PID {os.getpid()} on {socket.gethostname()}"
     try:
         os.ftruncate(fd, 0)

@@ -51,9 +51,11 @@ EXECUTION_KEYS = frozenset(
         "train.compile",
         "train.grad_checkpointing",
         "train.channels_last",
+        "sweep.grid",
     }
 )
-"""Keys that change where or how fast a run executes, not what it trains: they never split a grid point."""
+"""Keys that change where or how fast a run executes (or, ``sweep.grid``, which other runs ``ftsgd sweep``
+makes), not what it trains: they never split a grid point."""
 Z90 = 1.645
 """The paper's 90% interval half-width is ``Z90 * std / sqrt(n)``."""
 TIE_TOLERANCE = 1e-9

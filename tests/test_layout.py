@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"rundir", "predict", "onnx_export"},
     {"trainer"},
     {"commands"},
+    {"sweep"},
     {"cli"},
     {"__main__"},
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from ftsgd.data import BadImage
 from ftsgd.errors import RecipeError, UsageError
 from ftsgd.recipe import load_recipe
-from ftsgd.rundir import CHECKPOINT_FORMAT, RunDir
+from ftsgd.rundir import CHECKPOINT_FORMAT, RunDir, lock_holder, locked
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_path: Path) -> None:
@@ -98,3 +101,27 @@ def test_metrics_are_exactly_the_history(tmp_path: Path) -> None:
     assert (
         tmp_path / "metrics.jsonl"
     ).read_text() == '{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": null}\n'
+
+
+def _signal_then_wait(started: Any, release: Any) -> None:
+    started.set()
+    release.wait(30)
+
+
+def test_forked_children_do_not_keep_the_run_locked(tmp_path: Path) -> None:
+    """A DataLoader worker (a fork) that outlives its trainer must not hold the run's lock."""
+    ctx = multiprocessing.get_context("fork")
+    started, release = ctx.Event(), ctx.Event()
+    with locked(tmp_path / "run"):
+        child = ctx.Process(target=_signal_then_wait, args=(started, release))
+        child.start()
+        assert started.wait(30)  # the child runs: whatever happens at fork has happened
+        with pytest.raises(UsageError, match="is in use by PID"), locked(tmp_path / "run"):
+            pass
+    try:
+        assert lock_holder(tmp_path / "run") is None  # the child is alive, and holds nothing
+        with locked(tmp_path / "run"):
+            assert f"PID {os.getpid()} " in (tmp_path / "run" / ".ftsgd.lock").read_text()
+    finally:
+        release.set()
+        child.join(30)
