@@ -350,6 +350,8 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
         for b in r["blocks"]
     ]
     console.print_table("Top-level blocks", ["block", "type", "params", "frozen", "status"], rows)
+    if r.get("stages"):
+        _print_stages(r["stages"])
     _print_learning_rates(r)
     console.print_kv(
         [
@@ -361,6 +363,26 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
     console.print_table("Training-state memory estimate", ["", "bytes"], _memory_rows(r["memory"]))
     if diagnostic is not None:
         print_diagnostic(diagnostic)
+
+
+def _print_stages(stages: list[dict[str, Any]]) -> None:
+    """What each [[stage]] trains; the tables above and below describe the last stage."""
+    rows = [
+        [
+            f"{s['stage']} {s['name']}",
+            s["epochs"],
+            s["policy"],
+            f"{s['frozen_tensors']} tensors, {s['frozen_params']:,}",
+            f"{s['trainable_params']:,}",
+            f"{s['optimizer']} {s['lr']:g}",
+        ]
+        for s in stages
+    ]
+    console.print_table(
+        "Stages, in order (the other tables describe the last one)",
+        ["stage", "epochs", "freeze.policy", "frozen", "trainable", "optimizer, lr"],
+        rows,
+    )
 
 
 def _print_learning_rates(r: dict[str, Any]) -> None:

@@ -23,8 +23,8 @@ from ftsgd.freeze import top_level_blocks
 from ftsgd.memory import estimate_memory, measure_activations
 from ftsgd.models import classifier_modules
 from ftsgd.optim import lr_per_layer
-from ftsgd.prepare import PreparedModel, prepare_model
-from ftsgd.recipe import Recipe
+from ftsgd.prepare import PreparedModel, prepare_model, stage_freezes
+from ftsgd.recipe import Recipe, stage_recipes
 
 
 def inspect_model(
@@ -46,6 +46,9 @@ def inspect_model(
         activations: measure activation memory (training-mode forward passes on the recipe's device,
             under its autocast dtype, with its freezing and gradient checkpointing).
 
+    A recipe with ``[[stage]]`` tables is described as its last stage trains (the stage whose best
+    epoch is exported); ``stages`` then lists what each stage freezes.
+
     Returns:
         A JSON-ready dict; the keys ``model``, ``policy``, ``embedding``, ``frozen``,
         ``trainable_params``, ``frozen_params``, ``total_params`` and ``memory`` are a stable
@@ -53,6 +56,7 @@ def inspect_model(
     """
     if not recipe.model.name:
         raise ModelError("no model given: pass a timm model name, e.g. `ftsgd inspect vit_base_patch16_224`")
+    staged, recipe = recipe, stage_recipes(recipe)[-1]  # a staged recipe: its last stage, the one exported
     prepared = prepare_model(recipe, num_classes)
     model = prepared.model
     input_size = tuple(prepared.data_config["input_size"])
@@ -70,7 +74,7 @@ def inspect_model(
     lrs = lr_per_layer(model, recipe.optim, embedding.modules, classifier)  # of what trains, freeze applied
     return {
         "model": recipe.model.name,
-        "recipe": recipe.name,
+        "recipe": staged.name,
         "policy": recipe.freeze.policy,
         "optimizer": recipe.optim.name,
         "num_classes": getattr(model, "num_classes", num_classes),
@@ -89,6 +93,7 @@ def inspect_model(
             "activations_method": measured.method if measured else "not measured",
         },
         "weights": weights,
+        **({"stages": stage_freezes(prepared, staged)} if staged.stages else {}),
     }
 
 
