@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd import console
+from ftsgd.compare import FULL, QUICK, print_comparison, run_comparison
 from ftsgd.data import (
     build_loader,
     build_transform,
@@ -458,8 +459,28 @@ def recipes_keys_command(as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------ demo
 
 
-def demo_command(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dict[str, Any] | None:
-    """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``."""
+def demo_command(
+    *,
+    out: Path | None,
+    epochs: int | None,
+    force: bool,
+    argv: list[str],
+    compare: bool = False,
+    quick: bool = False,
+) -> dict[str, Any] | None:
+    """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``.
+
+    With ``compare``, :func:`ftsgd.compare.run_comparison` instead (``quick``: its tiny configuration).
+    """
+    if compare and epochs is not None:
+        raise UsageError(
+            "--epochs is for the plain demo; --compare has its own settings (--quick for a tiny one)"
+        )
+    if compare:
+        return compare_command(out=out or Path("runs/demo-compare"), force=force, quick=quick)
+    if quick:
+        raise UsageError("--quick belongs to --compare: ftsgd demo --compare --quick")
+    out, epochs = out or Path("runs/demo"), epochs or 8
     _clear_demo_dir(out, force)
     data = make_image_folder(
         out / "data", classes=4, size=32, seed=0, per_class={"train": 48, "val": 16, "ood": 16}
@@ -487,6 +508,13 @@ def demo_command(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dic
         "--set 'model.kwargs={img_size=32}' --set optim.lr=1e-3"
     )
     return summary
+
+
+def compare_command(*, out: Path, force: bool, quick: bool) -> dict[str, Any]:
+    """``ftsgd demo --compare``: run the comparison and print it; returns ``comparison.json``'s data."""
+    result = run_comparison(out, QUICK if quick else FULL, force=force)
+    print_comparison(result)
+    return result.to_dict()
 
 
 def _clear_demo_dir(out: Path, force: bool) -> None:

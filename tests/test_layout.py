@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"export", "inspection"},
     {"rundir"},
     {"trainer"},
+    {"compare"},
     {"commands"},
     {"cli"},
     {"__main__"},
