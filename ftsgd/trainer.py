@@ -70,7 +70,7 @@ from ftsgd.fingerprint import compare_fingerprints, fingerprint
 from ftsgd.freeze import train_mode
 from ftsgd.models import classifier_modules
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
-from ftsgd.prepare import PreparedModel, prepare_model, refreeze
+from ftsgd.prepare import PreparedModel, check_stages, prepare_model, refreeze
 from ftsgd.recipe import Recipe, recipe_to_toml, select_metric, stage_label, stage_recipes
 from ftsgd.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
 from ftsgd.rundir import RunDir
@@ -186,6 +186,7 @@ class Trainer:
         self._setup_model(from_checkpoint=ckpt is not None)
         self._setup_regularisation()
         self._setup_optimizer()
+        check_stages(self.prepared, self.recipe, self.state.stage)  # every stage works, before any step
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             self._saved_step = self.state.global_step

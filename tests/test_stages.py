@@ -393,3 +393,17 @@ def test_kill_9_around_the_stage_boundary_then_resume_is_bitwise_identical(tmp_p
     assert [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "ref")] == [
         {k: v for k, v in r.items() if k not in strip} for r in records(out)
     ]
+
+
+def test_a_later_stage_that_cannot_work_on_the_model_fails_before_the_first_step(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    recipe = staged(image_folder, "test_vit", 'stage.2.freeze.patterns=["blocks.9.*"]')
+    trainer = Trainer(recipe, tmp_path / "run", quiet=True)
+    with pytest.raises(RecipeError) as err:
+        trainer.fit()
+    assert err.value.problems[0].startswith("stage.2.freeze.patterns: 'blocks.9.*' matches no parameter")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    ok = Trainer(staged(image_folder), tmp_path / "ok", quiet=True)
+    ok.setup()  # the check leaves the first stage's freeze in place
+    assert [n for n, p in ok.model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
