@@ -206,6 +206,7 @@ def run_comparison(
             with other settings (without ``force``).
     """
     start = time.perf_counter()
+    _foreign_entries(out)  # before the lock file is written into someone else's folder
     with locked(out, "comparison folder"), one_thread():
         _prepare_out(out, config, force)
         weights, pretrain = pretrained_backbone(cache or cache_root(), config)
@@ -254,14 +255,22 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "ftsgd"
 
 
-def _prepare_out(out: Path, config: CompareConfig, force: bool) -> None:
-    """Check what ``out`` holds (under its lock) and record this comparison's settings in it."""
-    entries = {p.name for p in out.iterdir()} - {".ftsgd.lock"}
+def _foreign_entries(out: Path) -> set[str]:
+    """What ``out`` holds (its lock aside); refused when that is more than a comparison writes."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    entries = {p.name for p in out.iterdir()} - {".ftsgd.lock"} if out.is_dir() else set()
     foreign = sorted(e for e in entries if e not in OWN_ENTRIES and not e.endswith(".tmp"))
     if foreign:
         raise UsageError(
             f"{out} is not a comparison folder (it holds {', '.join(foreign[:5])}); choose another --out"
         )
+    return entries
+
+
+def _prepare_out(out: Path, config: CompareConfig, force: bool) -> None:
+    """Check what ``out`` holds (under its lock) and record this comparison's settings in it."""
+    entries = _foreign_entries(out)
     settings = json.dumps(asdict(config), sort_keys=True)
     recorded = out / SETTINGS_FILE
     if entries and not force and (not recorded.is_file() or recorded.read_text() != settings):
