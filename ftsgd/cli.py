@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from ftsgd import __version__, console
-from ftsgd.errors import FtsgdError, UsageError
+from ftsgd.errors import FtsgdError, Interrupted, UsageError
 from ftsgd.recipe import DEFAULT_RECIPE
 
 EXIT_CODES = (
@@ -103,6 +103,15 @@ BatchesOpt = Annotated[
     int | None,
     typer.Option("--batches", min=1, help="Training batches the diagnostic averages over (default 8)."),
 ]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Also estimate the memory per GPU of a torchrun job of N processes, with DDP and with FSDP "
+        "(train.shard).",
+    ),
+]
 PngOpt = Annotated[
     Path | None, typer.Option("--png", help="Also plot the diagnostic's gradient norms to this PNG file.")
 ]
@@ -120,7 +129,8 @@ def _user_errors() -> Iterator[None]:
     except FtsgdError as exc:
         if os.environ.get("FTSGD_DEBUG") == "1":
             raise
-        console.error(str(exc))
+        if not (isinstance(exc, Interrupted) and console.secondary_rank()):  # rank 0 says how to resume
+            console.error(str(exc))
         raise typer.Exit(exc.exit_code) from None
     except BrokenPipeError:
         # `ftsgd ... | head`: the reader is gone. Stop quietly with the status a process killed by SIGPIPE
@@ -249,6 +259,7 @@ def inspect(
     data: DiagnosticDataOpt = None,
     batches: BatchesOpt = None,
     png: PngOpt = None,
+    nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how the embedding layer was found, what the recipe freezes and the memory it saves.
@@ -270,6 +281,8 @@ def inspect(
         ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
 
         ftsgd inspect convnext_tiny --weights convnext_tiny.safetensors --data ~/data/birds --png grads.png
+
+        ftsgd inspect vit_giant_patch14_clip_224 --nproc 8
     """
     from ftsgd.commands import inspect_command, print_inspect
 
@@ -287,6 +300,7 @@ def inspect(
             data=data,
             batches=batches,
             png=png,
+            nproc=nproc,
         )
     if as_json:
         console.print_json(report)
@@ -387,16 +401,22 @@ def eval_(
         typer.Option("--on-bad-image", help="error | skip: what to do with images that cannot be decoded."),
     ] = "error",
     as_json: JsonOpt = False,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", metavar="DIR", help="Write a confusion-matrix heatmap per split to DIR."),
+    ] = None,
 ) -> None:
-    """Evaluate exported weights on image-folder splits: top-1/top-5, loss and per-class accuracy.
+    """Evaluate exported weights on image-folder splits: top-1/top-5, loss, per-class accuracy, confusion matrix.
 
     Examples:
 
         ftsgd eval runs/birds --data ~/data/birds
 
         ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val --split ood --json
+
+        ftsgd eval runs/birds --data ~/data/birds --png runs/birds/plots
     """
-    from ftsgd.commands import eval_command, print_eval_results
+    from ftsgd.commands import confusion_png_path, eval_command, print_eval_results
 
     with _user_errors():
         results = eval_command(
@@ -406,11 +426,113 @@ def eval_(
             batch_size=batch_size,
             device=device,
             on_bad_image=on_bad_image,
+            png_dir=png,
         )
     if as_json:
         console.print_json(results)
+        return
+    print_eval_results(results)
+    for name, r in results.items() if png is not None else []:
+        if "confusion" in r:
+            console.info(f"heatmap: {confusion_png_path(png, name)}")
+
+
+@app.command(cls=_Command, epilog=EXIT_CODES)
+def predict(
+    weights: Annotated[Path, typer.Argument(help="A run directory or an exported model.safetensors.")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PATH...",
+            help="Image files, folders (searched recursively) or - to read paths from stdin, one per line.",
+        ),
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes listed per image.")] = 5,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            metavar="",
+            help="JSON Lines, one object per image (the default when stdout is not a terminal).",
+        ),
+    ] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", metavar="", help="CSV with a header row.")] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+    ] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    on_bad_image: Annotated[
+        str,
+        typer.Option(
+            "--on-bad-image",
+            help="error: an error record per unusable input and exit code 1 at the end | skip: leave them out, "
+            "count them on stderr.",
+        ),
+    ] = "error",
+    workers: Annotated[
+        int, typer.Option("--workers", min=-1, help="Threads decoding images (-1 = automatic, 0 = none).")
+    ] = -1,
+) -> None:
+    """Classify image files, folders or paths from stdin, writing one result per image as it is known.
+
+    Each result has the path, the predicted class, its probability and the top-k classes; an input that
+    cannot be read gets an error record. Preprocessing and predictions are those of ftsgd eval.
+
+    Examples:
+
+        ftsgd predict runs/birds new_photos/ > predictions.jsonl
+
+        find incoming/ -name '*.jpg' -newer last_run | ftsgd predict runs/birds - --top-k 3
+
+        ftsgd predict runs/birds photo1.jpg photo2.png --csv
+    """
+    from ftsgd.commands import predict_command
+
+    with _user_errors():  # also: `| head` closing stdout ends it quietly with 141
+        if as_json and as_csv:
+            raise UsageError("--json and --csv exclude each other; pick one")
+        predict_command(
+            weights,
+            paths,
+            top_k=top_k,
+            output="jsonl" if as_json else "csv" if as_csv else None,
+            batch_size=batch_size,
+            device=device,
+            on_bad_image=on_bad_image,
+            workers=workers,
+        )
+
+
+@app.command(cls=_Command, epilog=EXIT_CODES)
+def export(
+    weights: Annotated[Path, typer.Argument(help="A run directory or an exported model.safetensors.")],
+    onnx: Annotated[Path, typer.Option("--onnx", metavar="FILE", help="The ONNX file to write.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", "-d", metavar="DIR", help="Images to check the ONNX model on [default: random inputs]."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a fine-tuned model to ONNX (dynamic batch), checked with onnxruntime against PyTorch.
+
+    Needs the optional packages: pip install 'ftsgd[onnx]'.
+
+    Examples:
+
+        ftsgd export runs/birds --onnx runs/birds/model.onnx
+
+        ftsgd export runs/birds --onnx birds.onnx --data ~/data/birds/val --json
+    """
+    from ftsgd.commands import export_command, print_export
+
+    with _user_errors():
+        report = export_command(weights, onnx=onnx, data=data)
+    if as_json:
+        console.print_json(report)
     else:
-        print_eval_results(results)
+        print_export(report)
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES)

@@ -8,19 +8,24 @@ them into a message and an exit code.
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import functools
 import json
 import os
+import re
 import shutil
 import sys
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ftsgd import console
 from ftsgd.compare import FULL, QUICK, print_comparison, run_comparison
 from ftsgd.data import (
+    IgnoredTally,
     build_loader,
-    build_transform,
     discover_splits,
     ignored_warnings,
     preflight_scan,
@@ -28,11 +33,15 @@ from ftsgd.data import (
 )
 from ftsgd.device import resolve_device
 from ftsgd.diagnose import GradientDiagnostic, diagnostic_to_dict, print_diagnostic
-from ftsgd.errors import DataError, UsageError
-from ftsgd.evaluate import evaluate
-from ftsgd.export import load_exported_model
+from ftsgd.distributed import decided_by_rank0, launched_world_size
+from ftsgd.errors import DataError, RunError, UsageError
+from ftsgd.evaluate import CONFUSION_MAX_CLASSES, evaluate
+from ftsgd.export import inference_transform, load_exported_model
 from ftsgd.inspection import inspect_model, run_diagnostic
 from ftsgd.memory import format_bytes
+from ftsgd.onnx_export import export_onnx, require_onnx_packages
+from ftsgd.plots import CONFUSION, check_plot_dir, write_confusion_plots
+from ftsgd.predict import Prediction, Predictor, check_sources, csv_header, iter_items
 from ftsgd.recipe import (
     DEFAULT_RECIPE,
     DataConfig,
@@ -45,20 +54,20 @@ from ftsgd.recipe import (
 )
 from ftsgd.rundir import RunDir, locked
 from ftsgd.synthetic import make_image_folder
-from ftsgd.trainer import Trainer
+from ftsgd.trainer import Trainer, join_job_with
 from ftsgd.validate import load_checked_recipe
 
 __all__ = [
     "demo_command",
     "eval_command",
+    "export_command",
     "inspect_command",
+    "predict_command",
     "recipes_keys_command",
     "recipes_list_command",
     "recipes_show_command",
     "train_command",
 ]
-
-_EXPORT_PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -87,8 +96,10 @@ def train_command(
     """
     run = RunDir(out)
     wanted = resolve_train_recipe(recipe, overrides, data) if (recipe or overrides or not resume) else None
-    with locked(out):
-        resolved, resume = _resume_plan(run, wanted, data) if resume else (_new_run(run, wanted), False)
+    with contextlib.ExitStack() as held:
+        _join_job(run, wanted, data)
+        plan = functools.partial(_locked_plan, held, run, wanted, data, resume)
+        resolved, resume = decided_by_rank0(plan)  # under torchrun: rank 0 locks and decides for the job
         if resolved is None:
             return _finished(run, quiet)
         trainer = Trainer(
@@ -106,11 +117,35 @@ def train_command(
     if summary is None:
         console.info(
             f"stopped after {trainer.state.global_step} steps (--max-steps {max_steps}); continue with:\n"
-            f"  {run.resume_command(resolved.data.root)}"
+            f"  {trainer.resume_command()}"
         )
     else:
         print_train_results(summary)
     return summary
+
+
+def _join_job(run: RunDir, wanted: Recipe | None, data: Path) -> None:
+    """Under torchrun, join the job before anything touches the run directory (a no-op otherwise).
+
+    Joining waits for every process, so the directory is read by all of them before rank 0 changes it.
+    """
+    if launched_world_size() < 2:
+        return
+    own = run.read_recipe(data, for_resume=False) if wanted is None and run.recipe_file.is_file() else None
+    join_job_with(wanted or own or Recipe())
+
+
+def _locked_plan(
+    held: contextlib.ExitStack, run: RunDir, wanted: Recipe | None, data: Path, resume: bool
+) -> tuple[Recipe | None, bool]:
+    """Lock the run directory (for as long as ``held`` lasts) and decide what to train: ``(recipe, resume)``.
+
+    ``(None, False)``: the run is finished. Only one process of a job calls this (rank 0).
+    """
+    held.enter_context(locked(run.path))
+    if resume:
+        return _resume_plan(run, wanted, data)
+    return _new_run(run, wanted), False
 
 
 def _new_run(run: RunDir, wanted: Recipe | None) -> Recipe | None:
@@ -205,6 +240,7 @@ def eval_command(
     device: str = "auto",
     num_workers: int = -1,
     on_bad_image: str = "error",
+    png_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``ftsgd eval``: evaluate an export (or a run directory's) on image-folder splits.
 
@@ -220,18 +256,21 @@ def eval_command(
         num_workers: DataLoader workers (-1 = automatic).
         on_bad_image: ``error``: an unreadable image in an evaluated split fails before the model
             runs, listing the files; ``skip``: they are left out (a warning says how many).
+        png_dir: Write a confusion-matrix heatmap per split there (``confusion-SPLIT.png``).
 
     Returns:
-        ``{split: {"accuracy", "top5"?, "loss", "n", "per_class"}}``.
+        ``{split: {"accuracy", "top5"?, "loss", "n", "per_class", "confusion"}}``.
     """
     if on_bad_image not in ("error", "skip"):
         raise UsageError(f"--on-bad-image must be error or skip, got {on_bad_image!r}")
+    if png_dir is not None:
+        check_plot_dir(png_dir)  # before minutes of evaluation
     model, meta = load_exported_model(weights)
     class_names = list(meta["class_names"])
     found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image)
     dev = resolve_device(device)
     model.to(dev)
-    transform = build_transform({k: meta[k] for k in _EXPORT_PREPROCESSING}, "none", training=False)
+    transform = inference_transform(meta)
     workers = resolve_num_workers(num_workers)
     results = {}
     for name in wanted:
@@ -245,6 +284,8 @@ def eval_command(
             pin_memory=dev.type == "cuda",
         )
         results[name] = evaluate(model, loader, device=dev, class_names=class_names)
+    if png_dir is not None:
+        write_confusion_plots(results, png_dir)
     return results
 
 
@@ -297,6 +338,213 @@ def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
             row.append("-" if pc["accuracy"] is None else f"{100 * pc['accuracy']:.1f}% ({pc['n']})")
         per_class.append(row)
     console.print_table("Per-class accuracy (images)", ["class", *names], per_class)
+    print_confusion(results)
+
+
+CONFUSION_TABLE_LIMIT = 20
+"""Classes up to which ``ftsgd eval`` prints the confusion matrix as a table."""
+
+
+def print_confusion(results: dict[str, dict[str, Any]]) -> None:
+    """Each split's confusion matrix as a table (rows: true class, columns: predicted class)."""
+    for name, r in results.items():
+        classes = list(r["per_class"])
+        if "confusion" not in r:
+            console.info(
+                f"Confusion matrix ({name}): not counted for more than {CONFUSION_MAX_CLASSES} classes"
+            )
+            continue
+        if len(classes) > CONFUSION_TABLE_LIMIT:
+            console.info(
+                f"Confusion matrix ({name}): {len(classes)} classes are too many for a table; it is "
+                '"confusion" in --json, and --png DIR draws it'
+            )
+            continue
+        rows = [[cls, *row] for cls, row in zip(classes, r["confusion"], strict=True)]
+        console.print_table(
+            f"Confusion matrix: {name} (rows: true class, columns: predicted class)",
+            ["true \\ predicted", *classes],
+            rows,
+        )
+
+
+def confusion_png_path(directory: Path, split: str) -> Path:
+    """Where ``--png DIR`` puts a split's heatmap."""
+    return directory / CONFUSION.format(split=split)
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+PREDICT_OUTPUTS = ("text", "jsonl", "csv")
+
+
+def predict_command(
+    weights: Path,
+    paths: list[str],
+    *,
+    top_k: int = 5,
+    output: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    on_bad_image: str = "error",
+    workers: int = -1,
+    stdin: IO[bytes] | None = None,
+) -> int:
+    """``ftsgd predict``: classify images and write one result per image to stdout as it is known.
+
+    Args:
+        weights: ``model.safetensors`` written by ftsgd, or the run directory holding it.
+        paths: Image files, folders (walked recursively) and at most one ``-`` (paths from ``stdin``).
+        top_k: Classes listed per image.
+        output: ``text``, ``jsonl`` or ``csv``; None: text on a terminal, JSON Lines otherwise.
+        batch_size: Images per forward pass (fewer when the input pauses).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        on_bad_image: ``error``: an input that cannot be classified gets an error record and the
+            command fails at the end; ``skip``: no record, only the count on stderr at the end.
+        workers: Threads decoding images (-1 = automatic, 0 = in the main thread).
+        stdin: Where ``-`` reads paths from (default: the process's standard input, as bytes).
+
+    Returns:
+        The number of inputs read.
+
+    Raises:
+        UsageError: Bad options, missing PATHs or folders without images, no such export (exit 2),
+            before the model is loaded.
+        RunError: Some inputs could not be classified with ``on_bad_image = "error"`` (exit 1), raised
+            after every other input was classified.
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise UsageError(f"--on-bad-image must be error or skip, got {on_bad_image!r}")
+    output = output or ("text" if console.stdout_is_tty() else "jsonl")
+    if output not in PREDICT_OUTPUTS:
+        raise UsageError(f"unknown output {output!r}; use {', '.join(PREDICT_OUTPUTS)}")
+    check_sources(paths)
+    predictor = Predictor(weights, device=device, top_k=top_k)
+    ignored = IgnoredTally()
+    items = iter_items(paths, stdin if stdin is not None else sys.stdin.buffer, ignored)
+    stream = predictor.predict(items, batch_size=batch_size, workers=resolve_num_workers(workers))
+    writer = PredictionWriter(output, predictor.top_k)
+    tally = BadInputs()
+    with closing(stream):
+        for prediction in stream:
+            tally.count(prediction)
+            if prediction.error is None or on_bad_image == "error":
+                writer.write(prediction)
+    for message in ignored.messages(where="in the folders given"):
+        console.warn(message)
+    return tally.finish(on_bad_image)
+
+
+class PredictionWriter:
+    """Writes each result to stdout at once: JSON Lines, CSV (header first) or readable text lines."""
+
+    def __init__(self, output: str, top_k: int) -> None:
+        self.output, self.top_k = output, top_k
+        self.csv = csv.writer(sys.stdout, lineterminator="\n") if output == "csv" else None
+        if self.csv is not None:
+            self.csv.writerow(csv_header(top_k))
+            sys.stdout.flush()
+
+    def write(self, p: Prediction) -> None:
+        """One line per result, flushed, so a pipeline sees it before the next batch is done."""
+        try:
+            self._write(p)
+        except UnicodeEncodeError:  # a file name that is not UTF-8, on a stdout that refuses its bytes
+            self._write(replace(p, path=_displayable(p.path), error=p.error and _displayable(p.error)))
+        sys.stdout.flush()
+
+    def _write(self, p: Prediction) -> None:
+        if self.csv is not None:
+            self.csv.writerow(p.csv_row(self.top_k))
+        elif self.output == "jsonl":
+            line = json.dumps(p.record(), ensure_ascii=False)
+            if _UNDECODED.search(line):  # a file name that is not UTF-8: keep the JSON valid UTF-8 with
+                line = json.dumps(p.record())  # \udcXX escapes (os.fsencode(record["path"]) gives the bytes)
+            sys.stdout.write(line + "\n")
+        elif p.error is not None:
+            sys.stdout.write(f"{p.path}  error: {p.error}\n")
+        else:
+            rest = ", ".join(
+                f"{c} {100 * q:.1f}%" for c, q in zip(p.classes[1:], p.probabilities[1:], strict=True)
+            )
+            sys.stdout.write(
+                f"{p.path}  {p.classes[0]} {100 * p.probabilities[0]:.1f}%{f'  ({rest})' if rest else ''}\n"
+            )
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
+"""How Python's file-system decoding keeps the bytes of a name that is not valid UTF-8 (surrogateescape)."""
+
+
+def _displayable(text: str) -> str:
+    """``text`` with the surrogate escapes of undecodable file-name bytes replaced by U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class BadInputs:
+    """Counts inputs and failures (keeping only the first few paths: memory stays constant)."""
+
+    SHOWN = 5
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.failed = 0
+        self.first: list[str] = []
+
+    def count(self, p: Prediction) -> None:
+        self.total += 1
+        if p.error is not None:
+            self.failed += 1
+            if len(self.first) < self.SHOWN:
+                self.first.append(f"{p.path} ({p.error})")
+
+    def finish(self, on_bad_image: str) -> int:
+        """Report the failures on stderr (skip) or as the command's error (error); returns the total."""
+        if self.total == 0:
+            console.warn("no images to classify: stdin gave no paths")
+        if not self.failed:
+            return self.total
+        more = f", ... and {self.failed - len(self.first)} more" if self.failed > len(self.first) else ""
+        listed = "; ".join(self.first) + more
+        if on_bad_image == "skip":
+            console.warn(
+                f"skipped {self.failed} of {self.total} input(s) that could not be classified: {listed}"
+            )
+            return self.total
+        raise RunError(
+            f"{self.failed} of {self.total} input(s) could not be classified (each has an error record in "
+            f"the output; --on-bad-image skip leaves them out): {listed}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export_command(weights: Path, *, onnx: Path, data: Path | None = None) -> dict[str, Any]:
+    """``ftsgd export --onnx``: the export as an ONNX file, checked with onnxruntime against PyTorch."""
+    require_onnx_packages()  # before anything is loaded
+    if data is not None and not data.expanduser().is_dir():
+        raise UsageError(f"--data {data} is not a folder")
+    model, meta = load_exported_model(weights)
+    return export_onnx(model, meta, onnx.expanduser(), data=data.expanduser() if data else None)
+
+
+def print_export(r: dict[str, Any]) -> None:
+    """What ``ftsgd export --onnx`` wrote and how it was checked."""
+    console.print_kv(
+        [
+            ("onnx", f"{r['onnx']} ({format_bytes(r['bytes'])}, opset {r['opset']})"),
+            (
+                "input",
+                f"{'x'.join(str(v) for v in r['input'])} (dynamic batch) -> logits for {r['classes']} classes",
+            ),
+            (
+                "checked",
+                f"{r['checked_on']} at batch sizes {', '.join(map(str, r['batch_sizes']))}: max |onnx - torch| = "
+                f"{r['max_abs_diff']:.2e} (tolerance {r['tolerance']['atol']:g} + {r['tolerance']['rtol']:g} x |torch|)",
+            ),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------ inspect
@@ -311,6 +559,7 @@ def inspect_command(
     data: Path | None = None,
     batches: int | None = None,
     png: Path | None = None,
+    nproc: int | None = None,
 ) -> tuple[dict[str, Any], GradientDiagnostic | None]:
     """``ftsgd inspect``: the embedding found, what the recipe freezes and the memory it saves.
 
@@ -323,7 +572,7 @@ def inspect_command(
     if data is not None:
         diagnostic = run_diagnostic(loaded, data, batches, png, num_classes)
         num_classes = diagnostic.num_classes
-    report = inspect_model(loaded, num_classes, batch_size=batch_size)
+    report = inspect_model(loaded, num_classes, batch_size=batch_size, nproc=nproc)
     if diagnostic is not None:
         report["gradient_diagnostic"] = diagnostic_to_dict(diagnostic)
     return report, diagnostic
@@ -362,6 +611,8 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
         ]
     )
     console.print_table("Training-state memory estimate", ["", "bytes"], _memory_rows(r["memory"]))
+    if "memory_per_process" in r:
+        _print_job_memory(r["memory_per_process"])
     if diagnostic is not None:
         print_diagnostic(diagnostic)
 
@@ -383,6 +634,22 @@ def _print_stages(stages: list[dict[str, Any]]) -> None:
         "Stages, in order (the other tables describe the last one)",
         ["stage", "epochs", "freeze.policy", "frozen", "trainable", "optimizer, lr"],
         rows,
+    )
+
+
+def _print_job_memory(m: dict[str, Any]) -> None:
+    """``inspect --nproc N``: memory per GPU with DDP and with FSDP, side by side."""
+    kinds = [
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer state", "optimizer_state"),
+        (f"activations (batch {m['micro_batch']} per GPU)", "activations"),
+        ("gathered blocks (FSDP)", "gathered"),
+        ("total per GPU", "total"),
+    ]
+    rows = [[label, format_bytes(m["ddp"][key]), format_bytes(m["fsdp"][key])] for label, key in kinds]
+    console.print_table(
+        f"Memory per GPU with {m['nproc']} processes (torchrun)", ["", "DDP", "FSDP (train.shard)"], rows
     )
 
 

@@ -26,6 +26,27 @@ def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
 
+def secondary_rank() -> bool:
+    """Whether this is a process other than rank 0 of a ``torchrun`` job: it prints nothing but errors.
+
+    Read from torchrun's environment (``RANK``, ``WORLD_SIZE``) so that every way of printing, the
+    ``--json`` object included, appears once per job, not once per process.
+    """
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _rank_label() -> str:
+    """``"[rank N] "`` in a multi-process job, so an error says which process it comes from."""
+    try:
+        many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        many = False
+    return f"[rank {os.environ.get('RANK', '0')}] " if many else ""
+
+
 def console(stderr: bool = False) -> Console:
     """A rich console that writes to the *current* sys.stdout/sys.stderr (CliRunner swaps them)."""
     stream = sys.stderr if stderr else sys.stdout
@@ -34,12 +55,16 @@ def console(stderr: bool = False) -> Console:
 
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (the contract of every ``--json`` flag)."""
+    if secondary_rank():
+        return
     sys.stdout.write(json.dumps(jsonable(obj), indent=2) + "\n")
     sys.stdout.flush()
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A rich table on a terminal, aligned plain text otherwise."""
+    if secondary_rank():
+        return
     cells = [[("" if c is None else str(c)) for c in row] for row in rows]
     if stdout_is_tty():
         table = Table(title=title, title_justify="left")
@@ -60,6 +85,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 def print_kv(pairs: Sequence[tuple[str, Any]]) -> None:
     """Aligned ``key: value`` lines."""
+    if secondary_rank():
+        return
     width = max((len(k) for k, _ in pairs), default=0)
     text = "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
     if stdout_is_tty():
@@ -71,6 +98,8 @@ def print_kv(pairs: Sequence[tuple[str, Any]]) -> None:
 
 def info(message: str) -> None:
     """One plain informational line on stdout."""
+    if secondary_rank():
+        return
     if stdout_is_tty():
         console().print(message, highlight=False, markup=False)
     else:
@@ -79,13 +108,15 @@ def info(message: str) -> None:
 
 
 def error(message: str) -> None:
-    """An error for the user on stderr, without a traceback."""
-    sys.stderr.write(f"error: {message}\n")
+    """An error for the user on stderr, without a traceback (every process of a job prints its own)."""
+    sys.stderr.write(f"{_rank_label()}error: {message}\n")
     sys.stderr.flush()
 
 
 def warn(message: str) -> None:
     """A warning on stderr (kept off stdout so ``--json`` output stays parseable)."""
+    if secondary_rank():
+        return
     sys.stderr.write(f"warning: {message}\n")
     sys.stderr.flush()
 
@@ -194,5 +225,5 @@ class TrainingProgress:
 
 def training_progress(quiet: bool, *, epochs: int, steps_per_epoch: int) -> TrainingProgress:
     """Pick rich, plain or quiet output for a training run."""
-    mode = "quiet" if quiet else ("rich" if stdout_is_tty() else "plain")
+    mode = "quiet" if quiet or secondary_rank() else ("rich" if stdout_is_tty() else "plain")
     return TrainingProgress(mode, epochs=epochs, steps_per_epoch=steps_per_epoch)

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
+from ftsgd.distributed import gather_objects
 from ftsgd.errors import DataError
 from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
 
@@ -237,6 +238,72 @@ def _read_class(class_dir: Path, owners: _Owners) -> tuple[list[Path], list[Igno
                 "(links are followed, but a folder belongs to one class)"
             )
     return sorted(images), ignored, clashes
+
+
+def iter_image_files(
+    folder: Path | str,
+    on_error: Callable[[OSError], None] | None = None,
+    on_ignored: Callable[[IgnoredFile], None] | None = None,
+) -> Iterator[Path]:
+    """The image files under ``folder``, lazily and in a stable order, by the rules of a class folder.
+
+    The streaming sibling of the split listing (``ftsgd predict`` walks folders of any size with it):
+    :data:`IMG_EXTENSIONS`, hidden files and folders skipped, links followed but each real folder read
+    once (a link loop, a link to a folder above ``folder`` or a second way to a folder adds nothing),
+    real sub-folders before the folders links lead to. Each folder is listed and sorted only when the
+    walk reaches it and its files and real sub-folders are visited in name order, so memory grows with
+    the largest single folder and the number of folders, never with the number of files.
+
+    Args:
+        folder: The folder to walk.
+        on_error: Called with the ``OSError`` of a folder that cannot be listed, after which the walk
+            goes on (like ``os.walk``'s ``onerror``); without it the error is raised.
+        on_ignored: Called with each file left out because it is not an image by its extension, and each
+            folder link not followed because its folder was already read (see :class:`IgnoredFile`).
+    """
+    start = Path(folder)
+    try:
+        read = {_dir_id(p) for p in start.resolve().parents}  # a link to any of them is a loop
+    except DataError:
+        read = set()
+    links = [start]
+    while links:
+        yield from _walk_real(links.pop(0), read, links, on_error, on_ignored)
+
+
+def _walk_real(
+    folder: Path,
+    read: set[_DirId],
+    links: list[Path],
+    on_error: Callable[[OSError], None] | None,
+    on_ignored: Callable[[IgnoredFile], None] | None,
+) -> Iterator[Path]:
+    """One folder of :func:`iter_image_files` and its real sub-folders; links to folders are queued."""
+    try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in read:
+            if on_ignored is not None:
+                on_ignored(IgnoredFile(folder, REPEATED_FOLDER))
+            return
+        entries = sorted(os.scandir(folder), key=_entry_name)
+    except OSError as exc:
+        if on_error is None:
+            raise
+        on_error(exc)
+        return
+    read.add((st.st_dev, st.st_ino))
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():  # follows links; a dangling link is a file (and an unreadable image)
+            if entry.is_symlink():
+                links.append(Path(entry.path))
+            else:
+                yield from _walk_real(Path(entry.path), read, links, on_error, on_ignored)
+        elif is_image_file(entry.name):
+            yield Path(entry.path)
+        elif on_ignored is not None:
+            on_ignored(IgnoredFile(Path(entry.path), _ignore_reason(entry.name)))
 
 
 def _has_image_folder_layout(folder: Path) -> bool:
@@ -523,31 +590,58 @@ def ignored_warnings(splits: dict[str, Split], root: Path | str | None = None) -
         Zero, one or two messages: files not read as images, grouped by reason with a count, a hint
         and a few examples; and folder links not followed because their folder was already read.
     """
-    root = Path(root).expanduser() if root is not None else None
-    items = list(dict.fromkeys(i for split in splits.values() for i in split.ignored))
-    files = [i for i in items if i.reason != REPEATED_FOLDER]
-    links = [i for i in items if i.reason == REPEATED_FOLDER]
-    messages = []
-    if files:
-        groups: dict[str, list[Path]] = {}
-        for item in files:
-            groups.setdefault(item.reason, []).append(item.path)
-        lines = [f"ignored {len(files)} file(s) that are not images in a class folder:"]
-        for reason, paths in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-            examples = ", ".join(_shown(p, root) + _sniffed(p, reason) for p in paths[:_SHOW_IGNORED])
-            more = ", ..." if len(paths) > _SHOW_IGNORED else ""
-            lines.append(
-                f"  {_group_label(reason)} ({len(paths)}): {_ignore_hint(reason)}; e.g. {examples}{more}"
+    tally = IgnoredTally()
+    for item in dict.fromkeys(i for split in splits.values() for i in split.ignored):
+        tally.add(item)
+    return tally.messages(root)
+
+
+class IgnoredTally:
+    """What a walk left out: a count and the first few examples per reason, so memory stays constant.
+
+    :func:`ignored_warnings` reports a dataset's splits with it; ``ftsgd predict`` feeds it from
+    :func:`iter_image_files` while it streams.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[Path]] = {}
+
+    def add(self, item: IgnoredFile) -> None:
+        """Count one file (or folder link) left out."""
+        self.counts[item.reason] = self.counts.get(item.reason, 0) + 1
+        shown = self.examples.setdefault(item.reason, [])
+        if len(shown) < _SHOW_IGNORED:
+            shown.append(item.path)
+
+    def messages(self, root: Path | str | None = None, where: str = "in a class folder") -> list[str]:
+        """The warnings: files not read as images (by reason, with a hint), then folder links not followed.
+
+        Args:
+            root: Paths are shown relative to it.
+            where: Where the files were, for the first message's first line.
+        """
+        root = Path(root).expanduser() if root is not None else None
+        files = {r: n for r, n in self.counts.items() if r != REPEATED_FOLDER}
+        messages = []
+        if files:
+            lines = [f"ignored {sum(files.values())} file(s) that are not images {where}:"]
+            for reason, n in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])):
+                paths = self.examples[reason]
+                examples = ", ".join(_shown(p, root) + _sniffed(p, reason) for p in paths)
+                more = ", ..." if n > len(paths) else ""
+                lines.append(f"  {_group_label(reason)} ({n}): {_ignore_hint(reason)}; e.g. {examples}{more}")
+            messages.append("\n".join(lines))
+        n_links = self.counts.get(REPEATED_FOLDER, 0)
+        if n_links:
+            links = self.examples[REPEATED_FOLDER]
+            shown = ", ".join(f"{_shown(p, root)} -> {p.resolve()}" for p in links)
+            more = ", ..." if n_links > len(links) else ""
+            messages.append(
+                f"did not follow {n_links} folder link(s) to a folder already read (a link loop, or a "
+                f"second way to the same folder; each folder is read once): {shown}{more}"
             )
-        messages.append("\n".join(lines))
-    if links:
-        shown = ", ".join(f"{_shown(i.path, root)} -> {i.path.resolve()}" for i in links[:_SHOW_IGNORED])
-        more = ", ..." if len(links) > _SHOW_IGNORED else ""
-        messages.append(
-            f"did not follow {len(links)} folder link(s) to a folder already read (a link loop, or a "
-            f"second way to the same folder; each folder is read once): {shown}{more}"
-        )
-    return messages
+        return messages
 
 
 def _shown(path: Path, root: Path | None) -> str:
@@ -838,6 +932,7 @@ def preflight_scan(
     root: Path | str | None = None,
     workers: int = 0,
     train_split: str | None = "train",
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Split], list[BadImage]]:
     """Decode every file of every split once, before any model is built, so bad data fails in seconds.
 
@@ -851,6 +946,8 @@ def preflight_scan(
         train_split: Key of the training split: with ``skip``, every one of its classes must keep at
             least one image (a class that is never trained on is not a usable task). ``None`` for
             evaluation-only scans.
+        shard: ``(rank, world)`` in a multi-process job: each process decodes every ``world``-th file
+            and the failures are gathered, so the job scans the dataset once, not once per process.
 
     Returns:
         ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
@@ -867,7 +964,13 @@ def preflight_scan(
     for name, split in splits.items():
         for path, _ in split.samples:
             owner.setdefault(path, name)
-    failed = scan_images(owner, workers=workers)
+    if shard is None:
+        failed = scan_images(owner, workers=workers)
+    else:
+        rank, world = shard
+        failed = {}
+        for part in gather_objects(scan_images(list(owner)[rank::world], workers=workers)):
+            failed.update(part)
     bad = [BadImage(path, owner[path], *failed[path]) for path in owner if path in failed]
     if not bad:
         return splits, []
@@ -1059,6 +1162,88 @@ class EpochSampler(Sampler[int]):
         return max(0, self.num_samples - self.start)
 
 
+@dataclass(frozen=True)
+class BatchShard:
+    """The part of one global batch that one process of a ``torchrun`` job trains on.
+
+    The global batch (``train.batch_size`` images in the ``(seed, epoch)`` order, fewer at an epoch's
+    end) is cut into micro-batches of ``chunk`` consecutive images, exactly as one process cuts it,
+    and the micro-batches are dealt to the processes in contiguous, balanced groups. So every
+    micro-batch is one that a one-process run with ``train.micro_batch_size = chunk`` computes too.
+
+    Attributes:
+        lo: First position (in the global batch) of this process's images.
+        hi: One past its last position; ``lo == hi`` when this process gets no image of a small
+            last batch (it still takes part in the step's collectives).
+        first: Index of its first micro-batch among the global batch's micro-batches.
+        count: Number of its micro-batches.
+        total: Number of micro-batches of the whole global batch.
+    """
+
+    lo: int
+    hi: int
+    first: int
+    count: int
+    total: int
+
+
+def batch_shard(n: int, chunk: int, rank: int, world: int) -> BatchShard:
+    """Which images of a global batch of ``n`` go to process ``rank`` of ``world`` (see :class:`BatchShard`)."""
+    if chunk < 1 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need chunk >= 1 and 0 <= rank < world, got {chunk}, {rank}, {world}")
+    total = -(-n // chunk)
+    first, end = rank * total // world, (rank + 1) * total // world
+    return BatchShard(min(first * chunk, n), min(end * chunk, n), first, end - first, total)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One process's part (:func:`batch_shard`) of every global batch of an epoch.
+
+    Every process walks the same global order, so the global batches, and each sample's
+    ``(seed, epoch, index)`` augmentation, are those of a one-process run whatever the number of
+    processes; and every process yields one (possibly empty) list per global batch, so all of them
+    run the same number of steps.
+    """
+
+    def __init__(
+        self, order: EpochSampler, *, batch_size: int, chunk: int, rank: int, world: int, start_batch: int = 0
+    ) -> None:
+        self.order = order
+        self.batch_size = batch_size
+        self.chunk = chunk
+        self.rank = rank
+        self.world = world
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order.order()
+        for start in range(self.start_batch * self.batch_size, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            part = batch_shard(len(batch), self.chunk, self.rank, self.world)
+            yield batch[part.lo : part.hi]
+
+    def __len__(self) -> int:
+        return max(0, -(-self.order.num_samples // self.batch_size) - self.start_batch)
+
+
+@dataclass(frozen=True)
+class BlankFill:
+    """Collate a process's part of a batch; an empty part becomes two blank images with no labels.
+
+    A process without images in a small last batch still runs its forward and backward pass: DDP's
+    gradient all-reduce and FSDP's parameter all-gathers need every process. The blank images carry
+    no label, so the trainer gives them zero loss weight and evaluation counts nothing for them.
+    Two rather than one, so that BatchNorm in training mode has more than one value per channel.
+    """
+
+    input_size: tuple[int, ...]
+
+    def __call__(self, batch: list[tuple[Any, int]]) -> Any:
+        if batch:
+            return default_collate(batch)
+        return torch.zeros((2, *self.input_size)), torch.zeros(0, dtype=torch.long)
+
+
 def _worker_init(worker_id: int) -> None:
     """Seed a worker's global RNGs from its torch seed (itself from the loader's seeded generator).
 
@@ -1102,6 +1287,8 @@ def build_loader(
     start_batch: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    shard: tuple[int, int, int] | None = None,
+    input_size: tuple[int, ...] = (3, 224, 224),
 ) -> DataLoader:
     """A deterministic DataLoader for one epoch of a split.
 
@@ -1118,6 +1305,10 @@ def build_loader(
         start_batch: Skip this many batches of the epoch (resume mid-epoch).
         num_workers: Worker processes (already resolved, see :func:`resolve_num_workers`).
         pin_memory: Pin batches for faster host-to-GPU copies.
+        shard: ``(chunk, rank, world)`` in a multi-process job: ``batch_size`` is the global batch and
+            this loader yields process ``rank``'s part of each one (:class:`ShardedBatchSampler`,
+            :class:`BlankFill`); None loads whole batches.
+        input_size: ``(C, H, W)`` of the transformed images, for :class:`BlankFill`.
 
     Returns:
         The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
@@ -1127,6 +1318,16 @@ def build_loader(
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     dataset = ImageDataset(split, transform, training=training, seed=seed, epoch=epoch)
+    if shard is not None:
+        return _sharded_loader(
+            dataset,
+            batch_size,
+            shard,
+            start_batch,
+            input_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
     sampler = EpochSampler(
         len(dataset),
         shuffle=training,
@@ -1147,6 +1348,34 @@ def build_loader(
     )
 
 
+def _sharded_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    shard: tuple[int, int, int],
+    start_batch: int,
+    input_size: tuple[int, ...],
+    *,
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """:func:`build_loader` for one process of a multi-process job (see ``shard`` there)."""
+    chunk, rank, world = shard
+    order = EpochSampler(len(dataset), shuffle=dataset.training, seed=dataset.seed, epoch=dataset.epoch)
+    batches = ShardedBatchSampler(
+        order, batch_size=batch_size, chunk=chunk, rank=rank, world=world, start_batch=start_batch
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=BlankFill(tuple(input_size)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(dataset.seed * 100003 + dataset.epoch),
+    )
+
+
 __all__ = [
     "IMG_EXTENSIONS",
     "NO_EXTENSION",
@@ -1154,10 +1383,15 @@ __all__ = [
     "REPEATED_FOLDER",
     "SKIPPED_FILE",
     "BadImage",
+    "BatchShard",
+    "BlankFill",
     "EpochSampler",
     "IgnoredFile",
+    "IgnoredTally",
     "ImageDataset",
+    "ShardedBatchSampler",
     "Split",
+    "batch_shard",
     "build_loader",
     "build_transform",
     "check_image",
@@ -1165,6 +1399,7 @@ __all__ = [
     "find_classes",
     "ignored_warnings",
     "is_image_file",
+    "iter_image_files",
     "load_image",
     "preflight_scan",
     "quiet_pil_warnings",

@@ -28,11 +28,20 @@ import torch
 from torch import nn
 
 from ftsgd import __version__
+from ftsgd.data import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.fileio import atomic_save_safetensors, atomic_write_text, jsonable
 from ftsgd.models import classifier_modules, model_data_config, unwrap_model
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_model", "load_exported_model", "read_export"]
+__all__ = [
+    "CONFIG_NAME",
+    "PREPROCESSING_KEYS",
+    "WEIGHTS_NAME",
+    "export_model",
+    "inference_transform",
+    "load_exported_model",
+    "read_export",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,6 +61,8 @@ _RESERVED = (
     "recipe",
     "ftsgd_version",
 )
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+"""The metadata keys that describe an export's preprocessing (what timm calls its data config)."""
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
 
 _SOURCE_CFG_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "tag"}
@@ -66,7 +77,9 @@ def _weights_path(path: Path | str) -> Path:
     return path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
 
 
-def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _export_tensors(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's state dict as CPU, contiguous tensors that share no storage, copying only what must be.
 
     safetensors refuses tensors that share storage (tied weights, views) or are non-contiguous
@@ -74,7 +87,7 @@ def _export_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     the model's own: safetensors writes straight from its memory, so exporting a CPU model costs no
     second copy of the weights (a full copy would be the largest allocation of a memory-light run).
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     owners: dict[tuple[str, int], int] = {}
     for value in state.values():
         key = (str(value.device), value.untyped_storage().data_ptr())
@@ -157,6 +170,7 @@ def export_model(
     recipe_name: str,
     model_kwargs: dict | None = None,
     extra: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``model.safetensors`` (weights + metadata) and ``config.json`` atomically.
 
@@ -171,6 +185,8 @@ def export_model(
         recipe_name: Recipe the model was trained with, for provenance.
         model_kwargs: ``timm.create_model`` keyword arguments (``cfg.model.kwargs``), JSON-serialisable.
         extra: More string metadata (e.g. run id, best epoch); may not override the standard keys.
+        state_dict: The tensors to write instead of ``model.state_dict()``: the whole state of a model
+            sharded by FSDP, gathered on this process (its own ``state_dict`` holds only slices).
 
     Raises:
         ValueError: ``class_names`` does not match the classifier, ``model_kwargs`` is not JSON
@@ -212,7 +228,7 @@ def export_model(
     weights_path = _weights_path(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
-    atomic_save_safetensors(_export_tensors(target), weights_path, metadata=metadata)
+    atomic_save_safetensors(_export_tensors(target, state_dict), weights_path, metadata=metadata)
     atomic_write_text(
         weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )
@@ -294,11 +310,7 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     arch = meta["architecture"]
     num_classes = int(meta.get("num_classes", len(meta["class_names"])))
     kwargs = dict(meta.get("model_kwargs") or {})
-    overlay = {
-        key: meta[key]
-        for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-        if key in meta
-    }
+    overlay = {key: meta[key] for key in PREPROCESSING_KEYS if key in meta}
     overlay["num_classes"] = num_classes
     try:
         model = timm.create_model(
@@ -318,3 +330,12 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
         ) from None
     model.eval()
     return model, meta
+
+
+def inference_transform(meta: Mapping[str, Any]) -> Any:
+    """The eval transform an export was trained with, from its metadata (resize, centre crop, normalise).
+
+    ``ftsgd eval``, ``ftsgd predict`` and the ONNX check all preprocess through this one function, so an
+    image becomes the same tensor in each of them.
+    """
+    return build_transform({k: meta[k] for k in PREPROCESSING_KEYS}, "none", training=False)

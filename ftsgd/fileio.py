@@ -33,6 +33,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "atomic_write_with",
     "jsonable",
     "remove_stale_temps",
 ]
@@ -204,6 +205,24 @@ def atomic_save_safetensors(
         save_file(tensors, str(tmp), metadata=metadata)
 
     _atomic_write(path, write)
+
+
+def atomic_write_with(path: Path | str, write: Callable[[Path], None]) -> None:
+    """Atomically create or replace ``path`` with a writer that only takes a file name.
+
+    For libraries that write files themselves (an ONNX model's ``save``). ``write(temp_path)`` may
+    also check what it wrote and raise: the temporary is then removed and ``path`` stays as it was, so
+    a file that failed its check is never put in place.
+
+    Raises:
+        RunError: The write failed; the previous file is untouched. Exceptions ``write`` raises for
+            other reasons pass through (after the temporary is removed).
+    """
+
+    def run(_fh: IO[bytes], tmp: Path) -> None:
+        write(tmp)
+
+    _atomic_write(path, run)
 
 
 def jsonable(obj: Any) -> Any:

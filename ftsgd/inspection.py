@@ -6,6 +6,7 @@ Kept apart from the CLI so that the same data feeds the rich table, the plain li
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from ftsgd.diagnose import (
 )
 from ftsgd.errors import ModelError
 from ftsgd.freeze import top_level_blocks
-from ftsgd.memory import estimate_memory, measure_activations
+from ftsgd.memory import MemoryEstimate, estimate_memory, job_memory, measure_activations
 from ftsgd.models import classifier_modules
 from ftsgd.optim import lr_per_layer
+from ftsgd.parallel import shard_units
 from ftsgd.prepare import PreparedModel, prepare_model, stage_freezes
 from ftsgd.recipe import Recipe, stage_recipes
 
@@ -34,6 +36,7 @@ def inspect_model(
     batch_size: int | None = None,
     img_size: int | None = None,
     activations: bool = True,
+    nproc: int | None = None,
 ) -> dict[str, Any]:
     """Build the recipe's model and describe its embedding, frozen parameters and memory.
 
@@ -45,6 +48,8 @@ def inspect_model(
         img_size: input resolution; None uses ``data.img_size`` or the model's own.
         activations: measure activation memory (training-mode forward passes on the recipe's device,
             under its autocast dtype, with its freezing and gradient checkpointing).
+        nproc: also estimate the memory per GPU of a ``torchrun`` job of this many processes, with DDP and
+            with FSDP (``train.shard``): ``memory_per_process``.
 
     A recipe with ``[[stage]]`` tables is described as its last stage trains (the stage whose best
     epoch is exported); ``stages`` then lists what each stage freezes.
@@ -72,6 +77,9 @@ def inspect_model(
     embedding = prepared.embedding
     classifier = classifier_modules(model, embedding.execution_order)
     lrs = lr_per_layer(model, recipe.optim, embedding.modules, classifier)  # of what trains, freeze applied
+    per_process = (
+        _job(prepared, recipe, memory, input_size, batch_size, nproc, activations) if nproc else None
+    )
     return {
         "model": recipe.model.name,
         "recipe": staged.name,
@@ -93,8 +101,36 @@ def inspect_model(
             "activations_method": measured.method if measured else "not measured",
         },
         "weights": weights,
+        **({"memory_per_process": per_process} if per_process else {}),
         **({"stages": stage_freezes(prepared, staged)} if staged.stages else {}),
     }
+
+
+def _job(
+    prepared: PreparedModel,
+    recipe: Recipe,
+    estimate: MemoryEstimate,
+    input_size: tuple[int, ...],
+    batch_size: int | None,
+    nproc: int,
+    activations: bool,
+) -> dict[str, Any]:
+    """Memory per GPU with ``nproc`` processes; activations at the micro-batch each GPU then runs.
+
+    The global batch is shared by the processes, so a GPU runs ``min(micro_batch_size, batch_size / N)``
+    images per forward pass (``--batch-size`` sets it directly).
+    """
+    t = recipe.train
+    micro = batch_size or min(t.micro_batch_size or t.batch_size, math.ceil(t.batch_size / nproc))
+    measured = _measure(prepared, recipe, input_size, micro) if activations else None
+    per_gpu = job_memory(
+        prepared.model,
+        estimate,
+        nproc,
+        units=shard_units(prepared.model),
+        activations=measured.bytes if measured else 0,
+    )
+    return {"nproc": nproc, "micro_batch": micro, **{k: dataclasses.asdict(v) for k, v in per_gpu.items()}}
 
 
 def _measure(

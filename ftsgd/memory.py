@@ -29,8 +29,10 @@ __all__ = [
     "OPTIMIZER_STATE_SLOTS",
     "ActivationMeasurement",
     "MemoryEstimate",
+    "ProcessMemory",
     "estimate_memory",
     "format_bytes",
+    "job_memory",
     "measure_activations",
     "saved_tensor_bytes",
     "state_slots",
@@ -370,6 +372,62 @@ def measure_activations(
     total = round(a + per_sample * (batch_size - lo))
     method = f"measured at batch {lo} and {hi}, extrapolated linearly to {batch_size}"
     return ActivationMeasurement(max(total, 0), batch_size, size, method, count)
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """Memory one GPU (one process) of a ``torchrun`` job keeps, by kind, for DDP or FSDP.
+
+    Attributes:
+        weights: Parameters and buffers: all of them with DDP; with FSDP this process's slice of the
+            parameters (1/N) plus every buffer (BatchNorm statistics are not sharded).
+        gradients: Gradients of trainable parameters (DDP: in its communication buckets; FSDP: 1/N).
+        optimizer_state: Optimizer buffers (DDP: all; FSDP: 1/N).
+        activations: Saved activations of one forward pass of ``micro_batch`` images on this GPU.
+        gathered: FSDP only: full weights gathered while blocks run (the parameters outside any block,
+            which stay gathered through forward and backward, plus two blocks' weights, the running one
+            and the prefetched next, plus one block's full gradient before it is reduce-scattered).
+        total: The sum.
+    """
+
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    gathered: int
+    total: int
+
+
+def job_memory(
+    model: nn.Module, estimate: MemoryEstimate, nproc: int, *, units: list[str], activations: int
+) -> dict[str, ProcessMemory]:
+    """The memory per GPU of a job of ``nproc`` processes, replicated (``"ddp"``) and sharded (``"fsdp"``).
+
+    Args:
+        model: The model as trained (frozen parameters with ``requires_grad=False``).
+        estimate: :func:`estimate_memory` of the same model and recipe (one process).
+        nproc: Number of processes (GPUs).
+        units: The blocks FSDP shards one at a time (:func:`ftsgd.parallel.shard_units`).
+        activations: Bytes of one forward pass at the per-GPU micro-batch.
+    """
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    params = estimate.weights - buffers
+    ddp = (estimate.weights, estimate.gradients, estimate.optimizer_state, activations, 0)
+    block_weights, block_grads, in_blocks = 0, 0, 0
+    for name in units:
+        ps = list(model.get_submodule(name).parameters())
+        size = sum(p.numel() * p.element_size() for p in ps)
+        in_blocks += size
+        block_weights = max(block_weights, size)
+        block_grads = max(block_grads, sum(p.numel() * p.element_size() for p in ps if p.requires_grad))
+    gathered = (params - in_blocks) + 2 * block_weights + block_grads
+    share = (
+        -(-params // nproc) + buffers,
+        -(-estimate.gradients // nproc),
+        -(-estimate.optimizer_state // nproc),
+    )
+    fsdp = (*share, activations, gathered)
+    return {name: ProcessMemory(*parts, total=sum(parts)) for name, parts in (("ddp", ddp), ("fsdp", fsdp))}
 
 
 _UNITS = (("TiB", 2**40, 2), ("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1))

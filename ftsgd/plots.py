@@ -14,6 +14,9 @@ Files written (each only when it has something to show):
 * ``id_vs_ood.png``: one panel per OOD split, ID-val accuracy against that split's accuracy at the best
   epoch for every finished run, the selected points marked with ± std error bars (the paper's
   ID/OOD comparison).
+
+``ftsgd eval --png DIR`` draws each split's confusion matrix the same way (:func:`write_confusion_plots`):
+``confusion-SPLIT.png``.
 """
 
 from __future__ import annotations
@@ -255,3 +258,57 @@ def _scatter_panel(ax: Axes, report: Report, split: str, runs: list[Run], colour
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_title(f"ID vs {split}")
     ax.grid(alpha=0.3)
+
+
+CONFUSION = "confusion-{split}.png"
+"""``ftsgd eval --png DIR``: the file of each split's confusion-matrix heatmap."""
+_ANNOTATE_UP_TO = 30
+"""Classes up to which every cell of a confusion heatmap shows its count."""
+_LABEL_UP_TO = 60
+"""Classes up to which the axes of a confusion heatmap name every class."""
+
+
+def write_confusion_plots(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    """A confusion-matrix heatmap per split of ``ftsgd eval`` results, each written atomically."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the plot folder {out}: {exc.strerror or exc}") from None
+    written = []
+    for split, r in results.items():
+        if "confusion" not in r:  # not counted for this many classes
+            continue
+        title = f"{split}: accuracy {100 * r['accuracy']:.2f}% ({r['n']} images)"
+        path = out / CONFUSION.format(split=split)
+        save_png(confusion_figure(r["confusion"], list(r["per_class"]), title), path)
+        written.append(path)
+    return written
+
+
+def confusion_figure(matrix: list[list[int]], class_names: list[str], title: str) -> Figure:
+    """A confusion-matrix heatmap: rows are true classes, columns predicted classes.
+
+    Each cell's colour is the fraction of its row (how much of a true class went where), so a small
+    class is as visible as a large one; the cell's text is the image count.
+    """
+    from matplotlib.figure import Figure
+
+    k = len(class_names)
+    fractions = [[c / max(sum(row), 1) for c in row] for row in matrix]
+    side = min(40.0, max(4.0, 0.45 * k + 2.5))
+    fig = Figure(figsize=(side + 1.2, side), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="fraction of the true class", shrink=0.8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if k <= _LABEL_UP_TO:
+        ax.set_xticks(range(k), class_names, rotation=90 if k > 6 else 0)
+        ax.set_yticks(range(k), class_names)
+    if k <= _ANNOTATE_UP_TO:
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                colour = "white" if fractions[i][j] > 0.5 else "black"
+                ax.text(j, i, str(count), ha="center", va="center", color=colour)
+    return fig

@@ -206,6 +206,9 @@ class TrainConfig:
     """Write TensorBoard event files into the run directory (needs the ``tensorboard`` package)."""
     tensorboard_every: int = 10
     """Log the per-step TensorBoard scalars (train loss/accuracy, lr) every this many optimizer steps."""
+    shard: bool = False
+    """Under torchrun: shard weights, gradients and optimizer state over the processes with FSDP2
+    (``fully_shard``) instead of replicating them with DDP; for models that don't fit one GPU."""
 
 
 @dataclass(frozen=True)
@@ -670,6 +673,12 @@ def _check_stages(r: Recipe, p: list[str]) -> None:
     """Each stage's recipe checked as a whole; its own problems named ``stage.N.key``, not repeated."""
     names = [s.name for s in r.stages if s.name]
     own = set(p)
+    if r.stages and r.train.shard:
+        p.append(
+            f"train.shard: cannot be combined with [[{STAGE_KEY}]] tables: FSDP2 fixes which parameters train "
+            "when it shards the model, and a stage changes that; train a staged recipe with DDP "
+            "(train.shard = false)"
+        )
     for n, stage in enumerate(r.stages, 1):
         if stage.name and (not _STAGE_NAME.fullmatch(stage.name) or stage.name.isdigit()):
             p.append(
@@ -807,6 +816,11 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
     _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
+    if t.shard and t.amp == "fp16":
+        p.append(
+            'train.shard: cannot be combined with train.amp = "fp16": the gradient scaler would see only this '
+            'process\'s slice of the gradients; use train.amp = "bf16" (or "auto")'
+        )
 
 
 def _check_regularisation(r: Recipe, p: list[str]) -> None:
@@ -871,6 +885,11 @@ def _check_step_in_backward(r: Recipe, p: list[str]) -> None:
         p.append(
             "optim.step_in_backward: cannot be combined with train.grad_clip: global-norm clipping "
             "needs every gradient at once, which step-in-backward never keeps; set train.grad_clip = 0"
+        )
+    if t.shard:
+        p.append(
+            "optim.step_in_backward: cannot be combined with train.shard: FSDP reduces gradients across "
+            "processes after backward, not parameter by parameter; set optim.step_in_backward = false"
         )
     if t.amp == "fp16":
         p.append(

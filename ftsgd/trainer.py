@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ftsgd import __version__
 from ftsgd.console import TrainingProgress, training_progress, warn
 from ftsgd.data import (
     Split,
+    batch_shard,
     build_loader,
     build_transform,
     discover_splits,
@@ -51,9 +53,22 @@ from ftsgd.device import (
     peak_memory_bytes,
     reset_peak_memory,
     resolve_amp,
-    resolve_device,
     set_rng_state,
 )
+from ftsgd.distributed import (
+    TIMEOUT_ENV,
+    World,
+    all_ranks,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    is_peer_failure,
+    launched_world_size,
+    local_tensor,
+    max_over_ranks,
+    seed_rank,
+)
+from ftsgd.distributed import init as join_job
 from ftsgd.errors import (
     DataError,
     FtsgdError,
@@ -70,6 +85,18 @@ from ftsgd.fingerprint import compare_fingerprints, fingerprint
 from ftsgd.freeze import train_mode
 from ftsgd.models import classifier_modules
 from ftsgd.optim import StepInBackward, build_optimizer, lr_at, set_lr
+from ftsgd.parallel import (
+    cumulative_batchnorm_layers,
+    full_model_state,
+    full_optimizer_state,
+    load_model_state,
+    load_optimizer_state,
+    merge_running_stats,
+    no_sync,
+    shard_model,
+    snapshot_running_stats,
+    wrap_ddp,
+)
 from ftsgd.prepare import PreparedModel, check_stages, prepare_model, refreeze
 from ftsgd.recipe import Recipe, recipe_to_toml, select_metric, stage_label, stage_recipes
 from ftsgd.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
@@ -150,13 +177,12 @@ class Trainer:
         self.argv = list(argv if argv is not None else sys.argv)
         self.max_steps = max_steps
         self.allow_new_images = allow_new_images
-        self.device = resolve_device(recipe.train.device)
+        self.world: World = self._join_job()
+        self.quiet = quiet or not self.world.is_main  # only rank 0 prints
+        self.sharded = recipe.train.shard and self.world.distributed
+        self.device = self.world.device
         self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
-        # what each stage trains with (without [[stage]] tables: one stage, the recipe itself), each
-        # stage's first epoch (0-based) and, last, the total number of epochs
-        self.stages = stage_recipes(recipe)
-        self.stage_starts = list(itertools.accumulate((s.train.epochs for s in self.stages), initial=0))
-        self.total_epochs = self.stage_starts[-1]
+        self._plan_stages()
         if any(s.optim.step_in_backward for s in self.stages) and self.amp_dtype == torch.float16:
             raise RecipeError(
                 [
@@ -164,15 +190,38 @@ class Trainer:
                     'use: an overflow is only known after some parameters were updated; set train.amp = "none"'
                 ]
             )
+        if self.sharded and recipe.train.ema_decay > 0:
+            raise RecipeError(
+                [
+                    "train.ema_decay: the weights' EMA is not supported with train.shard = true (FSDP2): it "
+                    "would keep an unsharded copy of the model on every process; set train.ema_decay = 0 or "
+                    "train with DDP (train.shard = false)"
+                ]
+            )
+        if self.sharded and self.amp_dtype == torch.float16:
+            raise RecipeError(
+                [
+                    'train.amp: "auto" picked fp16 on this GPU (no bf16), which train.shard cannot use (the '
+                    'gradient scaler does not see the other processes\' slices); set train.amp = "none"'
+                ]
+            )
         self.state = RunState()
         self._saved_step: int | None = None
         self._data_changed = False
         self._signal = 0
+        self._agreed_signal = 0
         self._progress: TrainingProgress | None = None
         self._is_setup = False
         self.tracker = TensorBoardLog(recipe.train.tensorboard_every)
 
     # ------------------------------------------------------------------------------------ set-up
+
+    def _join_job(self) -> World:
+        """Join the ``torchrun`` job this process belongs to (a plain one-process World without one).
+
+        What a multi-process run cannot do is refused first, before any process group exists.
+        """
+        return join_job_with(self.recipe)
 
     def setup(self) -> None:
         """Scan the data, build the model and the optimizer, and restore the checkpoint when resuming.
@@ -203,13 +252,19 @@ class Trainer:
             self._check_same_data()
         # "skip" must drop bad files before the epoch order (a function of the sample list) exists.
         splits, self.skipped = preflight_scan(
-            splits, on_bad_image=recipe.data.on_bad_image, root=recipe.data.root, train_split="train"
+            splits,
+            on_bad_image=recipe.data.on_bad_image,
+            root=recipe.data.root,
+            train_split="train",
+            shard=(self.world.rank, self.world.size) if self.world.distributed else None,
         )
         self.splits = splits
         self.train_split = splits["train"]
         self.eval_splits = {name: s for name, s in splits.items() if name != "train"}
         self.steps_per_epoch = math.ceil(len(self.train_split) / t.batch_size)
-        self.micro = t.micro_batch_size or t.batch_size
+        self.eval_batch = t.micro_batch_size or t.batch_size
+        # images per forward pass; several processes share each global batch (data.batch_shard)
+        self.micro = min(self.eval_batch, math.ceil(t.batch_size / self.world.size))
         self.workers = resolve_num_workers(recipe.data.num_workers)
         self.pin_memory = recipe.data.pin_memory and self.device.type == "cuda"
 
@@ -248,8 +303,10 @@ class Trainer:
             self.stage_recipe, len(self.class_names), from_checkpoint=from_checkpoint
         )
         self.model = self.prepared.model
+        self.sync_bn = self._use_sync_batchnorm()
         self.place_model()
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.wrapped = self._parallelize()
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         data_config = self.prepared.data_config
         self.train_transform = build_transform(data_config, self.recipe.data.augment, training=True)
         self.eval_transform = build_transform(data_config, "none", training=False)
@@ -257,7 +314,8 @@ class Trainer:
     def place_model(self) -> None:
         """Move the model to the training device (and memory format); out of memory is a clear error."""
         try:
-            self.model.to(self.device)
+            if not self.sharded:  # fully_shard moves one block at a time, keeping only this process's slice
+                self.model.to(self.device)
         except torch.OutOfMemoryError as exc:  # the weights alone do not fit
             raise self._oom_error(exc) from None
         if self.recipe.train.channels_last:
@@ -281,6 +339,38 @@ class Trainer:
                 ]
             )
 
+    def _use_sync_batchnorm(self) -> bool:
+        """SyncBatchNorm when it gives the statistics one process computes: on CUDA, with BatchNorm layers,
+        when the micro-batch is the whole global batch (``train.micro_batch_size`` 0) spread over the processes.
+
+        Otherwise every micro-batch is on one process and plain BatchNorm already normalises it exactly
+        as one process does (running statistics are recombined by :func:`ftsgd.parallel.merge_running_stats`).
+        """
+        spread = self.micro < self.eval_batch == self.recipe.train.batch_size
+        return self.world.distributed and self.device.type == "cuda" and self._has_batchnorm() and spread
+
+    def _has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+
+    def _parallelize(self) -> nn.Module:
+        """The module the steps call: the model itself, the model under DDP, or the model sharded by FSDP2."""
+        if not self.world.distributed:
+            return self.model
+        cumulative = cumulative_batchnorm_layers(self.model)
+        if cumulative:
+            raise ModelError(
+                f"{self.recipe.model.name}: BatchNorm layer(s) {', '.join(cumulative[:5])} use momentum=None (a "
+                "cumulative average), which training on several processes cannot reproduce; train on one process"
+            )
+        if self.world.rank:  # rank 0 keeps a one-process run's stream (dropout, drop-path)
+            seed_rank(self.recipe.train.seed, self.world.rank)
+        if self.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.sharded:
+            shard_model(self.model, self.world)
+            return self.model
+        return wrap_ddp(self.model, self.world)
+
     def _setup_optimizer(self) -> None:
         self._build_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -299,6 +389,13 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------ stages
+
+    def _plan_stages(self) -> None:
+        """What each stage trains with (a recipe without [[stage]] tables: one stage, the recipe itself),
+        each stage's first epoch (0-based) and, last, the total number of epochs."""
+        self.stages = stage_recipes(self.recipe)
+        self.stage_starts = list(itertools.accumulate((s.train.epochs for s in self.stages), initial=0))
+        self.total_epochs = self.stage_starts[-1]
 
     @property
     def stage_recipe(self) -> Recipe:
@@ -320,6 +417,9 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)  # no stale gradient on a parameter this stage freezes
         self.state.stage = index
         self.prepared = refreeze(self.prepared, self.stage_recipe.freeze)
+        if self.world.distributed:  # DDP all-reduces only what trained when it was built: build it anew
+            self.wrapped = wrap_ddp(self.model, self.world)
+            self.forward = torch.compile(self.wrapped) if self.recipe.train.compile else self.wrapped
         self._build_optimizer()
         self._progress_or_quiet().message(self._stage_message())
 
@@ -372,18 +472,30 @@ class Trainer:
             return
         self.check_finite()
         self.tracker.flush()  # the event files hold at least what the checkpoint has seen
-        ema = {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
-        self.run.save_checkpoint(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "state": asdict(self.state),
-                "rng": get_rng_state(),
-                **ema,
-            }
-        )
+        payload = self._checkpoint_payload()
+        if self.world.is_main:  # the other processes write nothing
+            self.run.save_checkpoint(payload)
         self._saved_step = self.state.global_step
+
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        """What ``checkpoint.pt`` holds, in the one-process format whatever the number of processes.
+
+        Every process of a job takes part (FSDP gathers the whole model and optimizer state on rank 0).
+        Each process draws its own dropout masks, so ``rng_ranks`` keeps every process's RNG states:
+        resumed with as many processes, each continues its own stream (bit-exact); ``rng`` is rank 0's.
+        """
+        payload = {
+            "model": full_model_state(self.model, self.sharded),
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.sharded),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "rng": get_rng_state(),
+        }
+        if self.world.distributed:
+            payload["rng_ranks"] = gather_objects(payload["rng"])
+        if self.ema is not None:
+            payload["ema"] = self.ema.module.state_dict()
+        return payload
 
     def load_checkpoint(self, ckpt: dict[str, Any]) -> None:
         """Restore model, optimizer, scaler, counters and RNGs from a checkpoint (emptied as it is read).
@@ -391,17 +503,35 @@ class Trainer:
         The weights and momentum buffers are copied off the memory-mapped file, so no page of it stays
         mapped during training and a second copy of the weights never lives for the whole run.
         """
-        load_checkpoint_state(self.model, ckpt.pop("model"), self.run.checkpoint)
+        if self.sharded:
+            load_model_state(self.model, ckpt.pop("model"))
+            load_optimizer_state(
+                self.model, self.optimizer, copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint)
+            )
+        else:
+            load_checkpoint_state(self.model, ckpt.pop("model"), self.run.checkpoint)
+            self.optimizer.load_state_dict(copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint))
         if self.ema is not None:
             if "ema" not in ckpt:
                 raise UsageError(
                     f"cannot resume: {self.run.checkpoint} has no EMA weights; was train.ema_decay changed?"
                 )
             load_checkpoint_state(self.ema.module, ckpt.pop("ema"), self.run.checkpoint)
-        self.optimizer.load_state_dict(copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint))
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        self._restore_rng(ckpt)
+
+    def _restore_rng(self, ckpt: dict[str, Any]) -> None:
+        """This process's RNG states: its own when the checkpoint has them, else a fresh per-rank stream.
+
+        A job resumed with more processes than wrote the checkpoint seeds the new ranks' streams from
+        ``(seed, rank)``; their dropout masks then differ from the interrupted run's (nothing else does).
+        """
+        saved = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if self.world.rank < len(saved):
+            set_rng_state(saved[self.world.rank])
+        else:
+            seed_rank(self.recipe.train.seed, self.world.rank)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -425,18 +555,21 @@ class Trainer:
                 if not self.train_epoch():
                     return None
                 self.end_epoch(self.evaluate())
-                if not self.finished() and (self._signal or self._max_steps_reached()):
-                    if self._signal:
+                if not self.finished() and (self._stop_signal() or self._max_steps_reached()):
+                    if self._stop_signal():
                         raise self._interrupted()
                     return None
             if self.stopped_early():
                 progress.message(self._stop_message())
         summary = self.summary()
-        self.run.write_summary(summary)
+        if self.world.is_main:
+            self.run.write_summary(summary)
         return summary
 
     def _start_run(self) -> None:
         """Write what a run holds before its first step: recipe and data fingerprint, or tidy up a resumed run."""
+        if not self.world.is_main:  # only rank 0 writes the run directory
+            return
         if self.resume:
             self.run.remove_stale_temps()
             # drop the lines of an epoch the checkpoint never saw finish
@@ -470,33 +603,45 @@ class Trainer:
         for x, y in self.train_loader():
             lr = self.current_lr()
             set_lr([self.optimizer], lr)  # type: ignore[list-item]
-            loss_sum, correct = self.step(x, y)
-            tick = self._record_step(loss_sum, correct, len(y), lr, tick)
+            n = self.batch_len()
+            loss_sum, correct = self.step(x, y, n)
+            tick = self._record_step(loss_sum, correct, n, lr, tick)
             if self._pause_mid_epoch():
                 return False
         self.check_finite()
         return True
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, n: int | None = None) -> tuple[float, int]:
         """One optimizer step over a batch, as micro-batches whose gradients add up to the batch mean.
 
+        Args:
+            x, y: The batch, or in a multi-process job this process's part of the global batch
+                (:func:`ftsgd.data.batch_shard`; blank images without labels when it has none).
+            n: Images in the global batch (default ``len(y)``).
+
         Returns:
-            The summed loss over the batch's images and the number predicted correctly.
+            The summed loss over the (global) batch's images and the number predicted correctly.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        if self.mixup is not None:  # soft targets from here on; the loss is timm's SoftTargetCrossEntropy
+        if self.mixup is not None and len(y):  # soft targets from here on: timm's SoftTargetCrossEntropy
             x, y = self.mix(x, y)
-        n = len(y)
+        n = len(y) if n is None else n
         loss_total = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for xs, ys in zip(x.split(self.micro), y.split(self.micro), strict=True):
+        running = snapshot_running_stats(self.model) if self.world.distributed and not self.sync_bn else None
+        chunks = list(zip(x.split(self.micro), y.split(self.micro), strict=True)) if len(y) else [(x, y)]
+        for i, (xs, ys) in enumerate(chunks):
             xs, ys = self._to_device(xs), ys.to(self.device, non_blocking=True)
-            with autocast(self.device, self.amp_dtype):
-                logits = self.forward(xs)
-            loss = self.loss_fn(logits.float(), ys)
-            self.scaler.scale(loss * (len(ys) / n)).backward()
+            with no_sync(self.wrapped, last=i == len(chunks) - 1):
+                with autocast(self.device, self.amp_dtype):
+                    logits = self.forward(xs[:0] if self.sync_bn and not len(ys) else xs)
+                loss = self.loss_fn(logits.float(), ys) if len(ys) else logits.float().sum() * 0.0
+                self.scaler.scale(loss * self._loss_weight(len(ys), n)).backward()
             loss_total += loss.detach() * len(ys)
-            correct += (logits.detach().argmax(dim=1) == hard_labels(ys)).sum()
+            correct += (logits.detach()[: len(ys)].argmax(dim=1) == hard_labels(ys)).sum()
+        if running is not None:
+            part = batch_shard(n, self.micro, self.world.rank, self.world.size)
+            merge_running_stats(running, part.first, part.count, part.total)
         if not isinstance(self.optimizer, StepInBackward):  # which already updated during backward
             if self.recipe.train.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -505,6 +650,8 @@ class Trainer:
             self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.global_step + 1)
+        if self.world.distributed:
+            return self._reduce_step_stats(loss_total, correct)
         # both statistics in one device-to-host copy: one GPU sync per step, not two
         loss_sum, hits = torch.stack([loss_total.double(), correct.double()]).tolist()
         return loss_sum, int(hits)
@@ -514,6 +661,33 @@ class Trainer:
         assert self.mixup is not None
         seed = mix_seed(self.recipe.train.seed, self.state.epoch, self.state.step_in_epoch)
         return mix_batch(self.mixup, x, y, seed)
+
+    def _loss_weight(self, images: int, n: int) -> float:
+        """The factor on a micro-batch's mean loss that makes the step's gradient the global batch mean.
+
+        DDP and FSDP average the processes' gradients (divide by their number), so in a job each
+        process's share is scaled up by the number of processes: the all-reduced gradient is then the
+        one-process gradient of the global batch mean.
+        """
+        weight = images / n
+        return weight * self.world.size if self.world.distributed else weight
+
+    def _reduce_step_stats(self, loss_total: torch.Tensor, correct: torch.Tensor) -> tuple[float, int]:
+        """The global batch's summed loss and hits, and the stop signal every process agrees on.
+
+        One small all-reduce per step carries both: a SIGINT/SIGTERM that reached any process stops all
+        of them after the same step, so they save one consistent checkpoint.
+        """
+        flags = [float(self._signal == signal.SIGINT), float(self._signal == signal.SIGTERM)]
+        packed = torch.cat(
+            [
+                torch.stack([loss_total.double(), correct.double()]),
+                torch.tensor(flags, dtype=torch.float64, device=self.device),
+            ]
+        )
+        loss_sum, hits, sigint, sigterm = all_reduce_sum(packed).tolist()
+        self._agreed_signal = signal.SIGTERM if sigterm else (signal.SIGINT if sigint else 0)
+        return loss_sum, round(hits)
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
         """Accuracy, loss and per-class accuracy of the current weights (their EMA when on) on every split."""
@@ -538,21 +712,30 @@ class Trainer:
         if best:
             state.best_accuracy, state.best_epoch = results["val"]["accuracy"], state.epoch + 1
             self.export()
-        record["peak_memory_bytes"] = peak_memory_bytes(self.device)  # evaluation and export included
+        # evaluation and export included; in a job the busiest process's
+        record["peak_memory_bytes"] = max_over_ranks(peak_memory_bytes(self.device), self.device)
         state.history.append(record)
         self.tracker.epoch(record)
         state.next_epoch()
         self._saved_step = None  # the epoch's end is a new state even at the same global step
         self.save_checkpoint()
-        self.run.write_metrics(state.history)
+        if self.world.is_main:
+            self.run.write_metrics(state.history)
         reset_peak_memory(self.device)
         self._progress_or_quiet().end_epoch(record, best)
 
     def export(self) -> None:
-        """Write the current weights as ``model.safetensors`` + ``config.json`` (their EMA when that is on)."""
+        """Write the current weights (their EMA when on) as ``model.safetensors`` + ``config.json``.
+
+        Rank 0 writes; under FSDP every process first takes part in gathering the whole state.
+        """
+        state = full_model_state(self.model, sharded=True) if self.sharded else None
+        if not self.world.is_main:
+            return
         export_model(
             self.ema.module if self.ema is not None else self.model,
             self.run.weights,
+            state_dict=state,
             architecture=self.recipe.model.name,
             class_names=self.class_names,
             data_config=self.prepared.data_config,
@@ -630,18 +813,32 @@ class Trainer:
             start_batch=self.state.step_in_epoch,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
+            shard=self._shard(self.micro),
+            input_size=tuple(self.prepared.data_config["input_size"]),
         )
 
+    def batch_len(self, step: int | None = None) -> int:
+        """Images in the global batch of ``step`` of the current epoch (default: the current step)."""
+        step = self.state.step_in_epoch if step is None else step
+        return min(self.recipe.train.batch_size, len(self.train_split) - step * self.recipe.train.batch_size)
+
+    def _shard(self, chunk: int) -> tuple[int, int, int] | None:
+        """``build_loader``'s ``shard`` for this process of a job (None in a one-process run)."""
+        return (chunk, self.world.rank, self.world.size) if self.world.distributed else None
+
     def eval_loader(self, split: Split) -> DataLoader:
-        """A split's batches in file order, without augmentation."""
+        """A split's batches in file order, without augmentation (in a job: this process's part of each)."""
+        batch = max(self.eval_batch, 1)
         return build_loader(
             split,
             self.eval_transform,
-            batch_size=max(self.micro, 1),
+            batch_size=batch * self.world.size,
             training=False,
             seed=self.recipe.train.seed,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
+            shard=self._shard(batch),
+            input_size=tuple(self.prepared.data_config["input_size"]),
         )
 
     def check_finite(self) -> None:
@@ -652,8 +849,10 @@ class Trainer:
         through both); unlike ``isfinite(p).all()``, ``aminmax`` allocates no parameter-sized
         temporaries (on ViT-L those raised the peak by ~0.3-0.6 GiB).
         """
-        extremes = [torch.stack(torch.aminmax(p.detach())) for p in self.trainable if p.numel()]
-        if extremes and not bool(torch.isfinite(torch.cat(extremes)).all().item()):
+        local = [local_tensor(p.detach()) for p in self.trainable]  # an FSDP process checks its slice
+        extremes = [torch.stack(torch.aminmax(t)) for t in local if t.numel()]
+        finite = not extremes or bool(torch.isfinite(torch.cat(extremes)).all().item())
+        if not all_ranks(finite, self.device):
             where = f"at epoch {self.state.epoch + 1}, global step {self.state.global_step}"
             raise self._diverged_error("the weights became NaN or inf", where)
 
@@ -690,9 +889,18 @@ class Trainer:
         stop = self._max_steps_reached()
         if stop or (every and self.state.global_step % every == 0):
             self.save_checkpoint()
-        if self._signal:
+        if self._stop_signal():
             raise self._interrupted()
         return stop
+
+    def _stop_signal(self) -> int:
+        """The SIGINT/SIGTERM to stop for at this step boundary (0: none).
+
+        In a job, the one all processes agreed on in the last step's all-reduce, not this process's own:
+        a signal landing between that all-reduce and this check would otherwise stop some processes a
+        step before the others.
+        """
+        return self._agreed_signal if self.world.distributed else self._signal
 
     def _max_steps_reached(self) -> bool:
         return bool(self.max_steps) and self.state.global_step >= self.max_steps
@@ -708,6 +916,7 @@ class Trainer:
             "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
             "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
             "splits": {name: {k: r[k] for k in keep if k in r} for name, r in results.items()},
+            "per_class": {"val": results["val"]["per_class"]},  # each class's accuracy and images
             "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
             "epoch_time_s": state.epoch_seconds,
         }
@@ -730,9 +939,27 @@ class Trainer:
         return (
             f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
-            f"{self.stage_recipe.freeze.policy}), device {self.device.type}{amp}"
+            f"{self.stage_recipe.freeze.policy}), device {self.device.type}{amp}{self._job_message()}"
             + (f"\n{self._stage_message()}" if self.recipe.stages else "")
         )
+
+    def _job_message(self) -> str:
+        """How a multi-process job splits the work ("" for one process), and what BatchNorm then computes."""
+        if not self.world.distributed:
+            return ""
+        how = "FSDP2, sharded" if self.sharded else "DDP"
+        text = f"; {self.world.size} processes ({how}, {self.world.backend}), {self.micro} images per forward pass"
+        if self.sync_bn:
+            text += "; SyncBatchNorm"
+        elif self.micro < self.eval_batch and self._has_batchnorm():
+            warn(
+                f"BatchNorm statistics are computed over micro-batches of {self.micro} images (the batch shared "
+                f"by {self.world.size} processes), as one process does with train.micro_batch_size = {self.micro}"
+                + (" (SyncBatchNorm needs CUDA)" if self.device.type != "cuda" else "")
+                + f"; set train.micro_batch_size to at most {self.micro} for the same results with any number "
+                "of processes"
+            )
+        return text
 
     # ------------------------------------------------------------------------------------ results
 
@@ -767,6 +994,8 @@ class Trainer:
             "lr": self.stages[-1].optim.lr,
             **({"stages": self._stage_summaries()} if recipe.stages else {}),
             "device": str(self.device),
+            "processes": self.world.size,
+            "sharded": self.sharded,
             "amp": amp_name(self.amp_dtype),
             "input_size": list(self.prepared.data_config["input_size"]),
             "train_time_s": state.train_seconds,
@@ -793,14 +1022,20 @@ class Trainer:
 
         def handler(signum: int, _frame: object) -> None:
             self._signal = signum
-            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            if not self.world.distributed:  # torchrun and Slurm may deliver a job's signal twice
+                signal.signal(
+                    signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                )
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
             for sig, old in previous.items():
-                signal.signal(sig, old)
+                # a job that is stopping ignores torchrun's forwarded copy of the signal, so every
+                # process ends with 128 + the signal instead of dying of it half-way through its exit
+                stopping = self.world.distributed and self._signal
+                signal.signal(sig, signal.SIG_IGN if stopping else old)
 
     @contextmanager
     def _run_errors(self) -> Iterator[None]:
@@ -812,7 +1047,9 @@ class Trainer:
         except torch.OutOfMemoryError as exc:
             raise self._oom_error(exc) from None
         except Exception as exc:
-            if self._signal:  # e.g. a DataLoader worker killed by the same Ctrl-C
+            if self.world.distributed:
+                self._raise_job_error(exc)
+            elif self._signal:  # e.g. a DataLoader worker killed by the same Ctrl-C
                 raise self._interrupted() from None
             if self.recipe.train.compile and _is_compile_error(exc):
                 raise RunError(
@@ -826,14 +1063,50 @@ class Trainer:
     def _interrupted(self) -> Interrupted:
         """Save a checkpoint and describe how to continue, for the first SIGINT/SIGTERM."""
         self.save_checkpoint()
-        name = signal.Signals(self._signal).name
+        barrier()  # no process of a job exits (and makes torchrun stop the others) before the file is written
+        signum = self._stop_signal() or self._signal
+        name = signal.Signals(signum).name
         state = self.state
         self._progress_or_quiet().message(
             f"{name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}"
         )
-        command = self.run.resume_command(self.recipe.data.root)
         return Interrupted(
-            f"interrupted by {name}; checkpoint saved. Resume with:\n  {command}", self._signal
+            f"interrupted by {name}; checkpoint saved. Resume with:\n  {self.resume_command()}", signum
+        )
+
+    def resume_command(self) -> str:
+        """The command that continues this run (under torchrun with the job's own torchrun options)."""
+        command = self.run.resume_command(self.recipe.data.root)
+        if not self.world.distributed:
+            return command
+        return f"torchrun <the same torchrun options> -m {command}"
+
+    def _raise_job_error(self, exc: Exception) -> None:
+        """Failures only a multi-process job has, as user-facing errors (returns for any other error).
+
+        No checkpoint is attempted on any error of a job: it needs every process, and the others may be
+        gone or somewhere else in the step.
+        """
+        if is_peer_failure(exc):
+            raise self._peer_error(exc) from exc
+        if "not used in producing loss" in str(exc):
+            raise RunError(
+                f"{self.recipe.model.name} has trainable parameters that take no part in the forward pass, and "
+                "DDP waits for a gradient of every trainable parameter; freeze them (freeze.patterns) or train "
+                "on one process"
+            ) from exc
+
+    def _peer_error(self, exc: BaseException) -> RunError:
+        """A collective failed: another process of the job died, failed, or stopped answering.
+
+        Nothing is saved here: the other processes are gone or in an unknown state, and a checkpoint needs
+        all of them. The last checkpoint on disk is consistent (every process agreed on it).
+        """
+        return RunError(
+            f"lost contact with the other processes of the job ({first_line(exc)}): one of them failed or was "
+            f"killed (its own message, if any, comes first; torchrun names its rank), or none answered within "
+            f"{TIMEOUT_ENV} seconds. The last checkpoint, if any, is in {self.run.checkpoint}; continue with:\n  "
+            f"{self.resume_command()}"
         )
 
     def _oom_error(self, exc: BaseException) -> RunError:
@@ -862,6 +1135,20 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def join_job_with(recipe: Recipe) -> World:
+    """Join the torchrun job (if any) for ``recipe``, refusing first what a job cannot do with it."""
+    if launched_world_size() > 1 and any(s.optim.step_in_backward for s in stage_recipes(recipe)):
+        raise RecipeError(
+            [
+                "optim.step_in_backward: not under torchrun: DDP keeps every gradient in its "
+                "communication buckets until they are all-reduced, so updating inside backward would save "
+                "no memory; set optim.step_in_backward = false (train.shard = true divides the gradients "
+                "and optimizer state by the number of processes instead)"
+            ]
+        )
+    return join_job(recipe.train.device)
 
 
 def _is_compile_error(exc: BaseException) -> bool:

@@ -4,7 +4,8 @@ Usage: ``python tests/_fault_driver.py <ftsgd arguments...>`` with ``FTSGD_FAULT
 comma-separated directives:
 
 ``log=PATH``
-    append one line to PATH after every optimizer step (so a test can tell how far a run got).
+    append one line to PATH after every optimizer step (so a test can tell how far a run got); under
+    ``torchrun`` the line names the process: ``step RANK PID``.
 ``delay=SECONDS``
     sleep after every optimizer step (so a signal sent by the test lands mid-epoch).
 ``kill_in_write=NAME:N:partial`` / ``kill_in_write=NAME:N:before_rename``
@@ -14,6 +15,15 @@ comma-separated directives:
     before it replaces the target. The write itself is ftsgd's own (``fileio._atomic_write``).
 ``kill_in_eval=N``
     SIGKILL the process after the first batch of its N-th evaluation pass.
+``log_writes=PATH``
+    append ``RANK NAME`` to PATH for every atomic file write (checkpoint, export, metrics, summary, ...),
+    so a test can tell which process of a ``torchrun`` job wrote what.
+``fail_on_rank=R:N``
+    under ``torchrun``, the process of rank R fails (a ``RunError``) in its N-th optimizer step, the
+    way a process whose disk filled up or whose GPU failed would.
+
+Under ``torchrun`` every process runs this driver (``python -m torch.distributed.run ... tests/_fault_driver.py
+train ...``).
 
 Nothing in ftsgd's code is changed: the driver wraps the Trainer's own steps (``Trainer.step``,
 ``Trainer.evaluate_split``) and the atomic writer, the process really dies of SIGKILL at the named
@@ -46,19 +56,36 @@ def _install(spec: str) -> None:
 
     log = directives.get("log")
     delay = float(directives.get("delay", "0"))
-    if log or delay:
+    rank = int(os.environ.get("RANK", "0"))
+    fail_rank, fail_step = (int(v) for v in directives.get("fail_on_rank", "-1:0").split(":"))
+    if log or delay or fail_rank >= 0:
         real_step = Trainer.step
+        steps = itertools.count(1)
 
-        def step(self, x, y):
-            result = real_step(self, x, y)
+        def step(self, *args, **kwargs):
+            if rank == fail_rank and next(steps) == fail_step:
+                from ftsgd.errors import RunError
+
+                raise RunError(f"injected failure in step {fail_step}")
+            result = real_step(self, *args, **kwargs)
             if log:
                 with open(log, "a") as fh:
-                    fh.write("step\n")
+                    fh.write(f"step {rank} {os.getpid()}\n")
             if delay:
                 time.sleep(delay)
             return result
 
         Trainer.step = step
+
+    if "log_writes" in directives:
+        logged_write = fileio._atomic_write
+
+        def atomic_write_logged(path, write):
+            with open(directives["log_writes"], "a") as fh:
+                fh.write(f"{rank} {Path(path).name}\n")
+            return logged_write(path, write)
+
+        fileio._atomic_write = atomic_write_logged
 
     if "kill_in_write" in directives:
         name, nth, mode = directives["kill_in_write"].split(":")

@@ -47,3 +47,30 @@ def make_folder(tmp_path: Path) -> MakeFolder:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of a tiny ViT fine-tuned for 2 epochs on ``image_folder`` by the real Trainer.
+
+    Shared by the inference tests (predict, eval's confusion matrix, ONNX export); treat it as read-only.
+    """
+    from ftsgd.trainer import Trainer
+    from ftsgd.validate import load_checked_recipe
+
+    recipe = load_checked_recipe(
+        "sgd-freeze-embed",
+        [
+            'model.name="test_vit"',
+            "model.kwargs={img_size=32}",
+            f'data.root="{image_folder}"',
+            "data.num_workers=0",
+            'data.augment="flip"',
+            "train.batch_size=16",
+            "train.epochs=2",
+            "optim.lr=0.02",
+        ],
+    )
+    out = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(recipe, out, quiet=True).fit()
+    return out

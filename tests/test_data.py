@@ -700,3 +700,46 @@ def test_preflight_checks_a_file_shared_by_two_splits_once(make_folder, monkeypa
     monkeypatch.setattr(ftsgd.data, "check_image", lambda p: seen.append(p) or real(p))
     ftsgd.data.preflight_scan(splits)
     assert len(seen) == 4
+
+
+def test_iter_image_files_streams_by_the_class_folder_rules(tmp_path: Path) -> None:
+    from ftsgd.data import REPEATED_FOLDER, IgnoredFile, iter_image_files
+
+    root = tmp_path / "drop"
+    names = [
+        "b.png",
+        "a/x.jpg",
+        "a/sub/y.PNG",
+        "a-z.webp",
+        "a/.hidden.png",
+        ".cache/z.png",
+        "a/notes.txt",
+        "c.gif",
+        "elsewhere/w.jpeg",
+    ]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.png").write_bytes(b"")
+    (root / "a" / "loop").symlink_to(tmp_path)  # a folder above: a loop, never followed
+    (root / "again").symlink_to(root / "a" / "sub")  # a second way to a folder: read once
+    (root / "0-out").symlink_to(outside)  # sorts first, but links are read after the real folders
+    ignored: list[IgnoredFile] = []
+    got = list(iter_image_files(root, on_ignored=ignored.append))
+    real = sorted(
+        root / n for n in ["b.png", "a/x.jpg", "a/sub/y.PNG", "a-z.webp", "c.gif", "elsewhere/w.jpeg"]
+    )
+    assert got == [*real, root / "0-out" / "o.png"]
+    assert sorted((i.path.name, i.reason) for i in ignored) == [
+        ("again", REPEATED_FOLDER),
+        ("loop", REPEATED_FOLDER),
+        ("notes.txt", ".txt"),
+    ]
+
+    errors: list[OSError] = []
+    assert list(iter_image_files(root / "b.png", on_error=errors.append)) == []
+    assert len(errors) == 1 and isinstance(errors[0], NotADirectoryError)
+    with pytest.raises(NotADirectoryError):
+        list(iter_image_files(root / "b.png"))

@@ -138,3 +138,31 @@ def test_matches_manual_computation_with_timm_model(image_folder: Path) -> None:
     )
     assert cl["accuracy"] == results["accuracy"]  # amp_dtype is ignored on CPU
     assert math.isclose(cl["loss"], results["loss"], rel_tol=1e-4)
+
+
+def test_confusion_matrix_counts_true_against_predicted() -> None:
+    names = ["a", "b", "c"]
+    labels = [0, 0, 0, 1, 1, 2, 2]
+    predicted = [0, 1, 2, 1, 1, 0, 0]
+    model = TableModel(_logits_for([[p] for p in predicted], 3))
+    results = evaluate(model, _loader(labels), device=CPU, class_names=names)
+    assert results["confusion"] == [[1, 1, 1], [0, 2, 0], [2, 0, 0]]
+    # accuracy and per-class numbers are read off the same matrix
+    for i, name in enumerate(names):
+        row = results["confusion"][i]
+        assert sum(row) == results["per_class"][name]["n"]
+        assert row[i] / sum(row) == results["per_class"][name]["accuracy"]
+    assert results["accuracy"] == 3 / 7
+
+
+def test_many_classes_keep_per_class_counts_without_the_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ftsgd.evaluate
+
+    names = ["a", "b", "c"]
+    labels = [0, 0, 0, 1, 1, 2, 2]
+    model = TableModel(_logits_for([[p] for p in (0, 1, 2, 1, 1, 0, 0)], 3))
+    full = evaluate(model, _loader(labels), device=CPU, class_names=names)
+    monkeypatch.setattr(ftsgd.evaluate, "CONFUSION_MAX_CLASSES", 2)  # as a 21k-class model would be
+    counted = evaluate(model, _loader(labels), device=CPU, class_names=names)
+    assert "confusion" not in counted
+    assert {k: v for k, v in full.items() if k != "confusion"} == counted

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ftsgd.collect import read_run
@@ -407,3 +408,47 @@ def test_a_later_stage_that_cannot_work_on_the_model_fails_before_the_first_step
     ok = Trainer(staged(image_folder), tmp_path / "ok", quiet=True)
     ok.setup()  # the check leaves the first stage's freeze in place
     assert [n for n, p in ok.model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32" or not dist.is_gloo_available(), reason="torchrun with Gloo")
+def test_a_staged_run_on_two_processes_trains_the_weights_of_one(tmp_path: Path) -> None:
+    """DDP is rebuilt at the boundary: what the probe froze and the fine-tuning trains is all-reduced too."""
+    data = make_image_folder(
+        tmp_path / "data", classes=3, size=32, per_class={"train": 9, "val": 7, "ood": 1}
+    )
+    sets = [
+        "model.kwargs={img_size=32}",
+        "data.img_size=32",
+        "data.num_workers=0",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "stage.1.train.epochs=1",
+        "stage.probe.optim.lr=0.05",
+        "stage.2.train.epochs=2",
+        "stage.finetune.optim.lr=0.05",
+    ]
+    args = ["train", "--data", str(data), "--model", "test_vit", "--recipe", "lp-ft-freeze-embed", "--quiet"]
+    args += [a for s in sets for a in ("--set", s)]
+    assert _driver([*args, "--out", str(tmp_path / "one")]).returncode == 0
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    job = subprocess.run(
+        [*launcher, "-m", "ftsgd", *args, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stderr
+    one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
+    assert one["state"]["stage"] == two["state"]["stage"] == 1
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=0, atol=1e-5, msg=key)
+    assert [r["stage"] for r in records(tmp_path / "two")] == [1, 2, 2]
+
+
+def test_staged_recipes_are_refused_with_fsdp() -> None:
+    with pytest.raises(RecipeError, match=r"train.shard: cannot be combined with \[\[stage\]\] tables"):
+        load_recipe("lp-ft-freeze-embed", ["train.shard=true"])
