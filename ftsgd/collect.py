@@ -27,6 +27,8 @@ RECIPE_FILE = "recipe.toml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+STAGE_KEY = "stage"
+"""The TOML key of a recipe's ``[[stage]]`` tables (``--set stage.N.section.key``, N from 1)."""
 RUN_MARKERS = (SUMMARY, RECIPE_FILE, METRICS, CHECKPOINT)
 """Any of these files makes a folder a run directory (a run killed early may hold only recipe.toml)."""
 
@@ -145,7 +147,7 @@ def read_run(path: Path) -> Run:
         status=UNFINISHED,
         recipe=str(values.get("name") or "?"),
         values=values,
-        epochs=_as_int(values.get("train.epochs")),
+        epochs=recipe_epochs(values),
         epochs_done=len(history),
         history=history,
         problems=[p for p in (recipe_problem, history_problem, summary_problem) if p],
@@ -176,15 +178,34 @@ def _read_recipe(path: Path) -> tuple[dict[str, Any], str | None]:
 def flatten_recipe(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``: one level, as recipe keys are spelled.
 
-    Values that are tables themselves (``model.kwargs``) stay whole: they are one recipe key.
+    Values that are tables themselves (``model.kwargs``) stay whole: they are one recipe key. The
+    ``[[stage]]`` tables become ``stage.N.optim.lr`` (N from 1), the spelling ``--set`` takes.
     """
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
+        if key == STAGE_KEY and isinstance(value, list) and all(isinstance(s, dict) for s in value):
+            for n, stage in enumerate(value, 1):
+                flat.update({f"{key}.{n}.{k}": v for k, v in flatten_recipe(stage).items()})
+        elif isinstance(value, dict):
             flat.update({f"{key}.{sub}": v for sub, v in value.items()})
         else:
             flat[key] = value
     return flat
+
+
+def stage_count(values: dict[str, Any]) -> int:
+    """How many ``[[stage]]`` tables a flattened recipe has (0: none)."""
+    numbers = [k.split(".")[1] for k in values if k.startswith(f"{STAGE_KEY}.")]
+    return max((int(n) for n in numbers if n.isdigit()), default=0)
+
+
+def recipe_epochs(values: dict[str, Any]) -> int | None:
+    """Epochs a flattened recipe trains: the sum of its stages' epochs, else ``train.epochs``."""
+    stages = stage_count(values)
+    if stages:
+        epochs = [_as_int(values.get(f"{STAGE_KEY}.{n}.train.epochs")) for n in range(1, stages + 1)]
+        return None if None in epochs else sum(e for e in epochs if e is not None)
+    return _as_int(values.get("train.epochs"))
 
 
 def _read_history(path: Path) -> tuple[list[dict[str, Any]], str | None]:
@@ -271,7 +292,10 @@ def _apply_summary(run: Run, summary: dict[str, Any]) -> None:
 
 def _apply_history(run: Run) -> None:
     """An unfinished run's best epoch so far, its time and peak memory, from metrics.jsonl."""
-    scores = [_accuracy(r["splits"].get(run.val_split)) for r in run.history]
+    last = max(stage_count(run.values), 1)  # the best epoch is one of the last stage's, as train picks it
+    scores = [
+        _accuracy(r["splits"].get(run.val_split)) if r.get("stage", 1) == last else None for r in run.history
+    ]
     ranked = [(s, -i) for i, s in enumerate(scores) if s is not None]
     if ranked:
         _, neg_index = max(ranked)  # the first epoch reaching the best accuracy, as train does

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ftsgd import console
+from ftsgd.compare import FULL, QUICK, print_comparison, run_comparison
 from ftsgd.data import (
     IgnoredTally,
     build_loader,
@@ -600,6 +601,8 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
         for b in r["blocks"]
     ]
     console.print_table("Top-level blocks", ["block", "type", "params", "frozen", "status"], rows)
+    if r.get("stages"):
+        _print_stages(r["stages"])
     _print_learning_rates(r)
     console.print_kv(
         [
@@ -613,6 +616,26 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
         _print_job_memory(r["memory_per_process"])
     if diagnostic is not None:
         print_diagnostic(diagnostic)
+
+
+def _print_stages(stages: list[dict[str, Any]]) -> None:
+    """What each [[stage]] trains; the tables above and below describe the last stage."""
+    rows = [
+        [
+            f"{s['stage']} {s['name']}",
+            s["epochs"],
+            s["policy"],
+            f"{s['frozen_tensors']} tensors, {s['frozen_params']:,}",
+            f"{s['trainable_params']:,}",
+            f"{s['optimizer']} {s['lr']:g}",
+        ]
+        for s in stages
+    ]
+    console.print_table(
+        "Stages, in order (the other tables describe the last one)",
+        ["stage", "epochs", "freeze.policy", "frozen", "trainable", "optimizer, lr"],
+        rows,
+    )
 
 
 def _print_job_memory(m: dict[str, Any]) -> None:
@@ -704,8 +727,28 @@ def recipes_keys_command(as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------ demo
 
 
-def demo_command(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dict[str, Any] | None:
-    """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``."""
+def demo_command(
+    *,
+    out: Path | None,
+    epochs: int | None,
+    force: bool,
+    argv: list[str],
+    compare: bool = False,
+    quick: bool = False,
+) -> dict[str, Any] | None:
+    """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``.
+
+    With ``compare``, :func:`ftsgd.compare.run_comparison` instead (``quick``: its tiny configuration).
+    """
+    if compare and epochs is not None:
+        raise UsageError(
+            "--epochs is for the plain demo; --compare has its own settings (--quick for a tiny one)"
+        )
+    if compare:
+        return compare_command(out=out or Path("runs/demo-compare"), force=force, quick=quick)
+    if quick:
+        raise UsageError("--quick belongs to --compare: ftsgd demo --compare --quick")
+    out, epochs = out or Path("runs/demo"), epochs or 8
     _clear_demo_dir(out, force)
     data = make_image_folder(
         out / "data", classes=4, size=32, seed=0, per_class={"train": 48, "val": 16, "ood": 16}
@@ -733,6 +776,13 @@ def demo_command(*, out: Path, epochs: int, force: bool, argv: list[str]) -> dic
         "--set 'model.kwargs={img_size=32}' --set optim.lr=1e-3"
     )
     return summary
+
+
+def compare_command(*, out: Path, force: bool, quick: bool) -> dict[str, Any]:
+    """``ftsgd demo --compare``: run the comparison and print it; returns ``comparison.json``'s data."""
+    result = run_comparison(out, QUICK if quick else FULL, force=force)
+    print_comparison(result)
+    return result.to_dict()
 
 
 def _clear_demo_dir(out: Path, force: bool) -> None:

@@ -25,8 +25,8 @@ from ftsgd.memory import MemoryEstimate, estimate_memory, job_memory, measure_ac
 from ftsgd.models import classifier_modules
 from ftsgd.optim import lr_per_layer
 from ftsgd.parallel import shard_units
-from ftsgd.prepare import PreparedModel, prepare_model
-from ftsgd.recipe import Recipe
+from ftsgd.prepare import PreparedModel, prepare_model, stage_freezes
+from ftsgd.recipe import Recipe, stage_recipes
 
 
 def inspect_model(
@@ -51,6 +51,9 @@ def inspect_model(
         nproc: also estimate the memory per GPU of a ``torchrun`` job of this many processes, with DDP and
             with FSDP (``train.shard``): ``memory_per_process``.
 
+    A recipe with ``[[stage]]`` tables is described as its last stage trains (the stage whose best
+    epoch is exported); ``stages`` then lists what each stage freezes.
+
     Returns:
         A JSON-ready dict; the keys ``model``, ``policy``, ``embedding``, ``frozen``,
         ``trainable_params``, ``frozen_params``, ``total_params`` and ``memory`` are a stable
@@ -58,6 +61,7 @@ def inspect_model(
     """
     if not recipe.model.name:
         raise ModelError("no model given: pass a timm model name, e.g. `ftsgd inspect vit_base_patch16_224`")
+    staged, recipe = recipe, stage_recipes(recipe)[-1]  # a staged recipe: its last stage, the one exported
     prepared = prepare_model(recipe, num_classes)
     model = prepared.model
     input_size = tuple(prepared.data_config["input_size"])
@@ -78,7 +82,7 @@ def inspect_model(
     )
     return {
         "model": recipe.model.name,
-        "recipe": recipe.name,
+        "recipe": staged.name,
         "policy": recipe.freeze.policy,
         "optimizer": recipe.optim.name,
         "num_classes": getattr(model, "num_classes", num_classes),
@@ -98,6 +102,7 @@ def inspect_model(
         },
         "weights": weights,
         **({"memory_per_process": per_process} if per_process else {}),
+        **({"stages": stage_freezes(prepared, staged)} if staged.stages else {}),
     }
 
 

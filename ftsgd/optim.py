@@ -296,6 +296,12 @@ class StepInBackward:
                 self._by_param[param] = opt
                 self._handles.append(param.register_post_accumulate_grad_hook(self._step_param))
 
+    def remove_hooks(self) -> None:
+        """Detach every hook, so a replacement (the next stage's optimizer) is the only one stepping."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def _step_param(self, param: torch.Tensor) -> None:
         opt = self._by_param[param]  # type: ignore[index]
         opt.step()

@@ -11,11 +11,19 @@ from typing import Any
 
 from torch import nn
 
+from ftsgd.errors import RecipeError
 from ftsgd.freeze import Embedding, apply_freeze, find_embedding, frozen_parameter_names
-from ftsgd.models import WeightsReport, build_model, enable_grad_checkpointing, input_config
-from ftsgd.recipe import Recipe
+from ftsgd.models import (
+    WeightsReport,
+    build_model,
+    classifier_modules,
+    enable_grad_checkpointing,
+    input_config,
+)
+from ftsgd.optim import param_groups
+from ftsgd.recipe import STAGE_KEY, FreezeConfig, Recipe, stage_label, stage_recipes
 
-__all__ = ["PreparedModel", "prepare_model"]
+__all__ = ["PreparedModel", "check_stages", "prepare_model", "refreeze", "stage_freezes"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class PreparedModel:
         data_config: Preprocessing at the training resolution (``input_size``, ``mean``, ``std``, ...).
         embedding: The detected embedding and how it was found.
         frozen: Names of the frozen parameters, in ``named_parameters()`` order.
+        fixed: Parameters the model itself keeps fixed (``requires_grad=False`` before any freezing,
+            e.g. sin-cos position embeddings): a later stage never switches them on.
     """
 
     model: nn.Module
@@ -35,6 +45,7 @@ class PreparedModel:
     data_config: dict[str, Any]
     embedding: Embedding
     frozen: tuple[str, ...]
+    fixed: tuple[str, ...] = ()
 
     @property
     def total_params(self) -> int:
@@ -79,8 +90,70 @@ def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: b
     model, weights_report = build_model(start, num_classes)
     data_config = input_config(model, recipe.data.img_size)
     embedding = find_embedding(model, data_config["input_size"])
+    fixed = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
     frozen = frozen_parameter_names(model, recipe.freeze, embedding)
     apply_freeze(model, frozen)
     if recipe.train.grad_checkpointing:
         enable_grad_checkpointing(model, recipe.model.name)
-    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen))
+    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen), fixed)
+
+
+def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
+    """Switch the model to another stage's ``[freeze]``; the result describes the model as it now is.
+
+    Parameters frozen before but not by ``cfg`` get ``requires_grad`` back (never those the model keeps
+    fixed itself); newly frozen ones lose it. BatchNorm modes follow from ``requires_grad`` at the next
+    :func:`ftsgd.freeze.train_mode`.
+    """
+    frozen = frozen_parameter_names(prepared.model, cfg, prepared.embedding)
+    release = set(prepared.frozen) - set(frozen) - set(prepared.fixed)
+    for name, param in prepared.model.named_parameters():
+        if name in release:
+            param.requires_grad_(True)
+    apply_freeze(prepared.model, frozen)
+    return replace(prepared, frozen=tuple(frozen))
+
+
+def check_stages(prepared: PreparedModel, recipe: Recipe, current: int = 0) -> None:
+    """Try every ``[[stage]]``'s freeze and optimizer groups on the model, then restore stage ``current``'s.
+
+    A stage's freeze patterns or learning-rate scales can only be checked on the model, and a mistake in
+    the last stage must not surface hours into the run, when it starts.
+
+    Raises:
+        RecipeError: The problems of the first stage that does not work, named ``stage.N.key``.
+    """
+    stages = stage_recipes(recipe) if recipe.stages else []
+    classifier = classifier_modules(prepared.model, prepared.embedding.execution_order)
+    for index, stage in enumerate(stages):
+        now = prepared
+        try:
+            now = refreeze(now, stage.freeze)
+            param_groups(now.model, stage.optim, embedding=now.embedding.modules, classifier=classifier)
+        except RecipeError as exc:
+            raise RecipeError([f"{STAGE_KEY}.{index + 1}.{p}" for p in exc.problems]) from None
+        finally:
+            refreeze(now, stages[current].freeze)
+
+
+def stage_freezes(prepared: PreparedModel, recipe: Recipe) -> list[dict[str, Any]]:
+    """What each ``[[stage]]`` of ``recipe`` freezes on this model (counts), without changing it."""
+    sizes = {n: p.numel() for n, p in prepared.model.named_parameters()}
+    rows = []
+    for index, stage in enumerate(stage_recipes(recipe) if recipe.stages else []):
+        frozen = set(frozen_parameter_names(prepared.model, stage.freeze, prepared.embedding))
+        fixed = set(prepared.fixed) - frozen
+        rows.append(
+            {
+                "stage": index + 1,
+                "name": stage_label(recipe, index),
+                "epochs": stage.train.epochs,
+                "policy": stage.freeze.policy,
+                "optimizer": stage.optim.name,
+                "lr": stage.optim.lr,
+                "frozen_tensors": len(frozen),
+                "frozen_params": sum(sizes[n] for n in frozen),
+                "trainable_params": sum(v for n, v in sizes.items() if n not in frozen and n not in fixed),
+            }
+        )
+    return rows

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ftsgd.collect import STAGE_KEY, flatten_recipe
 from ftsgd.errors import RecipeError
 
 Checks = Callable[["Recipe"], list[str]]
@@ -225,6 +226,29 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One ``[[stage]]`` of a staged recipe (LP-FT: a linear probe, then fine-tuning), resolved.
+
+    A stage states only what it changes; every key it does not give is the recipe's own (the top-level
+    ``[freeze]``, ``[optim]``, ``[schedule]`` and ``train.epochs``), never the previous stage's, so each
+    stage reads on its own. Stages run back to back in one run directory.
+    """
+
+    name: str = ""
+    """Label in progress lines, metrics.jsonl and summary.json (default "stage N"); letters, digits, - and _,
+    not a number, unique. ``--set stage.NAME.optim.lr=...`` may use it instead of the number."""
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """``[stage.freeze]``: what this stage freezes. Parameters frozen by an earlier stage but not by this
+    one train again."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """``[stage.optim]``: this stage's optimizer, built anew with fresh state (no momentum carried over)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """``[stage.schedule]``: this stage's schedule; it restarts at the stage's first epoch and spans its epochs."""
+    epochs: int = 10
+    """``[stage.train] epochs``: this stage's epochs; the run trains the sum of all stages' epochs."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole fine-tuning recipe."""
 
@@ -239,6 +263,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    stages: tuple[StageConfig, ...] = ()
+    """The ``[[stage]]`` tables, in order; empty: one stage, the recipe itself."""
 
     @property
     def grad_accum_steps(self) -> int:
@@ -257,6 +283,9 @@ SECTIONS: dict[str, type] = {
     "sweep": SweepConfig,
 }
 TOP_LEVEL_KEYS = ("name", "description", "base")
+STAGE_SECTIONS: dict[str, type] = {"freeze": FreezeConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
+"""Sections a stage may override as a whole; of ``[train]`` a stage sets only ``epochs``."""
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # --------------------------------------------------------------------------- built-in recipes
@@ -353,11 +382,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw recipe dict (before validation, so they are checked too)."""
+    """Apply ``--set`` overrides to a raw recipe dict (before validation, so they are checked too).
+
+    ``stage.N.section.key`` (``N`` counted from 1, or the stage's ``name``) sets a key inside the N-th
+    ``[[stage]]`` table; ``stage=[...]`` replaces the whole list.
+    """
     out = _deep_merge({}, raw)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
+        if parts[0] == STAGE_KEY and len(parts) > 1:
+            node, parts = _stage_table(out, parts, text), parts[2:]
         for part in parts[:-1]:
             child = node.get(part)
             if not isinstance(child, dict):
@@ -369,6 +404,49 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _stage_table(raw: dict[str, Any], parts: list[str], text: str) -> dict[str, Any]:
+    """A copy of the ``[[stage]]`` table ``--set stage.N...`` addresses, put in place of the original."""
+    stages = raw.get(STAGE_KEY)
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError(
+            [f"--set {text!r}: the recipe has no [[stage]] tables (stages: `ftsgd recipes show NAME`)"],
+            "--set",
+        )
+    if len(parts) < 3:
+        raise RecipeError(
+            [f"--set {text!r}: name a key inside the stage, e.g. --set {STAGE_KEY}.{parts[1]}.optim.lr=1e-4"],
+            "--set",
+        )
+    names = [s.get("name") if isinstance(s, dict) else None for s in stages]
+    key = parts[1]
+    index = int(key) - 1 if key.isdigit() else names.index(key) if key in names else -1
+    if not 0 <= index < len(stages) or not isinstance(stages[index], dict):
+        known = ", ".join(f"{i}" + (f" ({n})" if n else "") for i, n in enumerate(names, 1))
+        raise RecipeError([f"--set {text!r}: no stage {key!r}; the recipe's stages: {known}"], "--set")
+    stages = list(stages)
+    stages[index] = _deep_merge({}, stages[index])
+    raw[STAGE_KEY] = stages
+    return stages[index]
+
+
+def _shadowed_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """``--set`` values of top-level keys that every stage sets itself, so they would change nothing."""
+    stages = raw.get(STAGE_KEY)
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        return []
+    problems = []
+    for text in overrides:
+        parts, _ = parse_override(text)
+        if len(parts) != 2 or not (parts[0] in STAGE_SECTIONS or parts == ["train", "epochs"]):
+            continue
+        if all(isinstance(s.get(parts[0]), dict) and parts[1] in s[parts[0]] for s in stages):
+            problems.append(
+                f"--set {text}: every [[stage]] sets {parts[0]}.{parts[1]} itself, so this would change "
+                f"nothing; set it per stage, e.g. --set {STAGE_KEY}.1.{parts[0]}.{parts[1]}=..."
+            )
+    return problems
 
 
 def load_raw(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
@@ -408,7 +486,14 @@ def load_recipe(
     """
     _, raw = load_raw(name_or_path)
     raw = apply_overrides(raw, overrides or [])
-    return recipe_from_dict(raw, extra_checks)
+    shadowed = _shadowed_overrides(raw, overrides or [])
+    try:
+        recipe = recipe_from_dict(raw, extra_checks)
+    except RecipeError as exc:
+        raise RecipeError([*shadowed, *exc.problems]) from None
+    if shadowed:
+        raise RecipeError(shadowed)
+    return recipe
 
 
 # --------------------------------------------------------------------------- validation
@@ -457,10 +542,11 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
-def _build_section(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
+def _build_section(cls: type, raw: Any, section: str, problems: list[str], base: Any = None) -> Any:
+    """The section ``raw`` describes: its keys checked and set on ``base`` (default: the defaults)."""
     if not isinstance(raw, dict):
         problems.append(f"{section}: expected a table [{section}], got {raw!r}")
-        return cls()
+        return cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = {}
@@ -475,7 +561,75 @@ def _build_section(cls: type, raw: Any, section: str, problems: list[str]) -> An
         coerced = _coerce(value, hints[key], path, problems)
         if len(problems) == before:
             values[key] = coerced
-    return cls(**values)
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
+
+
+def _build_stages(raw: Any, base: Recipe, problems: list[str]) -> tuple[StageConfig, ...]:
+    """The ``[[stage]]`` tables, each resolved against the recipe's own sections (``base``)."""
+    if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
+        problems.append(f"{STAGE_KEY}: expected [[{STAGE_KEY}]] tables (an array of tables), got {raw!r}")
+        return ()
+    return tuple(_build_stage(table, f"{STAGE_KEY}.{n}", base, problems) for n, table in enumerate(raw, 1))
+
+
+def _build_stage(raw: dict[str, Any], path: str, base: Recipe, problems: list[str]) -> StageConfig:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in STAGE_SECTIONS:
+            values[key] = _build_section(
+                STAGE_SECTIONS[key], value, f"{path}.{key}", problems, getattr(base, key)
+            )
+        elif key == "train" and isinstance(value, dict):
+            for extra in sorted(set(value) - {"epochs"}):
+                problems.append(
+                    f"{path}.train.{extra}: a stage sets only train.epochs; the other train.* keys apply to "
+                    "the whole run (set them in [train])"
+                )
+            if "epochs" in value:
+                before = len(problems)
+                epochs = _coerce(value["epochs"], int, f"{path}.train.epochs", problems)
+                values.update({"epochs": epochs} if len(problems) == before else {})
+        elif key == "name" and isinstance(value, str):
+            values["name"] = value
+        else:
+            what = (
+                "expected a string"
+                if key == "name"
+                else "expected a table"
+                if key == "train"
+                else "unknown key"
+            )
+            problems.append(
+                f"{path}.{key}: {what}; a stage may set name, freeze.*, optim.*, schedule.* and train.epochs"
+            )
+    return StageConfig(
+        **{"freeze": base.freeze, "optim": base.optim, "schedule": base.schedule, "epochs": base.train.epochs}
+        | values
+    )
+
+
+def stage_recipe(recipe: Recipe, index: int) -> Recipe:
+    """The recipe stage ``index`` (0-based) trains with: the stage's sections and epochs, no stages."""
+    stage = recipe.stages[index]
+    return dataclasses.replace(
+        recipe,
+        freeze=stage.freeze,
+        optim=stage.optim,
+        schedule=stage.schedule,
+        train=dataclasses.replace(recipe.train, epochs=stage.epochs),
+        stages=(),
+    )
+
+
+def stage_recipes(recipe: Recipe) -> list[Recipe]:
+    """What each stage trains with, in order; a recipe without ``[[stage]]`` tables is its one stage."""
+    return [stage_recipe(recipe, i) for i in range(len(recipe.stages))] or [recipe]
+
+
+def stage_label(recipe: Recipe, index: int) -> str:
+    """A stage's name, or ``stage N`` (numbered from 1) when it has none."""
+    name = recipe.stages[index].name if index < len(recipe.stages) else ""
+    return name or f"stage {index + 1}"
 
 
 def recipe_from_dict(raw: dict[str, Any], extra_checks: Checks | None = None) -> Recipe:
@@ -491,6 +645,8 @@ def recipe_from_dict(raw: dict[str, Any], extra_checks: Checks | None = None) ->
     top: dict[str, Any] = {}
     sections: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == STAGE_KEY:
+            continue  # built below, on top of the finished sections
         if key in SECTIONS:
             sections[key] = _build_section(SECTIONS[key], value, key, problems)
         elif key in TOP_LEVEL_KEYS:
@@ -499,11 +655,13 @@ def recipe_from_dict(raw: dict[str, Any], extra_checks: Checks | None = None) ->
             else:
                 problems.append(f"{key}: expected a string, got {value!r}")
         else:
-            known = list(SECTIONS) + list(TOP_LEVEL_KEYS)
+            known = [*SECTIONS, *TOP_LEVEL_KEYS, STAGE_KEY]
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
             problems.append(f"{key}: unknown key{hint}")
     recipe = Recipe(**top, **sections)
+    if STAGE_KEY in raw:
+        recipe = dataclasses.replace(recipe, stages=_build_stages(raw[STAGE_KEY], recipe, problems))
     problems.extend(check_values(recipe))
     if extra_checks is not None:
         problems.extend(extra_checks(recipe))
@@ -524,7 +682,33 @@ def check_values(r: Recipe) -> list[str]:
     p.extend(grid_problems(r.sweep.grid))
     if r.optim.step_in_backward:
         _check_step_in_backward(r, p)
+    _check_stages(r, p)
     return p
+
+
+def _check_stages(r: Recipe, p: list[str]) -> None:
+    """Each stage's recipe checked as a whole; its own problems named ``stage.N.key``, not repeated."""
+    names = [s.name for s in r.stages if s.name]
+    own = set(p)
+    if r.stages and r.train.shard:
+        p.append(
+            f"train.shard: cannot be combined with [[{STAGE_KEY}]] tables: FSDP2 fixes which parameters train "
+            "when it shards the model, and a stage changes that; train a staged recipe with DDP "
+            "(train.shard = false)"
+        )
+    for n, stage in enumerate(r.stages, 1):
+        if stage.name and (not _STAGE_NAME.fullmatch(stage.name) or stage.name.isdigit()):
+            p.append(
+                f"{STAGE_KEY}.{n}.name: {stage.name!r} must be letters, digits, '-' and '_', and not a number "
+                f"(--set {STAGE_KEY}.NAME.key=... addresses a stage by it)"
+            )
+        if stage.name and names.count(stage.name) > 1:
+            p.append(
+                f"{STAGE_KEY}.{n}.name: {stage.name!r} names another stage too; stage names must be unique"
+            )
+        p.extend(
+            f"{STAGE_KEY}.{n}.{line}" for line in check_values(stage_recipe(r, n - 1)) if line not in own
+        )
 
 
 def _choice(p: list[str], path: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -760,8 +944,19 @@ def _toml_key(key: str) -> str:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """A plain-data copy of a recipe (for JSON and TOML output)."""
-    return dataclasses.asdict(recipe)
+    """A plain-data copy of a recipe in the shape of its TOML (for JSON and TOML output).
+
+    Stages become a ``stage`` list of tables (``[stage.train] epochs``), present only when there are any,
+    so :func:`recipe_from_dict` reads the result back into an equal recipe.
+    """
+    data = dataclasses.asdict(recipe)
+    stages = data.pop("stages")
+    if stages:
+        data[STAGE_KEY] = [
+            {"name": st["name"], **{k: st[k] for k in STAGE_SECTIONS}, "train": {"epochs": st["epochs"]}}
+            for st in stages
+        ]
+    return data
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
@@ -775,27 +970,22 @@ def recipe_to_toml(recipe: Recipe) -> str:
         lines.append(f"[{section}]")
         for key, value in data[section].items():
             lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for stage in data.get(STAGE_KEY, []):
+        lines += ["", f"[[{STAGE_KEY}]]", f"name = {_toml_value(stage['name'])}"]
+        for section in (*STAGE_SECTIONS, "train"):
+            lines += ["", f"[{STAGE_KEY}.{section}]"]
+            lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in stage[section].items()]
     return "\n".join(lines) + "\n"
 
 
 def recipe_differences(old: Recipe, new: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
     """Every key whose value differs, as ``"key.path: old -> new"`` lines, in recipe order."""
-    a, b = _flatten(recipe_to_dict(old)), _flatten(recipe_to_dict(new))
+    a, b = flatten_recipe(recipe_to_dict(old)), flatten_recipe(recipe_to_dict(new))
     return [
         f"{key}: {_toml_value(a[key]) if key in a else '(unset)'} -> {_toml_value(b[key]) if key in b else '(unset)'}"
         for key in dict.fromkeys([*a, *b])
         if key not in ignore and a.get(key) != b.get(key)
     ]
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key in SECTIONS and not prefix:
-            out.update(_flatten(value, f"{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def describe_keys() -> list[tuple[str, str, str, str]]:
@@ -814,7 +1004,17 @@ def describe_keys() -> list[tuple[str, str, str, str]]:
                     docs.get(f.name, ""),
                 )
             )
-    return rows
+    return rows + _stage_key_rows()
+
+
+def _stage_key_rows() -> list[tuple[str, str, str, str]]:
+    """The ``[[stage]]`` keys, documented once for every stage N (numbered from 1)."""
+    docs, prefix = _field_docs(StageConfig), f"{STAGE_KEY}.N"
+    return [
+        (f"{prefix}.name", "string", '""', docs["name"]),
+        *[(f"{prefix}.{s}.*", "table", f"the recipe's [{s}]", docs[s]) for s in STAGE_SECTIONS],
+        (f"{prefix}.train.epochs", "integer", "train.epochs", docs["epochs"]),
+    ]
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -878,8 +1078,7 @@ def grid_problems(grid: dict[str, Any], where: str = "sweep.grid") -> list[str]:
         elif not isinstance(values, list) or not values:
             problems.append(f"{label}: expected a non-empty list of values, got {values!r}")
         else:
-            section, _, name = key.partition(".")
-            tp = typing.get_type_hints(SECTIONS[section])[name]
+            tp = _grid_key_type(key)
             coerced = [_coerce(v, tp, f"{label}[{i}]", problems) for i, v in enumerate(values)]
             seen = [_toml_value(v) for v in coerced if v is not None]
             repeated = sorted({v for v in seen if seen.count(v) > 1})
@@ -888,10 +1087,36 @@ def grid_problems(grid: dict[str, Any], where: str = "sweep.grid") -> list[str]:
     return problems
 
 
+def _grid_key_type(key: str) -> Any:
+    """The type of a valid grid key's values (``stage.N.section.key`` as its section's key)."""
+    if key.startswith(f"{STAGE_KEY}."):
+        section, name = key.split(".")[2:]
+        return int if section == "train" else typing.get_type_hints(STAGE_SECTIONS[section])[name]
+    section, _, name = key.partition(".")
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+def _stage_grid_key_problem(key: str) -> str:
+    """Why ``stage.N.section.key`` cannot be a grid key (empty when it can); stage names are not taken,
+    as the run directories and ``ftsgd report`` spell stage keys by number."""
+    parts = key.split(".")
+    if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) < 1:
+        return f"a stage key is stage.N.SECTION.KEY with N the stage's number from 1, e.g. {STAGE_KEY}.2.optim.lr"
+    section, name = parts[2:]
+    if section == "train":
+        return "" if name == "epochs" else "of [stage.train] a stage sets only epochs"
+    if section not in STAGE_SECTIONS:
+        return f"a stage overrides only {', '.join(STAGE_SECTIONS)} and train.epochs"
+    names = [f.name for f in dataclasses.fields(STAGE_SECTIONS[section])]
+    return "" if name in names else f"unknown recipe key {section}.{name}"
+
+
 def _grid_key_problem(key: str) -> str:
     """Why ``key`` cannot be a grid key (empty when it can)."""
     if key in GRID_FORBIDDEN:
         return f"cannot be a grid key: {GRID_FORBIDDEN[key]}"
+    if key.startswith(f"{STAGE_KEY}."):
+        return _stage_grid_key_problem(key)
     section, _, name = key.partition(".")
     cls = SECTIONS.get(section) if section != "sweep" else None
     names = [f.name for f in dataclasses.fields(cls)] if cls else []

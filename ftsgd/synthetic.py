@@ -130,8 +130,80 @@ def make_image_folder(
     return root
 
 
+SOURCE_SHAPES: tuple[str, ...] = SHAPES[:6]
+"""The classes of :func:`make_source_folder`'s pre-training task."""
+TARGET_SHAPES: tuple[str, ...] = SHAPES[6:]
+"""The classes of :func:`make_target_folder`'s fine-tuning task: shapes the source task never shows."""
+
+
+def make_source_folder(
+    root: Path | str, *, per_class: dict[str, int] | None = None, size: int = 32, seed: int = 0
+) -> Path:
+    """Write a pre-training (source) task: the six :data:`SOURCE_SHAPES` in both styles.
+
+    With :func:`make_target_folder`, the setting the paper is about in miniature: a backbone pre-trained on
+    broad data (here: half of the images in the shifted style) is fine-tuned on narrow data (the plain
+    style only) and tested on the style it saw in pre-training but not in fine-tuning. Every image has a
+    random hue, so only the shape tells the classes apart (no colour shortcut).
+
+    Args:
+        root: Folder to write into (created if missing).
+        per_class: Images per class and split (default train 400, val 50); each image is drawn in the
+            shifted style with probability 1/2 (``ood`` always).
+        size: Image side length in pixels.
+        seed: Non-negative seed; the same arguments always write byte-identical files.
+    """
+    return _write_shapes(
+        Path(root), "source", SOURCE_SHAPES, per_class or {"train": 400, "val": 50}, size, seed
+    )
+
+
+def make_target_folder(
+    root: Path | str, *, per_class: dict[str, int] | None = None, size: int = 32, seed: int = 0
+) -> Path:
+    """Write a fine-tuning (target) task: the four :data:`TARGET_SHAPES`, new to a source-trained backbone.
+
+    ``train`` and ``val`` are in the plain style, ``ood`` in the shifted style (bright tinted background,
+    low contrast, heavy noise); random hues as in :func:`make_source_folder`.
+
+    Args:
+        root: Folder to write into (created if missing).
+        per_class: Images per class and split (default train 48, val 32, ood 32).
+        size: Image side length in pixels.
+        seed: Non-negative seed; the same arguments always write byte-identical files.
+    """
+    counts = per_class or {"train": 48, "val": 32, "ood": 32}
+    return _write_shapes(Path(root), "target", TARGET_SHAPES, counts, size, seed)
+
+
+def _write_shapes(
+    root: Path, task: str, shapes: tuple[str, ...], per_class: dict[str, int], size: int, seed: int
+) -> Path:
+    """Images of ``shapes`` in random hues; ``ood`` shifted, the source task's other splits half shifted."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    shifted_share = 0.5 if task == "source" else 0.0
+    for split, n in per_class.items():
+        split_code = zlib.crc32(f"{task}/{split}".encode())
+        for name in shapes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng([seed, split_code, SHAPES.index(name), i])
+                shifted = split in SHIFTED_SPLITS or bool(rng.uniform() < shifted_share)
+                image = render(SHAPES.index(name), rng, size=size, shifted=shifted, hue=rng.uniform())
+                image.save(folder / f"{name}_{i:04d}.png", format="PNG")
+    return root
+
+
 def render(
-    class_index: int, rng: np.random.Generator, *, size: int, shifted: bool, num_classes: int = len(SHAPES)
+    class_index: int,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    shifted: bool,
+    num_classes: int = len(SHAPES),
+    hue: float | None = None,
 ) -> Image.Image:
     """Draw one image of class ``class_index``.
 
@@ -145,6 +217,7 @@ def render(
         shifted: Draw under the OOD shift (bright tinted background, low contrast, heavy noise).
         num_classes: Number of classes in the dataset; hues are spread over the first
             ``min(num_classes, 10)`` so that few classes get clearly different colours.
+        hue: Draw in this hue (0..1) instead of the class's own, so the colour says nothing about the class.
 
     Returns:
         An RGB image of ``size`` x ``size`` pixels.
@@ -153,8 +226,9 @@ def render(
     canvas = size * scale
 
     # Class hue: evenly spaced over the (at most ten) shapes, rotated for each further block of ten.
-    n_hues = max(1, min(num_classes, len(SHAPES)))
-    hue = ((class_index % len(SHAPES)) / n_hues + (class_index // len(SHAPES)) * 0.37) % 1.0
+    if hue is None:
+        n_hues = max(1, min(num_classes, len(SHAPES)))
+        hue = ((class_index % len(SHAPES)) / n_hues + (class_index // len(SHAPES)) * 0.37) % 1.0
     hue = (hue + rng.uniform(-0.02, 0.02)) % 1.0
     fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.85, 1.0))) * 255.0
 

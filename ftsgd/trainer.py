@@ -14,6 +14,8 @@ weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import platform
 import random
@@ -95,8 +97,8 @@ from ftsgd.parallel import (
     snapshot_running_stats,
     wrap_ddp,
 )
-from ftsgd.prepare import PreparedModel, prepare_model
-from ftsgd.recipe import Recipe, recipe_to_toml, select_metric
+from ftsgd.prepare import PreparedModel, check_stages, prepare_model, refreeze
+from ftsgd.recipe import Recipe, recipe_to_toml, select_metric, stage_label, stage_recipes
 from ftsgd.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
 from ftsgd.rundir import RunDir
 from ftsgd.tracking import TensorBoardLog
@@ -114,6 +116,9 @@ class RunState:
     step_in_epoch: int = 0
     """Optimizer steps already done in ``epoch``."""
     global_step: int = 0
+    stage: int = 0
+    """Index (0-based) of the recipe stage whose freeze and optimizer are in effect: the checkpoint's
+    optimizer state belongs to it. The next stage is entered at the start of its first epoch."""
     best_epoch: int = 0
     """1-based epoch of the best ``train.select_by`` value so far (0: none yet). Its value, and whether
     ``train.patience`` stopped the run, follow from ``history``, so checkpoints need nothing more."""
@@ -177,7 +182,8 @@ class Trainer:
         self.sharded = recipe.train.shard and self.world.distributed
         self.device = self.world.device
         self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
-        if recipe.optim.step_in_backward and self.amp_dtype == torch.float16:
+        self._plan_stages()
+        if any(s.optim.step_in_backward for s in self.stages) and self.amp_dtype == torch.float16:
             raise RecipeError(
                 [
                     'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot '
@@ -224,10 +230,12 @@ class Trainer:
         missing checkpoint or a bad file fails in seconds, not after minutes of model building.
         """
         ckpt = self.run.read_checkpoint() if self.resume else None
+        self.state.stage = int(ckpt["state"].get("stage", 0)) if ckpt is not None else 0
         self._setup_data()
         self._setup_model(from_checkpoint=ckpt is not None)
         self._setup_regularisation()
         self._setup_optimizer()
+        check_stages(self.prepared, self.recipe, self.state.stage)  # every stage works, before any step
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             self._saved_step = self.state.global_step
@@ -292,7 +300,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # seeds the new head's (and a random init's) weights too
         random.seed(t.seed)
         self.prepared: PreparedModel = prepare_model(
-            self.recipe, len(self.class_names), from_checkpoint=from_checkpoint
+            self.stage_recipe, len(self.class_names), from_checkpoint=from_checkpoint
         )
         self.model = self.prepared.model
         self.sync_bn = self._use_sync_batchnorm()
@@ -364,15 +372,97 @@ class Trainer:
         return wrap_ddp(self.model, self.world)
 
     def _setup_optimizer(self) -> None:
+        self._build_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _build_optimizer(self) -> None:
+        """A fresh optimizer over what the current stage trains (replacing, and unhooking, any earlier one)."""
+        if isinstance(getattr(self, "optimizer", None), StepInBackward):
+            self.optimizer.remove_hooks()
         embedding = self.prepared.embedding
         self.optimizer = build_optimizer(
             self.model,
-            self.recipe.optim,
+            self.stage_recipe.optim,
             embedding=embedding.modules,
             classifier=classifier_modules(self.model, embedding.execution_order),
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def _plan_stages(self) -> None:
+        """What each stage trains with (a recipe without [[stage]] tables: one stage, the recipe itself),
+        each stage's first epoch (0-based) and, last, the total number of epochs."""
+        self.stages = stage_recipes(self.recipe)
+        self.stage_starts = list(itertools.accumulate((s.train.epochs for s in self.stages), initial=0))
+        self.total_epochs = self.stage_starts[-1]
+
+    @property
+    def stage_recipe(self) -> Recipe:
+        """The recipe of the stage in effect (the recipe itself when it has no [[stage]] tables)."""
+        return self.stages[self.state.stage]
+
+    def stage_of(self, epoch: int) -> int:
+        """The stage (0-based) that trains ``epoch`` (0-based; past the end: the last stage)."""
+        return min(bisect.bisect_right(self.stage_starts, epoch) - 1, len(self.stages) - 1)
+
+    def _enter_stage(self, index: int) -> None:
+        """Switch to stage ``index``: its freeze, a fresh optimizer over what it trains, its schedule.
+
+        Parameters frozen by the previous stage but not by this one train again; the optimizer starts
+        with fresh state (no momentum or Adam moments carried over), as the paper's LP-FT starts its
+        fine-tuning; the learning rate follows the stage's own schedule from its first epoch
+        (:meth:`current_lr`). Nothing here draws random numbers, so a resumed run enters alike.
+        """
+        self.model.zero_grad(set_to_none=True)  # no stale gradient on a parameter this stage freezes
+        self.state.stage = index
+        self.prepared = refreeze(self.prepared, self.stage_recipe.freeze)
+        if self.world.distributed:  # DDP all-reduces only what trained when it was built: build it anew
+            self.wrapped = wrap_ddp(self.model, self.world)
+            self.forward = torch.compile(self.wrapped) if self.recipe.train.compile else self.wrapped
+        self._build_optimizer()
+        self._progress_or_quiet().message(self._stage_message())
+
+    def _stage_message(self) -> str:
+        index, stage, p = self.state.stage, self.stage_recipe, self.prepared
+        first = self.stage_starts[index]
+        return (
+            f"stage {index + 1}/{len(self.stages)} ({stage_label(self.recipe, index)}): epochs {first + 1}-"
+            f"{first + stage.train.epochs}, freeze.policy {stage.freeze.policy} ({p.frozen_params:,} of "
+            f"{p.total_params:,} parameters frozen), {stage.optim.name} lr {stage.optim.lr:g}, fresh optimizer state"
+        )
+
+    def _stage_fields(self) -> dict[str, Any]:
+        """The current stage in an epoch record (nothing for a recipe without [[stage]] tables)."""
+        if not self.recipe.stages:
+            return {}
+        return {"stage": self.state.stage + 1, "stage_name": stage_label(self.recipe, self.state.stage)}
+
+    def _stage_summaries(self) -> list[dict[str, Any]]:
+        """Per stage: its epochs, what it trained with, and its best epoch by ``train.select_by``."""
+        rows = []
+        for index, stage in enumerate(self.stages if self.recipe.stages else []):
+            first, last = self.stage_starts[index], self.stage_starts[index + 1]
+            sign = 1 if self.recipe.train.select_by.endswith(".loss") else -1  # ties: the earlier epoch
+            done = [
+                (sign * self.selected_value(r["splits"]), r["epoch"]) for r in self.state.history[first:last]
+            ]
+            pick = min(done, default=None)
+            rows.append(
+                {
+                    "stage": index + 1,
+                    "name": stage_label(self.recipe, index),
+                    "epochs": stage.train.epochs,
+                    "first_epoch": first + 1,
+                    "last_epoch": last,
+                    "freeze_policy": stage.freeze.policy,
+                    "optimizer": stage.optim.name,
+                    "lr": stage.optim.lr,
+                    "best_epoch": pick[1] if pick else None,
+                    "best_value": sign * pick[0] if pick else None,
+                }
+            )
+        return rows
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -456,7 +546,7 @@ class Trainer:
             self.setup()
         self._start_run()
         progress = training_progress(
-            self.quiet, epochs=self.recipe.train.epochs, steps_per_epoch=self.steps_per_epoch
+            self.quiet, epochs=self.total_epochs, steps_per_epoch=self.steps_per_epoch
         )
         with progress, self.tracker, self._catch_signals(), self._run_errors():
             self._progress = progress
@@ -505,6 +595,8 @@ class Trainer:
             False when ``max_steps`` stopped the run mid-epoch (after saving a checkpoint).
         """
         epoch = self.state.epoch
+        if self.stage_of(epoch) != self.state.stage:
+            self._enter_stage(self.stage_of(epoch))
         self._progress_or_quiet().start_epoch(epoch, self.state.step_in_epoch, self.current_lr())
         train_mode(self.model)
         tick = time.perf_counter()
@@ -659,8 +751,14 @@ class Trainer:
         return float(splits[split][metric])
 
     def improves(self, results: dict[str, dict[str, Any]]) -> bool:
-        """Whether an epoch's results beat the best epoch so far (ties keep the earlier epoch)."""
+        """Whether an epoch's results beat the best epoch so far (ties keep the earlier epoch).
+
+        Only the last stage's epochs compete (earlier stages prepare the model it fine-tunes, e.g. a
+        linear probe), so a staged run exports one of its last stage's epochs.
+        """
         state = self.state
+        if state.epoch < self.stage_starts[-2]:
+            return False
         if not state.best_epoch:
             return True
         value = self.selected_value(results)
@@ -670,29 +768,35 @@ class Trainer:
     def stopped_early(self) -> bool:
         """Whether ``train.patience`` epochs passed without improvement before the last epoch."""
         state, t = self.state, self.recipe.train
-        return bool(t.patience) and state.epoch < t.epochs and state.epoch - state.best_epoch >= t.patience
+        since = max(state.best_epoch, self.stage_starts[-2])  # counted within the last stage
+        return bool(t.patience) and state.epoch < self.total_epochs and state.epoch - since >= t.patience
 
     def finished(self) -> bool:
         """Every epoch trained, or stopped early by ``train.patience``."""
-        return self.state.epoch >= self.recipe.train.epochs or self.stopped_early()
+        return self.state.epoch >= self.total_epochs or self.stopped_early()
 
     def _stop_message(self) -> str:
         t, state = self.recipe.train, self.state
         return (
-            f"stopped early after epoch {state.epoch}/{t.epochs}: {t.select_by} did not improve for "
+            f"stopped early after epoch {state.epoch}/{self.total_epochs}: {t.select_by} did not improve for "
             f"{t.patience} epoch(s) (train.patience); best epoch {state.best_epoch}"
         )
 
     # ------------------------------------------------------------------------------------ loop helpers
 
     def current_lr(self, step: int | None = None) -> float:
-        """The learning rate at the current epoch and ``step`` (default: the current step): a pure function."""
+        """The learning rate at the current epoch and ``step`` (default: the current step): a pure function.
+
+        Each stage has its own schedule over its own epochs, counted from the stage's first epoch.
+        """
+        index = self.stage_of(self.state.epoch)
+        stage = self.stages[index]
         return lr_at(
-            self.recipe.schedule,
-            self.recipe.optim.lr,
-            epochs=self.recipe.train.epochs,
+            stage.schedule,
+            stage.optim.lr,
+            epochs=stage.train.epochs,
             steps_per_epoch=self.steps_per_epoch,
-            epoch=self.state.epoch,
+            epoch=self.state.epoch - self.stage_starts[index],
             step=self.state.step_in_epoch if step is None else step,
         )
 
@@ -806,6 +910,7 @@ class Trainer:
         keep = ("accuracy", "top5", "loss", "n")
         return {
             "epoch": state.epoch + 1,
+            **self._stage_fields(),
             "step": state.global_step,
             "lr": self.current_lr(step=self.steps_per_epoch - 1),  # the epoch's last step's rate
             "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
@@ -818,11 +923,11 @@ class Trainer:
 
     def _progress_or_quiet(self) -> TrainingProgress:
         if self._progress is None:  # steps driven directly (tests, embedding code): print nothing
-            self._progress = TrainingProgress("quiet", epochs=self.recipe.train.epochs, steps_per_epoch=1)
+            self._progress = TrainingProgress("quiet", epochs=self.total_epochs, steps_per_epoch=1)
         return self._progress
 
     def _start_message(self) -> str:
-        if self.resume and self.state.epoch >= self.recipe.train.epochs:
+        if self.resume and self.state.epoch >= self.total_epochs:
             return f"finishing {self.run.path}: every epoch was trained; writing the summary"
         if self.resume:
             return (
@@ -834,7 +939,8 @@ class Trainer:
         return (
             f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
-            f"{self.recipe.freeze.policy}), device {self.device.type}{amp}{self._job_message()}"
+            f"{self.stage_recipe.freeze.policy}), device {self.device.type}{amp}{self._job_message()}"
+            + (f"\n{self._stage_message()}" if self.recipe.stages else "")
         )
 
     def _job_message(self) -> str:
@@ -870,7 +976,7 @@ class Trainer:
             "classes": self.class_names,
             "num_classes": len(self.class_names),
             "split_sizes": {name: len(s) for name, s in self.splits.items()},
-            "epochs": recipe.train.epochs,
+            "epochs": self.total_epochs,
             "steps": state.global_step,
             "best_epoch": state.best_epoch,
             "select_by": recipe.train.select_by,
@@ -882,10 +988,11 @@ class Trainer:
             "val_accuracy": best["splits"]["val"]["accuracy"] if "val" in best["splits"] else None,
             "best": best["splits"],
             "final": state.history[-1]["splits"],
-            "freeze_policy": recipe.freeze.policy,
+            "freeze_policy": self.stages[-1].freeze.policy,  # the stage the exported epoch is from
             **self.prepared.freeze_report(),
-            "optimizer": recipe.optim.name,
-            "lr": recipe.optim.lr,
+            "optimizer": self.stages[-1].optim.name,
+            "lr": self.stages[-1].optim.lr,
+            **({"stages": self._stage_summaries()} if recipe.stages else {}),
             "device": str(self.device),
             "processes": self.world.size,
             "sharded": self.sharded,
@@ -1032,7 +1139,7 @@ class Trainer:
 
 def join_job_with(recipe: Recipe) -> World:
     """Join the torchrun job (if any) for ``recipe``, refusing first what a job cannot do with it."""
-    if launched_world_size() > 1 and recipe.optim.step_in_backward:
+    if launched_world_size() > 1 and any(s.optim.step_in_backward for s in stage_recipes(recipe)):
         raise RecipeError(
             [
                 "optim.step_in_backward: not under torchrun: DDP keeps every gradient in its "

@@ -17,7 +17,7 @@ from pathlib import Path
 from ftsgd.errors import WeightsError
 from ftsgd.models import unknown_model_error
 from ftsgd.optim import optimizer_names
-from ftsgd.recipe import DataConfig, Recipe, load_recipe
+from ftsgd.recipe import STAGE_KEY, DataConfig, Recipe, load_recipe
 from ftsgd.weights import resolve_weights_path
 
 __all__ = ["environment_problems", "load_checked_recipe"]
@@ -52,16 +52,25 @@ def environment_problems(recipe: Recipe) -> list[str]:
 
         if not timm.is_model(name):
             problems.append(f"model.name: {unknown_model_error(name)}")
-    known = optimizer_names()
-    if recipe.optim.name.lower() not in known:
-        close = difflib.get_close_matches(recipe.optim.name.lower(), known, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        problems.append(
-            f"optim.name: unknown optimizer {recipe.optim.name!r}; {hint}(sgd, adamw, or a timm optimizer name)"
-        )
+    problems.extend(_optimizer_problems(recipe))
     problems.extend(_data_path_problems(recipe.data))
     problems.extend(_missing_packages(recipe))
     return problems
+
+
+def _optimizer_problems(recipe: Recipe) -> list[str]:
+    """``optim.name`` values (the recipe's and each stage's) that neither torch nor timm knows."""
+    known = optimizer_names()
+    named = [("optim.name", recipe.optim.name)]
+    named += [(f"{STAGE_KEY}.{n}.optim.name", s.optim.name) for n, s in enumerate(recipe.stages, 1)]
+    out = []
+    for key, name in named:
+        if name.lower() in known or (key != "optim.name" and name == recipe.optim.name):
+            continue
+        close = difflib.get_close_matches(name.lower(), known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        out.append(f"{key}: unknown optimizer {name!r}; {hint}(sgd, adamw, or a timm optimizer name)")
+    return out
 
 
 def _missing_packages(recipe: Recipe) -> list[str]:

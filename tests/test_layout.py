@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"export", "inspection"},
     {"rundir", "predict", "onnx_export"},
     {"trainer"},
+    {"compare"},
     {"commands"},
     {"sweep"},
     {"cli"},

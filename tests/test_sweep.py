@@ -161,6 +161,52 @@ def test_grid_problems_name_their_key_paths() -> None:
         load_recipe("sgd", ['sweep.grid={"optim.lr"=["fast"]}'])
 
 
+def test_stage_keys_are_grid_keys_by_number() -> None:
+    problems = grid_problems(
+        {
+            "stage.1.optim.lr": [1e-3, 1e-2],
+            "stage.2.train.epochs": [2, 3],
+            "stage.2.freeze.policy": ["embed", "none"],
+            "stage.probe.optim.lr": [1e-3],
+            "stage.1.optim.lrr": [1e-3],
+            "stage.1.train.seed": [0],
+            "stage.1.data.augment": ["none"],
+            "stage.1.optim.lr.x": [1],
+            "stage.1.train.epochs": ["many"],
+        }
+    )
+    assert problems == [
+        'sweep.grid."stage.probe.optim.lr": a stage key is stage.N.SECTION.KEY with N the stage\'s number from 1, '
+        "e.g. stage.2.optim.lr",
+        'sweep.grid."stage.1.optim.lrr": unknown recipe key optim.lrr',
+        'sweep.grid."stage.1.train.seed": of [stage.train] a stage sets only epochs',
+        'sweep.grid."stage.1.data.augment": a stage overrides only freeze, optim, schedule and train.epochs',
+        'sweep.grid."stage.1.optim.lr.x": a stage key is stage.N.SECTION.KEY with N the stage\'s number from 1, '
+        "e.g. stage.2.optim.lr",
+        "sweep.grid.\"stage.1.train.epochs\"[0]: expected an integer, got 'many' (str)",
+    ]
+
+
+def test_lp_ft_sweeps_the_fine_tuning_lr_and_the_probe_lr_by_stage_key(data: Path, tmp_path: Path) -> None:
+    """The built-in grid (optim.lr) reaches the fine-tuning stage; stage.1.optim.lr the probe."""
+    result = runner.invoke(
+        app,
+        ["sweep", "--data", str(data), "--out", str(tmp_path), "--model", "test_vit", "--recipe",
+         "lp-ft-freeze-embed", "--grid", "stage.1.optim.lr=1e-3,1e-2", "--grid", "train.seed=0", "--print-commands"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 12  # the paper's 6 SGD learning rates x 2 probe learning rates
+    args = shlex.split(lines[-1])
+    out = Path(args[args.index("--out") + 1])
+    assert out.name == "optim.lr=0.01,stage.1.optim.lr=0.01,train.seed=0"
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    recipe = resolve_train_recipe("lp-ft-freeze-embed", sets, data)
+    assert [(s.name, s.optim.lr) for s in recipe.stages] == [("probe", 1e-2), ("finetune", 1e-2)]
+    first = resolve_train_recipe("lp-ft-freeze-embed", [], data)
+    assert [s.optim.lr for s in first.stages] == [1e-3, 1e-4]
+
+
 def test_grid_option_values_are_toml_or_strings() -> None:
     assert parse_grid_option("optim.lr=1e-4,3e-4") == ("optim.lr", [1e-4, 3e-4])
     assert parse_grid_option("data.augment=flip,none") == ("data.augment", ["flip", "none"])

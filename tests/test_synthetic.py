@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ftsgd.synthetic import class_names, make_image_folder
+from ftsgd.synthetic import (
+    SOURCE_SHAPES,
+    TARGET_SHAPES,
+    class_names,
+    make_image_folder,
+    make_source_folder,
+    make_target_folder,
+)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -117,3 +124,25 @@ def test_learnable_in_distribution_and_harder_ood(image_folder: Path) -> None:
         ood_acc = (model((xo - mean) / std).argmax(1) == yo).float().mean().item()
     assert val_acc >= 0.9
     assert ood_acc < val_acc - 0.15
+
+
+def _brightness(folder: Path) -> list[float]:
+    return [float(np.asarray(Image.open(f)).mean()) for f in sorted(folder.rglob("*.png"))]
+
+
+def test_source_and_target_tasks_for_the_comparison_demo(tmp_path: Path) -> None:
+    source = make_source_folder(tmp_path / "a", per_class={"train": 20, "val": 2}, size=16)
+    make_source_folder(tmp_path / "b", per_class={"train": 20, "val": 2}, size=16)
+    target = make_target_folder(tmp_path / "t", per_class={"train": 6, "val": 2, "ood": 6}, size=16)
+    assert sorted(p.name for p in (source / "train").iterdir()) == sorted(SOURCE_SHAPES)
+    assert sorted(p.name for p in (target / "ood").iterdir()) == sorted(TARGET_SHAPES)
+    assert not set(SOURCE_SHAPES) & set(TARGET_SHAPES)
+    assert len(_files(source)) == 6 * 22 and _files(source) == _files(tmp_path / "b")  # byte-identical
+    # the target's train split is all plain (dark), its ood split all shifted (bright); the source mixes both
+    assert max(_brightness(target / "train")) < 110 < min(_brightness(target / "ood"))
+    bright = [b > 110 for b in _brightness(source / "train")]
+    assert 0.3 < sum(bright) / len(bright) < 0.7
+    # random hues: one class's mean colour varies from image to image (no colour shortcut)
+    star = sorted((target / "train" / "star").glob("*.png"))
+    colours = np.stack([np.asarray(Image.open(f)).reshape(-1, 3).mean(0) for f in star])
+    assert np.ptp(colours, axis=0).max() > 10
