@@ -14,9 +14,10 @@ import importlib
 import os
 from pathlib import Path
 
+from ftsgd.data import timm_auto_augment
 from ftsgd.errors import WeightsError
 from ftsgd.models import unknown_model_error
-from ftsgd.optim import optimizer_names
+from ftsgd.optim import moment_arg_problems, optimizer_names, optimizer_package
 from ftsgd.recipe import DataConfig, Recipe, load_recipe
 from ftsgd.weights import resolve_weights_path
 
@@ -59,17 +60,57 @@ def environment_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"optim.name: unknown optimizer {recipe.optim.name!r}; {hint}(sgd, adamw, or a timm optimizer name)"
         )
+    else:
+        problems.extend(moment_arg_problems(recipe.optim))
     problems.extend(_data_path_problems(recipe.data))
     problems.extend(_missing_packages(recipe))
+    problems.extend(_auto_augment_problems(recipe.data))
     return problems
+
+
+_PACKAGE_HINTS = {
+    "bitsandbytes": "pip install bitsandbytes",
+    "apex": "NVIDIA apex, built from source (https://github.com/NVIDIA/apex)",
+}
+"""How to install the optional packages timm's optimizer registry names."""
 
 
 def _missing_packages(recipe: Recipe) -> list[str]:
     """Optional packages the recipe needs that are not installed (found before any work is done)."""
+    problems = []
     if recipe.train.tensorboard and not _importable("tensorboard"):
-        return [
+        problems.append(
             "train.tensorboard: needs the tensorboard package, which is not installed: "
             "pip install 'ftsgd[tensorboard]' (or pip install tensorboard), or set train.tensorboard = false"
+        )
+    package = optimizer_package(recipe.optim.name)
+    if package is not None and not _importable(package):
+        hint = _PACKAGE_HINTS.get(package, f"pip install {package}")
+        problems.append(
+            f"optim.name: {recipe.optim.name!r} is an optimizer of the {package} package, which is not "
+            f"installed: {hint} (timm also needs a CUDA GPU for it); or choose another optim.name"
+        )
+    elif package is not None and recipe.train.device == "cpu":
+        problems.append(
+            f'optim.name: {recipe.optim.name!r} ({package}) needs a CUDA GPU, but train.device = "cpu"'
+        )
+    return problems
+
+
+def _auto_augment_problems(d: DataConfig) -> list[str]:
+    """``data.auto_augment`` must be a policy timm can parse (checked by building it on a tiny input)."""
+    policy = timm_auto_augment(d.auto_augment)
+    if policy is None:
+        return []
+    from timm.data import create_transform
+
+    try:
+        create_transform(input_size=(3, 32, 32), is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        return [
+            f"data.auto_augment: timm cannot read {d.auto_augment!r} ({exc or type(exc).__name__}); use e.g. "
+            '"rand-m9-mstd0.5" (RandAugment), "trivialaugment", "augmix-m5-w4-d2" (AugMix) or "original" '
+            "(AutoAugment)"
         ]
     return []
 
