@@ -29,7 +29,7 @@ from ftsgd.device import resolve_device
 from ftsgd.diagnose import GradientDiagnostic, diagnostic_to_dict, print_diagnostic
 from ftsgd.errors import DataError, UsageError
 from ftsgd.evaluate import evaluate
-from ftsgd.export import load_exported_model
+from ftsgd.export import export_data_config, load_exported_model
 from ftsgd.inspection import inspect_model, run_diagnostic
 from ftsgd.memory import format_bytes
 from ftsgd.recipe import (
@@ -57,7 +57,7 @@ __all__ = [
     "train_command",
 ]
 
-_EXPORT_PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+EVAL_SKIP_HINT = "--on-bad-image skip (ftsgd eval then evaluates without them and says how many it left out)."
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -230,7 +230,7 @@ def eval_command(
     found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image)
     dev = resolve_device(device)
     model.to(dev)
-    transform = build_transform({k: meta[k] for k in _EXPORT_PREPROCESSING}, "none", training=False)
+    transform = build_transform(export_data_config(meta), "none", training=False)
     workers = resolve_num_workers(num_workers)
     results = {}
     for name in wanted:
@@ -268,7 +268,11 @@ def _eval_splits(
     for message in ignored_warnings({name: found[name] for name in wanted}, root):
         console.warn(message)
     checked, skipped = preflight_scan(
-        {name: found[name] for name in wanted}, on_bad_image=on_bad_image, root=root, train_split=None
+        {name: found[name] for name in wanted},
+        on_bad_image=on_bad_image,
+        root=root,
+        train_split=None,
+        skip_hint=EVAL_SKIP_HINT,
     )
     found.update(checked)
     if skipped:
@@ -323,6 +327,8 @@ def inspect_command(
         diagnostic = run_diagnostic(loaded, data, batches, png, num_classes)
         num_classes = diagnostic.num_classes
     report = inspect_model(loaded, num_classes, batch_size=batch_size)
+    for message in report["warnings"]:
+        console.warn(message)
     if diagnostic is not None:
         report["gradient_diagnostic"] = diagnostic_to_dict(diagnostic)
     return report, diagnostic
@@ -337,6 +343,7 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
             ("embedding", ", ".join(r["embedding"]) or "-"),
             ("found by", r["embedding_method"]),
             *[("check", c) for c in r["embedding_checks"]],
+            *([("classifier", r["head"])] if r.get("head") else []),
         ]
     )
     if r.get("weights"):

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ftsgd.freeze import Embedding, apply_freeze, find_embedding, frozen_parameter_names
-from ftsgd.models import WeightsReport, build_model, enable_grad_checkpointing, input_config
+from ftsgd.models import WeightsReport, build_model, data_config_for, enable_grad_checkpointing, head_note
 from ftsgd.recipe import Recipe
 
 __all__ = ["PreparedModel", "prepare_model"]
@@ -28,6 +28,7 @@ class PreparedModel:
         data_config: Preprocessing at the training resolution (``input_size``, ``mean``, ``std``, ...).
         embedding: The detected embedding and how it was found.
         frozen: Names of the frozen parameters, in ``named_parameters()`` order.
+        head: What happened to the classifier (re-initialised or kept, and why); "" when unknown.
     """
 
     model: nn.Module
@@ -35,6 +36,7 @@ class PreparedModel:
     data_config: dict[str, Any]
     embedding: Embedding
     frozen: tuple[str, ...]
+    head: str = ""
 
     @property
     def total_params(self) -> int:
@@ -59,6 +61,7 @@ class PreparedModel:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "weights_report": asdict(self.weights_report) if self.weights_report else None,
+            "head": self.head,
         }
 
 
@@ -77,10 +80,11 @@ def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: b
     """
     start = replace(recipe.model, weights="", pretrained=False) if from_checkpoint else recipe.model
     model, weights_report = build_model(start, num_classes)
-    data_config = input_config(model, recipe.data.img_size)
+    data_config = data_config_for(model, recipe.data)
     embedding = find_embedding(model, data_config["input_size"])
     frozen = frozen_parameter_names(model, recipe.freeze, embedding)
     apply_freeze(model, frozen)
     if recipe.train.grad_checkpointing:
         enable_grad_checkpointing(model, recipe.model.name)
-    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen))
+    head = "" if from_checkpoint else head_note(start, weights_report, model, num_classes)
+    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen), head)

@@ -38,9 +38,11 @@ from ftsgd.data import (
     build_loader,
     build_transform,
     discover_splits,
+    epoch_steps,
     ignored_warnings,
     preflight_scan,
     resolve_num_workers,
+    small_image_warnings,
 )
 from ftsgd.device import (
     amp_name,
@@ -196,7 +198,7 @@ class Trainer:
         self.splits = splits
         self.train_split = splits["train"]
         self.eval_splits = {name: s for name, s in splits.items() if name != "train"}
-        self.steps_per_epoch = math.ceil(len(self.train_split) / t.batch_size)
+        self.steps_per_epoch = epoch_steps(len(self.train_split), t.batch_size, recipe.data.drop_last)
         self.micro = t.micro_batch_size or t.batch_size
         self.workers = resolve_num_workers(recipe.data.num_workers)
         self.pin_memory = recipe.data.pin_memory and self.device.type == "cuda"
@@ -238,9 +240,11 @@ class Trainer:
         self.model = self.prepared.model
         self.place_model()
         self.forward = torch.compile(self.model) if t.compile else self.model
-        data_config = self.prepared.data_config
-        self.train_transform = build_transform(data_config, self.recipe.data.augment, training=True)
+        data_config, data = self.prepared.data_config, self.recipe.data
+        self.train_transform = build_transform(data_config, data.augment, training=True, data=data)
         self.eval_transform = build_transform(data_config, "none", training=False)
+        for message in small_image_warnings(self.train_split, data_config, data):
+            warn(message)
 
     def place_model(self) -> None:
         """Move the model to the training device (and memory format); out of memory is a clear error."""
@@ -532,6 +536,7 @@ class Trainer:
             start_batch=self.state.step_in_epoch,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
+            drop_last=self.recipe.data.drop_last,
         )
 
     def eval_loader(self, split: Split) -> DataLoader:
@@ -632,7 +637,7 @@ class Trainer:
             f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
             f"{self.recipe.freeze.policy}), device {self.device.type}{amp}"
-        )
+        ) + (f"\nclassifier: {p.head}" if p.head else "")
 
     # ------------------------------------------------------------------------------------ results
 
