@@ -75,6 +75,11 @@ WELL_KNOWN_EMBEDDING_NAMES = frozenset(
         "features.0",
         "conv_proj",
         "embeddings",
+        # hybrid ViTs: the stem of the CNN inside the patch embedding (timm's HybridEmbed)
+        "patch_embed.backbone",
+        "patch_embed.backbone.stem",
+        "patch_embed.backbone.conv1",
+        "patch_embed.backbone.bn1",
     }
 )
 
