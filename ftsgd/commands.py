@@ -343,7 +343,7 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
             ("embedding", ", ".join(r["embedding"]) or "-"),
             ("found by", r["embedding_method"]),
             *[("check", c) for c in r["embedding_checks"]],
-            *([("classifier", r["head"])] if r.get("head") else []),
+            *([("head", r["head"])] if r.get("head") else []),
         ]
     )
     if r.get("weights"):
