@@ -70,6 +70,8 @@ __all__ = [
     "train_command",
 ]
 
+EVAL_SKIP_HINT = "--on-bad-image skip (ftsgd eval then evaluates without them and says how many it left out)."
+
 
 # ------------------------------------------------------------------------------------------ train
 
@@ -311,7 +313,11 @@ def _eval_splits(
     for message in ignored_warnings({name: found[name] for name in wanted}, root):
         console.warn(message)
     checked, skipped = preflight_scan(
-        {name: found[name] for name in wanted}, on_bad_image=on_bad_image, root=root, train_split=None
+        {name: found[name] for name in wanted},
+        on_bad_image=on_bad_image,
+        root=root,
+        train_split=None,
+        skip_hint=EVAL_SKIP_HINT,
     )
     found.update(checked)
     if skipped:
@@ -574,6 +580,8 @@ def inspect_command(
         diagnostic = run_diagnostic(loaded, data, batches, png, num_classes)
         num_classes = diagnostic.num_classes
     report = inspect_model(loaded, num_classes, batch_size=batch_size, nproc=nproc)
+    for message in report["warnings"]:
+        console.warn(message)
     if diagnostic is not None:
         report["gradient_diagnostic"] = diagnostic_to_dict(diagnostic)
     return report, diagnostic
@@ -588,6 +596,7 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
             ("embedding", ", ".join(r["embedding"]) or "-"),
             ("found by", r["embedding_method"]),
             *[("check", c) for c in r["embedding_checks"]],
+            *([("head", r["head"])] if r.get("head") else []),
         ]
     )
     if r.get("weights"):

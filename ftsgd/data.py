@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import os
 import random
 import re
@@ -799,6 +800,12 @@ def load_image(path: Path) -> Image.Image:
 SKIPPED_FILE = "skipped.txt"
 """Run-directory file listing the images ``data.on_bad_image = "skip"`` left out (path, split, reason)."""
 
+TRAIN_SKIP_HINT = (
+    '--set data.on_bad_image=skip (data.on_bad_image = "skip" in the recipe); skipped files are listed in '
+    "the run directory."
+)
+"""How ``ftsgd train`` leaves unreadable images out, for the pre-flight error."""
+
 _SHOW_PER_KIND = 5
 """How many paths of each kind of problem a pre-flight error lists (then a count)."""
 
@@ -933,6 +940,7 @@ def preflight_scan(
     workers: int = 0,
     train_split: str | None = "train",
     shard: tuple[int, int] | None = None,
+    skip_hint: str = TRAIN_SKIP_HINT,
 ) -> tuple[dict[str, Split], list[BadImage]]:
     """Decode every file of every split once, before any model is built, so bad data fails in seconds.
 
@@ -948,6 +956,8 @@ def preflight_scan(
             evaluation-only scans.
         shard: ``(rank, world)`` in a multi-process job: each process decodes every ``world``-th file
             and the failures are gathered, so the job scans the dataset once, not once per process.
+        skip_hint: How the calling command leaves bad files out, ending the error's advice (``ftsgd
+            eval`` has ``--on-bad-image skip``, not the recipe key).
 
     Returns:
         ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
@@ -976,11 +986,7 @@ def preflight_scan(
         return splits, []
     if on_bad_image == "error":
         report = _bad_image_report(bad, len(owner), root, "pre-flight scan")
-        raise DataError(
-            f"{report}\nFix or remove these files, or leave them out with "
-            '--set data.on_bad_image=skip (data.on_bad_image = "skip" in the recipe); '
-            "skipped files are listed in the run directory."
-        )
+        raise DataError(f"{report}\nFix or remove these files, or leave them out with {skip_hint}")
     kept: dict[str, Split] = {}
     problems: list[str] = []
     for name, split in splits.items():
@@ -1027,18 +1033,55 @@ def _transform_kwargs(data_config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data_config.items() if k in accepted and k != "is_training"}
 
 
-def build_transform(data_config: dict[str, Any], augment: str, training: bool) -> Callable[[Any], Any]:
+TRIVIAL_AUGMENT = "rand-n1-m10-mstd101-inc1-p1"
+"""timm's RandAugment configured as TrivialAugment: one operation per image (n1), always applied (p1), at a
+magnitude drawn uniformly from 0 to the maximum (mstd > 100), with the operations that grow stronger with
+the magnitude (inc1). ``data.auto_augment = "trivialaugment"`` stands for it."""
+
+
+def timm_auto_augment(name: str) -> str | None:
+    """``data.auto_augment`` as timm's ``auto_augment`` argument (None = off; "trivialaugment" expanded)."""
+    if not name:
+        return None
+    return TRIVIAL_AUGMENT if name.lower() in ("trivialaugment", "trivial") else name
+
+
+def train_transform_kwargs(data: DataConfig) -> dict[str, Any]:
+    """The ``timm.data.create_transform`` training arguments that the ``data`` augmentation keys set.
+
+    With every key at its default this is timm's random-resized crop (scale 0.08-1, ratio 3/4-4/3) and
+    horizontal flip with colour jitter, auto-augment and random erasing off, as in the paper. Colour
+    jitter 0 is passed as None: timm would otherwise add a no-op ColorJitter that still draws random
+    numbers.
+    """
+    return {
+        "scale": tuple(data.rrc_scale) or None,
+        "ratio": tuple(data.rrc_ratio) or None,
+        "hflip": data.hflip,
+        "color_jitter": data.color_jitter or None,
+        "auto_augment": timm_auto_augment(data.auto_augment),
+        "re_prob": data.re_prob,
+        "re_mode": data.re_mode,
+        "re_count": data.re_count,
+    }
+
+
+def build_transform(
+    data_config: dict[str, Any], augment: str, training: bool, data: DataConfig | None = None
+) -> Callable[[Any], Any]:
     """Build the image -> normalised tensor transform for one split.
 
     Args:
         data_config: The model's timm data config (``input_size``, ``interpolation``, ``mean``,
-            ``std``, ``crop_pct``, ``crop_mode``), e.g. from ``timm.data.resolve_model_data_config``;
+            ``std``, ``crop_pct``, ``crop_mode``), e.g. from :func:`ftsgd.models.data_config_for`;
             normalising with the model's own statistics matters for fine-tuning pretrained weights.
-        augment: ``rrc_flip``: timm's training transform (random-resized crop + horizontal flip),
-            with colour jitter, auto-augment and random erasing off, as in the paper.
-            ``flip``: the eval transform (resize + centre crop) plus a random horizontal flip.
-            ``none``: the eval transform.
+        augment: The ``data.augment`` preset. ``rrc_flip``: timm's training transform (random-resized
+            crop + horizontal flip; colour jitter, auto-augment and random erasing off, as in the
+            paper, unless ``data`` turns them on). ``flip``: the eval transform (resize + centre crop)
+            plus a random horizontal flip. ``none``: the eval transform.
         training: False gives the eval transform whatever ``augment`` says.
+        data: The recipe's ``[data]`` section, whose augmentation keys refine the preset
+            (:func:`train_transform_kwargs`); None keeps every key at its default.
 
     Returns:
         A callable turning a PIL RGB image into a CHW float tensor.
@@ -1047,14 +1090,79 @@ def build_transform(data_config: dict[str, Any], augment: str, training: bool) -
 
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; expected one of {', '.join(AUGMENTS)}")
+    data = data if data is not None else DataConfig()
     kwargs = _transform_kwargs(data_config)
     if training and augment == "rrc_flip":
-        return create_transform(**kwargs, is_training=True, color_jitter=None, auto_augment=None, re_prob=0.0)
+        return create_transform(**kwargs, is_training=True, **train_transform_kwargs(data))
     eval_tf = create_transform(**kwargs, is_training=False)
     if training and augment == "flip":
         # Flipping the normalised tensor is the same as flipping the image before ToTensor.
-        return T.Compose([eval_tf, T.RandomHorizontalFlip(p=0.5)])
+        return T.Compose([eval_tf, T.RandomHorizontalFlip(p=data.hflip)])
     return eval_tf
+
+
+# --------------------------------------------------------------------------- small images
+
+MIN_CROP_SIDE = 16
+"""A random crop whose side would be under this many pixels of the original image earns a warning."""
+
+SIZE_SAMPLE = 64
+"""How many training images :func:`small_image_warnings` reads the size of (header only)."""
+
+
+def sample_image_sizes(split: Split, n: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+    """``(width, height)`` of up to ``n`` images spread evenly over a split, from their headers only.
+
+    PIL reads the size without decoding the pixels, so this costs a file open per image. Files that
+    cannot be opened are left out (the pre-flight scan reports them).
+    """
+    quiet_pil_warnings()
+    step = max(1, len(split.samples) // max(n, 1))
+    sizes = []
+    for path, _ in split.samples[::step][:n]:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    return sizes
+
+
+def small_image_warnings(split: Split, data_config: dict[str, Any], data: DataConfig) -> list[str]:
+    """Warnings when the training images are too small for the input size or the random crop.
+
+    The default augmentation was made for ImageNet-sized photos: on 24-pixel digits a random-resized
+    crop keeps as little as 8% of the image (about 7x7 pixels) and a horizontal flip changes what a
+    digit means (the issue's example: 43.7% accuracy with the defaults, 90.3% without augmentation).
+    Both checks use the median size of a sample of the training images.
+    """
+    sizes = sample_image_sizes(split)
+    if not sizes:
+        return []
+    width = sorted(w for w, _ in sizes)[len(sizes) // 2]
+    height = sorted(h for _, h in sizes)[len(sizes) // 2]
+    input_h, input_w = (int(v) for v in data_config["input_size"][1:])
+    median = f"{width}x{height} px (median of {len(sizes)} training images)"
+    out = []
+    if min(width, height) < min(input_h, input_w) / 2:
+        out.append(
+            f"the training images are much smaller than the model's {input_w}x{input_h} input: {median}, so "
+            f"each is upscaled {min(input_h, input_w) / min(width, height):.1f}x. If that is not intended, set "
+            "data.img_size (and model.kwargs.img_size for a ViT built for one size); for small images also "
+            "check data.rrc_scale and data.hflip (a mirrored digit or letter means something else)"
+        )
+    if data.augment == "rrc_flip":
+        low = data.rrc_scale[0] if data.rrc_scale else 0.08
+        side = (low * width * height) ** 0.5
+        if side < MIN_CROP_SIDE:
+            wanted = min(1.0, math.ceil(20 * MIN_CROP_SIDE**2 / (width * height)) / 20)
+            out.append(
+                f'data.augment = "rrc_flip" crops as little as {low:.0%} of an image (data.rrc_scale minimum '
+                f"{low}), about {side:.0f}x{side:.0f} px of a {median}. Set data.rrc_scale = [{wanted}, 1.0] "
+                f'(crops of at least {MIN_CROP_SIDE} px), or data.augment = "flip" or "none"; and '
+                "data.hflip = 0 if a mirrored image means something else (digits, text)"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- dataset and sampler
@@ -1206,7 +1314,15 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, order: EpochSampler, *, batch_size: int, chunk: int, rank: int, world: int, start_batch: int = 0
+        self,
+        order: EpochSampler,
+        *,
+        batch_size: int,
+        chunk: int,
+        rank: int,
+        world: int,
+        start_batch: int = 0,
+        drop_last: bool = False,
     ) -> None:
         self.order = order
         self.batch_size = batch_size
@@ -1214,16 +1330,20 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world = world
         self.start_batch = start_batch
+        self.drop_last = drop_last
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order.order()
-        for start in range(self.start_batch * self.batch_size, len(order), self.batch_size):
+        end = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(self.start_batch * self.batch_size, end, self.batch_size):
             batch = order[start : start + self.batch_size]
             part = batch_shard(len(batch), self.chunk, self.rank, self.world)
             yield batch[part.lo : part.hi]
 
     def __len__(self) -> int:
-        return max(0, -(-self.order.num_samples // self.batch_size) - self.start_batch)
+        n = self.order.num_samples
+        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return max(0, batches - self.start_batch)
 
 
 @dataclass(frozen=True)
@@ -1276,6 +1396,22 @@ def resolve_num_workers(n: int) -> int:
     return max(0, min(8, cpus - 1))
 
 
+def epoch_steps(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps in one epoch: every batch, or (``data.drop_last``) only the full ones.
+
+    Raises:
+        DataError: ``drop_last`` with fewer images than one batch: an epoch would train on nothing.
+    """
+    if not drop_last:
+        return math.ceil(num_samples / batch_size)
+    if num_samples < batch_size:
+        raise DataError(
+            f"data.drop_last = true leaves no training batch: the training split has {num_samples} images, "
+            f"fewer than train.batch_size = {batch_size}; set data.drop_last = false or a smaller batch size"
+        )
+    return num_samples // batch_size
+
+
 def build_loader(
     split: Split,
     transform: Callable[[Any], Any] | None,
@@ -1289,13 +1425,14 @@ def build_loader(
     pin_memory: bool = False,
     shard: tuple[int, int, int] | None = None,
     input_size: tuple[int, ...] = (3, 224, 224),
+    drop_last: bool = False,
 ) -> DataLoader:
     """A deterministic DataLoader for one epoch of a split.
 
     Args:
         split: The split to load.
         transform: From :func:`build_transform`.
-        batch_size: Images per batch; the last batch may be smaller (nothing is dropped).
+        batch_size: Images per batch; the last batch may be smaller unless ``drop_last``.
         training: Shuffle with the ``(seed, epoch)`` permutation and draw augmentations per sample;
             False loads in file order.
         seed: The run's seed.
@@ -1309,6 +1446,8 @@ def build_loader(
             this loader yields process ``rank``'s part of each one (:class:`ShardedBatchSampler`,
             :class:`BlankFill`); None loads whole batches.
         input_size: ``(C, H, W)`` of the transformed images, for :class:`BlankFill`.
+        drop_last: Leave out the epoch's last batch when it is smaller than ``batch_size``
+            (``data.drop_last``); skipping ``start_batch`` whole batches keeps the same batches.
 
     Returns:
         The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
@@ -1327,6 +1466,7 @@ def build_loader(
             input_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            drop_last=drop_last,
         )
     sampler = EpochSampler(
         len(dataset),
@@ -1341,7 +1481,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        drop_last=False,
+        drop_last=drop_last,
         persistent_workers=False,
         worker_init_fn=_worker_init if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed * 100003 + epoch),
@@ -1357,12 +1497,19 @@ def _sharded_loader(
     *,
     num_workers: int,
     pin_memory: bool,
+    drop_last: bool = False,
 ) -> DataLoader:
     """:func:`build_loader` for one process of a multi-process job (see ``shard`` there)."""
     chunk, rank, world = shard
     order = EpochSampler(len(dataset), shuffle=dataset.training, seed=dataset.seed, epoch=dataset.epoch)
     batches = ShardedBatchSampler(
-        order, batch_size=batch_size, chunk=chunk, rank=rank, world=world, start_batch=start_batch
+        order,
+        batch_size=batch_size,
+        chunk=chunk,
+        rank=rank,
+        world=world,
+        start_batch=start_batch,
+        drop_last=drop_last,
     )
     return DataLoader(
         dataset,
@@ -1396,6 +1543,7 @@ __all__ = [
     "build_transform",
     "check_image",
     "discover_splits",
+    "epoch_steps",
     "find_classes",
     "ignored_warnings",
     "is_image_file",
@@ -1404,8 +1552,12 @@ __all__ = [
     "preflight_scan",
     "quiet_pil_warnings",
     "resolve_num_workers",
+    "sample_image_sizes",
     "scan_images",
     "skipped_lines",
+    "small_image_warnings",
+    "timm_auto_augment",
     "to_rgb",
+    "train_transform_kwargs",
     "upright",
 ]

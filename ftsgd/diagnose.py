@@ -53,13 +53,13 @@ import torch
 from torch import nn
 
 from ftsgd import console
-from ftsgd.data import build_loader, build_transform, discover_splits
+from ftsgd.data import build_loader, build_transform, discover_splits, small_image_warnings
 from ftsgd.device import resolve_device
 from ftsgd.errors import ModelError, UsageError
 from ftsgd.fileio import atomic_write_bytes
 from ftsgd.freeze import find_embedding, train_mode
 from ftsgd.layers import layer_groups
-from ftsgd.models import build_model, classifier_modules, input_config, model_name
+from ftsgd.models import build_model, classifier_modules, data_config_for, model_name
 from ftsgd.recipe import Recipe
 
 __all__ = [
@@ -128,6 +128,8 @@ class GradientDiagnostic:
         reason: Why, in one paragraph, with the paper's numbers.
         not_measured: Parameters left out because they do not require gradients (fixed buffers
             such as sin-cos position embeddings).
+        data_warnings: Warnings about the training images and the augmentation (images much smaller
+            than the input, random crops of a few pixels), as ``ftsgd train`` prints them.
     """
 
     model: str
@@ -144,6 +146,7 @@ class GradientDiagnostic:
     freeze_embedding: bool | None
     reason: str
     not_measured: tuple[str, ...] = ()
+    data_warnings: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- measuring
@@ -357,17 +360,19 @@ def diagnose_from_recipe(
     t = recipe.train
     torch.manual_seed(t.seed)  # the same fresh head training would start from
     model, _ = build_model(recipe.model, num_classes=len(classes))
-    data_config = input_config(model, recipe.data.img_size)
+    data_config = data_config_for(model, recipe.data)
     embedding = find_embedding(model, data_config["input_size"])
+    warnings = tuple(small_image_warnings(splits["train"], data_config, recipe.data))
     loader = build_loader(
         splits["train"],
-        build_transform(data_config, recipe.data.augment, training=True),
+        build_transform(data_config, recipe.data.augment, training=True, data=recipe.data),
         batch_size=t.batch_size,
         training=True,
         seed=t.seed,
+        drop_last=recipe.data.drop_last,
     )
     model.to(resolve_device(t.device))
-    return gradient_diagnostic(
+    result = gradient_diagnostic(
         model,
         itertools.islice(loader, batches),
         embedding.modules,
@@ -377,6 +382,7 @@ def diagnose_from_recipe(
         seed=t.seed,
         num_classes=len(classes),
     )
+    return dataclasses.replace(result, data_warnings=warnings)
 
 
 # --------------------------------------------------------------------------- reporting

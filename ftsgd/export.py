@@ -2,14 +2,18 @@
 
 The export is meant to outlive ftsgd: the tensors are keyed exactly like the timm model's own
 ``state_dict()`` and ``config.json`` follows timm's Hugging Face hub layout (see
-``timm.models._hub.save_config_for_hf``), so either of these rebuilds the model without ftsgd::
+``timm.models._hub.save_config_for_hf``), so either of these rebuilds the model without ftsgd, with
+exactly the preprocessing it was trained with (``timm.data.resolve_data_config(model=model)``)::
 
     timm.create_model("local-dir:OUT", pretrained=True)
-    timm.create_model(arch, pretrained=True, num_classes=N, **model_kwargs,
-                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=N))
+    cfg = json.load(open("OUT/config.json"))
+    timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                      pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="OUT/model.safetensors"))
 
-(``num_classes`` must be in the overlay too: timm drops the classifier of a file whose configured
-``num_classes`` differs from the model's, and the architecture's default config says 1000.)
+``model_args`` holds ``num_classes`` and the recipe's ``model.kwargs`` (``img_size``...), and
+``pretrained_cfg`` the input size, mean, std, interpolation and crop the run used (``data.img_size``,
+``data.mean``...), so both forms are exact for every run; a shorter overlay without them builds the
+architecture's default input size and preprocessing.
 
 Everything needed for inference (class names in order, preprocessing, the ``create_model`` keyword
 arguments) is also stored as string metadata inside the safetensors header, so the weights file alone
@@ -37,11 +41,15 @@ __all__ = [
     "CONFIG_NAME",
     "PREPROCESSING_KEYS",
     "WEIGHTS_NAME",
+    "export_data_config",
     "export_model",
     "inference_transform",
     "load_exported_model",
     "read_export",
 ]
+
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+"""The data-config entries an export records: what evaluation and timm need to preprocess as training did."""
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -61,9 +69,11 @@ _RESERVED = (
     "recipe",
     "ftsgd_version",
 )
-PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-"""The metadata keys that describe an export's preprocessing (what timm calls its data config)."""
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
+
+_CREATE_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+"""``timm.create_model`` arguments that are not model arguments: kept out of ``config.json``'s ``model_args``
+(timm passes those on next to its own) and merged rather than repeated when an export is rebuilt."""
 
 _SOURCE_CFG_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "tag"}
 """pretrained_cfg keys that locate or name the *source* weights; an export must not point back at them."""
@@ -152,12 +162,38 @@ def _timm_config(
     config["label_names"] = list(class_names)
     # Like timm's exporter, leave out training-only drop rates; num_classes makes the config self-contained.
     model_args = {
-        k: v for k, v in model_kwargs.items() if not (k.endswith("drop_rate") or k == "drop_block_rate")
+        k: v
+        for k, v in model_kwargs.items()
+        if not (k.endswith("drop_rate") or k == "drop_block_rate" or k in _CREATE_ARGS)
     }
     model_args["num_classes"] = len(class_names)
+    built = model_args.get("img_size")
+    if built is not None and list(input_size[1:]) != (
+        [built, built] if isinstance(built, int) else list(built)
+    ):
+        # built for one size and fed another (data.img_size on a ViT that takes any size): timm's local-dir
+        # loader would otherwise take img_size for the input size, or input_size for img_size
+        pretrained_cfg["fixed_input_size"] = False
     config["model_args"] = model_args
     config["pretrained_cfg"] = pretrained_cfg
     return jsonable(config)
+
+
+def _with_built_size(model: nn.Module, kwargs: dict[str, Any], input_size: tuple[int, ...]) -> dict[str, Any]:
+    """``model_kwargs`` plus the ``img_size`` the model was built for, when its input differs from it.
+
+    timm builds a ViT for its pretrained config's ``input_size`` unless ``img_size`` is given. A run with
+    ``data.img_size`` on a ViT that takes other sizes (``dynamic_img_size``) records that input size in
+    the config, so without ``img_size`` a rebuild would get position embeddings for another grid and
+    its weights would not load.
+    """
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if "img_size" in kwargs or not isinstance(built, (int, tuple, list)):
+        return kwargs
+    size = [int(built), int(built)] if isinstance(built, int) else [int(v) for v in built]
+    if size == [int(v) for v in input_size[1:]]:
+        return kwargs
+    return {**kwargs, "img_size": size[0] if size[0] == size[1] else size}
 
 
 def export_model(
@@ -197,8 +233,10 @@ def export_model(
     num_classes = int(getattr(target, "num_classes", len(class_names)))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for a model with {num_classes} outputs")
+    data = {**model_data_config(target), **dict(data_config)}
     kwargs = dict(model_kwargs or {})
     kwargs.pop("num_classes", None)
+    kwargs = _with_built_size(target, kwargs, tuple(data["input_size"]))
     try:
         kwargs_json = json.dumps(jsonable(kwargs), sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -207,7 +245,6 @@ def export_model(
     if clash:
         raise ValueError(f"extra metadata may not override standard keys: {', '.join(clash)}")
 
-    data = {**model_data_config(target), **dict(data_config)}
     metadata = {
         "format": "pt",
         "architecture": architecture,
@@ -309,8 +346,7 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     tensors, meta = read_export(path)
     arch = meta["architecture"]
     num_classes = int(meta.get("num_classes", len(meta["class_names"])))
-    kwargs = dict(meta.get("model_kwargs") or {})
-    overlay = {key: meta[key] for key in PREPROCESSING_KEYS if key in meta}
+    kwargs, overlay = _rebuild_args(meta)
     overlay["num_classes"] = num_classes
     try:
         model = timm.create_model(
@@ -332,10 +368,31 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
+def _rebuild_args(meta: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``create_model`` keyword arguments and ``pretrained_cfg_overlay`` that rebuild an export.
+
+    A recipe may itself pass ``pretrained_cfg_overlay`` (or ``pretrained``...) in ``model.kwargs``;
+    those are merged with, or left to, the rebuild's own arguments instead of being passed twice. The
+    exported preprocessing goes on top: it is what the model was trained with.
+    """
+    kwargs = {k: v for k, v in dict(meta.get("model_kwargs") or {}).items() if k not in _CREATE_ARGS}
+    kwargs.pop("num_classes", None)
+    own = (meta.get("model_kwargs") or {}).get("pretrained_cfg_overlay")
+    overlay = dict(own) if isinstance(own, Mapping) else {}
+    overlay.pop("file", None)  # the export's own weights are loaded below, never the source's
+    overlay.update({key: meta[key] for key in PREPROCESSING_KEYS if key in meta})
+    return kwargs, overlay
+
+
+def export_data_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing an export was trained with (from :func:`read_export`'s metadata), for its eval transform."""
+    return {key: meta[key] for key in PREPROCESSING_KEYS if key in meta}
+
+
 def inference_transform(meta: Mapping[str, Any]) -> Any:
     """The eval transform an export was trained with, from its metadata (resize, centre crop, normalise).
 
     ``ftsgd eval``, ``ftsgd predict`` and the ONNX check all preprocess through this one function, so an
     image becomes the same tensor in each of them.
     """
-    return build_transform({k: meta[k] for k in PREPROCESSING_KEYS}, "none", training=False)
+    return build_transform(export_data_config(meta), "none", training=False)

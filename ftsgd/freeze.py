@@ -36,6 +36,7 @@ import difflib
 import fnmatch
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,11 @@ WELL_KNOWN_EMBEDDING_NAMES = frozenset(
         "features.0",
         "conv_proj",
         "embeddings",
+        # hybrid ViTs: the stem of the CNN inside the patch embedding (timm's HybridEmbed)
+        "patch_embed.backbone",
+        "patch_embed.backbone.stem",
+        "patch_embed.backbone.conv1",
+        "patch_embed.backbone.bn1",
     }
 )
 
@@ -380,13 +386,43 @@ def find_embedding(model: nn.Module, input_size: tuple[int, int, int] | None = N
     first = order[0]
     classifier = classifier_modules(model, order)
     total_params = sum(p.numel() for p in model.parameters())
-    position = {n: i for i, n in enumerate(order)}
     accepted = next(
         (a for a in _ancestors(first) if _is_stem_like(model, a, order, classifier, total_params)), None
     )
+    hybrid = _hybrid_stem(model, first, order)
+    accepted = hybrid or accepted
     main = accepted if accepted is not None else first
-    # Normalisation layers that are siblings of the embedding and run straight after it belong to it
-    # (ResNet bn1, EfficientNet bn1, CLIP norm_pre, DenseNet norm0); stop at anything else.
+    chosen = _with_following_norms(main, order, modules, classifier)
+
+    if size is None:
+        how = f"registration order (forward pass failed: {error})"
+    else:
+        how = f"forward pass on 1x{'x'.join(map(str, size))}"
+        if input_size is not None and tuple(size) != tuple(input_size):
+            how += f" (1x{'x'.join(map(str, input_size))} failed: {error})"
+    desc = _describe(model, how, first, accepted, chosen)
+    if hybrid is not None:
+        desc += f"; hybrid: the CNN stem of {_backbone_of(hybrid)!r}, not its projection or stages"
+    embedding_params = [n for n, _ in model.named_parameters() if any(_under(n, m) for m in chosen)]
+    checks = _cross_checks(model, first, tuple(chosen), embedding_params)
+    return Embedding(
+        modules=tuple(chosen),
+        first_module=first,
+        method=desc,
+        checks=tuple(checks),
+        execution_order=tuple(order),
+    )
+
+
+def _with_following_norms(
+    main: str, order: list[str], modules: dict[str, nn.Module], classifier: tuple[str, ...]
+) -> list[str]:
+    """``main`` plus the normalisation layers that are its siblings and run straight after it.
+
+    They belong to the embedding (ResNet ``bn1``, EfficientNet ``bn1``, CLIP ``norm_pre``, DenseNet
+    ``norm0``); the first module of any other kind ends the list.
+    """
+    position = {n: i for i, n in enumerate(order)}
     chosen = [main]
     last = max(position[n] for n in order if _under(n, main))
     for name in order[last + 1 :]:
@@ -398,23 +434,53 @@ def find_embedding(model: nn.Module, input_size: tuple[int, int, int] | None = N
             chosen.append(name)
         else:
             break
+    return chosen
 
-    if size is None:
-        how = f"registration order (forward pass failed: {error})"
-    else:
-        how = f"forward pass on 1x{'x'.join(map(str, size))}"
-        if input_size is not None and tuple(size) != tuple(input_size):
-            how += f" (1x{'x'.join(map(str, input_size))} failed: {error})"
-    desc = _describe(model, how, first, accepted, chosen)
-    embedding_params = [n for n, _ in model.named_parameters() if any(_under(n, m) for m in chosen)]
-    checks = _cross_checks(model, first, tuple(chosen), embedding_params)
-    return Embedding(
-        modules=tuple(chosen),
-        first_module=first,
-        method=desc,
-        checks=tuple(checks),
-        execution_order=tuple(order),
-    )
+
+HYBRID_BACKBONE = "backbone"
+"""Child name of the CNN inside a hybrid ViT's patch embedding (timm's ``HybridEmbed.backbone``)."""
+
+
+def _backbone_of(name: str) -> str:
+    """The ``...backbone`` module a name lies in (the name itself when it is one)."""
+    parts = name.split(".")
+    cut = max(i for i, part in enumerate(parts) if part == HYBRID_BACKBONE)
+    return ".".join(parts[: cut + 1])
+
+
+def _hybrid_stem(model: nn.Module, first: str, order: list[str]) -> str | None:
+    """The conv stem of a hybrid ViT, when the first layer lies in a CNN ``backbone`` in front of a projection.
+
+    A hybrid's patch embedding (timm's ``HybridEmbed``: R26/R50+ViT, ViTamin, the MobileCLIP ViT)
+    runs a CNN, or only a CNN's stem, and then projects its features into tokens. The layer that maps
+    pixels to features is that CNN's stem, not the projection (12.6% of R+ViT-Ti/16) and not the CNN's
+    stages (40% of R26+ViT-S/32). Inside the backbone, the outermost module that contains the first
+    layer, runs first in one piece, holds at most half the backbone, and is followed by a larger
+    sibling (a stage) is the stem; a backbone with no such module is a stem itself (ResNetV2's
+    stem-only variant, MobileCLIP's ConvStem). Returns None when the first layer is in no backbone.
+    """
+    path = [*_ancestors(first), first]
+    backbone = next((a for a in path if a.rpartition(".")[2] == HYBRID_BACKBONE), None)
+    if backbone is None:
+        return None
+    inner = [n for n in order if _under(n, backbone)]
+    size = _numel_under(model, [backbone])
+    for candidate in (a for a in path if a.startswith(backbone + ".")):
+        inside = [n for n in inner if _under(n, candidate)]
+        if inner[: len(inside)] != inside or _numel_under(model, [candidate]) > MAX_EMBEDDING_FRACTION * size:
+            continue
+        parent = _parent(candidate)
+        after = Counter(_top_under(n, parent) for n in inner[len(inside) :] if _under(n, parent))
+        if any(count > len(inside) for count in after.values()):
+            return candidate
+    return backbone
+
+
+def _top_under(name: str, parent: str) -> str:
+    """The child of ``parent`` that ``name`` lies in (``name`` must lie inside ``parent``)."""
+    rest = name[len(parent) + 1 :] if parent else name
+    head = rest.split(".", 1)[0]
+    return f"{parent}.{head}" if parent else head
 
 
 def _is_stem_like(

@@ -28,6 +28,13 @@ from ftsgd.parallel import shard_units
 from ftsgd.prepare import PreparedModel, prepare_model, stage_freezes
 from ftsgd.recipe import Recipe, stage_recipes
 
+EMBED_WARN_FRACTION = 0.02
+"""``ftsgd inspect`` warns when the embedding holds more than this fraction of the parameters.
+
+The paper's embeddings are under 1% (ViT-B/16 0.68%, CNN stems far less); a larger one is often a
+whole block or backbone taken for the stem. Small ViTs with large patches are legitimately above it
+(ViT-Ti/16 2.6%, ViT-S/32 5.2%), hence a warning that asks to check, not an error."""
+
 
 def inspect_model(
     recipe: Recipe,
@@ -75,6 +82,7 @@ def inspect_model(
     report = prepared.freeze_report()
     weights = report.pop("weights_report")
     embedding = prepared.embedding
+    embedded = _numel(model, embedding.modules)
     classifier = classifier_modules(model, embedding.execution_order)
     lrs = lr_per_layer(model, recipe.optim, embedding.modules, classifier)  # of what trains, freeze applied
     per_process = (
@@ -91,6 +99,8 @@ def inspect_model(
         "embedding_method": embedding.method,
         "embedding_checks": list(embedding.checks),
         "frozen_fraction": prepared.frozen_params / max(prepared.total_params, 1),
+        "embedding_fraction": embedded / max(prepared.total_params, 1),
+        "warnings": embedding_warnings(recipe.model.name, embedding.modules, embedded, prepared.total_params),
         "blocks": [dataclasses.asdict(b) for b in top_level_blocks(model, frozen_set)],
         "learning_rates": [
             {**dataclasses.asdict(r), "lrs": [recipe.optim.lr * s for s in r.lr_scales]} for r in lrs
@@ -131,6 +141,26 @@ def _job(
         activations=measured.bytes if measured else 0,
     )
     return {"nproc": nproc, "micro_batch": micro, **{k: dataclasses.asdict(v) for k, v in per_gpu.items()}}
+
+
+def _numel(model: Any, modules: tuple[str, ...]) -> int:
+    """Parameter elements inside the named modules."""
+    inside = tuple(f"{m}." for m in modules)
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(inside))
+
+
+def embedding_warnings(name: str, modules: tuple[str, ...], embedded: int, total: int) -> list[str]:
+    """A warning when the embedding ``embed`` would freeze is more than :data:`EMBED_WARN_FRACTION` of the model."""
+    fraction = embedded / max(total, 1)
+    if fraction <= EMBED_WARN_FRACTION:
+        return []
+    return [
+        f'freeze.policy = "embed" would freeze {fraction:.1%} of {name}\'s parameters ({embedded:,} of '
+        f"{total:,}: {', '.join(modules)}), more than {EMBED_WARN_FRACTION:.0%}. The paper's embedding is the "
+        "first layer that maps pixels to features, under 1% of a model (ViT-B/16 0.68%); small ViTs with large "
+        "patches are legitimately above 2%, but check that this is only the stem, not a backbone, and adjust "
+        "with freeze.patterns / freeze.trainable"
+    ]
 
 
 def _measure(
@@ -175,6 +205,8 @@ def run_diagnostic(
             "pretrained weights you will fine-tune"
         )
     result = diagnose_from_recipe(recipe, data, batches or DEFAULT_BATCHES, num_classes)
+    for message in result.data_warnings:
+        console.warn(message)
     if png is not None:
         plot_diagnostic(result, png)
     return result

@@ -21,7 +21,7 @@ import fnmatch
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from ftsgd.errors import ModelError, RecipeError, WeightsError, first_line
 from ftsgd.hub import looks_like_download_error, no_hub_error, pretrained_overlay
-from ftsgd.recipe import ModelConfig
+from ftsgd.recipe import RESET_HEAD, DataConfig, ModelConfig
 from ftsgd.weights import LazyTensor, MappedFile, read_tensors, resolve_weights_path, stream_into
 
 __all__ = [
@@ -39,7 +39,9 @@ __all__ = [
     "build_model",
     "classifier_modules",
     "create_kwargs",
+    "data_config_for",
     "enable_grad_checkpointing",
+    "head_note",
     "input_config",
     "load_weights",
     "model_data_config",
@@ -66,7 +68,11 @@ class WeightsReport:
     unexpected: tuple[str, ...]
     """File keys the model does not have (ignored)."""
     reinitialised: tuple[str, ...]
-    """Classifier keys dropped because their shape differs: the head is re-initialised for the task."""
+    """Classifier keys dropped because their shape differs (or ``model.reset_head = true``): the head is
+    re-initialised for the task."""
+    head: str = field(default="", compare=False)
+    """What happened to the classifier, in words (the start of a run prints it); derived from the other
+    fields and the recipe, so it takes no part in comparisons."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +226,7 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
 
-def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
+def load_weights(model: nn.Module, path: Path | str, reset_head: bool | str = RESET_HEAD) -> WeightsReport:
     """Load a local weights file into ``model`` and report what happened.
 
     A checkpoint trained for another label set is the normal starting point of fine-tuning, so a
@@ -232,13 +238,17 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
     Args:
         model: A timm model (compiled or DDP-wrapped models are unwrapped).
         path: See :func:`read_state_dict`.
+        reset_head: ``model.reset_head``: ``"auto"`` drops a classifier that does not fit, ``True``
+            drops the file's classifier whatever its shape, ``False`` keeps it and refuses one that
+            does not fit (or is missing).
 
     Returns:
         A :class:`WeightsReport`; ``missing`` excludes the re-initialised head.
 
     Raises:
         WeightsError: The file cannot be read (see :func:`read_state_dict`), shares no key with the
-            model, or has non-classifier tensors whose shapes differ from the model's.
+            model, has non-classifier tensors whose shapes differ from the model's, or (``reset_head``
+            false) a classifier that does not fit.
     """
     target = unwrap_model(model)
     model_sd = target.state_dict()
@@ -252,6 +262,9 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
             f"{sample}); is it for another architecture? Pass weights for {name}, or the matching --model"
         )
     reinitialised = _check_fit(state_dict, target, model_sd, heads, path)
+    head = _head_decision(state_dict, model_sd, heads, reinitialised, reset_head, path)
+    if reset_head is True:
+        reinitialised = [k for k in model_sd if _is_classifier_key(k, heads) and k in state_dict]
     for key in reinitialised:
         del state_dict[key]
     unexpected = tuple(k for k in state_dict if k not in model_sd)
@@ -266,7 +279,40 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
         missing=missing,
         unexpected=unexpected,
         reinitialised=tuple(reinitialised),
+        head=head,
     )
+
+
+def _head_decision(
+    state_dict: Mapping[str, Any],
+    model_sd: Mapping[str, torch.Tensor],
+    heads: Iterable[str],
+    misfit: list[str],
+    reset_head: bool | str,
+    path: Path | str,
+) -> str:
+    """What ``model.reset_head`` makes of the file's classifier, in words; refuses what ``false`` cannot keep."""
+    keys = [k for k in model_sd if _is_classifier_key(k, heads)]
+    if not keys:
+        return ""
+    weight = next((k for k in keys if k.endswith("weight")), keys[0])
+    task = int(model_sd[weight].shape[0]) if model_sd[weight].ndim else 0
+    if weight not in state_dict:
+        found = "the weights have no classifier"
+    elif misfit:
+        found = f"the weights' classifier has {_shape(state_dict[weight])} where the task needs {_shape(model_sd[weight])}"
+    else:
+        found = ""
+    if reset_head is False and found:
+        raise WeightsError(
+            f"model.reset_head = false keeps the classifier of {path}, but {found}; set model.reset_head = "
+            '"auto" (re-initialise it when it does not fit) or true (always start a fresh one)'
+        )
+    if reset_head is True:
+        return f"re-initialised for {task} classes (model.reset_head = true)"
+    if found:
+        return f"re-initialised for {task} classes ({found})"
+    return f"kept from the weights ({task} classes; model.reset_head = true starts a fresh one)"
 
 
 def _matched_state_dict(
@@ -399,9 +445,10 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
         kwargs["num_classes"] = num_classes
     pretrained = bool(cfg.pretrained) and not cfg.weights
     if pretrained:
+        _check_registry_head(name, cfg, num_classes)  # before any download
         overlay = pretrained_overlay(name)
-        if overlay:
-            kwargs["pretrained_cfg_overlay"] = overlay
+        if overlay:  # on top of one the recipe may give in model.kwargs (mean, std...)
+            kwargs["pretrained_cfg_overlay"] = {**dict(kwargs.get("pretrained_cfg_overlay") or {}), **overlay}
 
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -433,8 +480,64 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
             raise no_hub_error(name, first_line(exc)) from exc
         raise
 
-    report = load_weights(model, cfg.weights) if cfg.weights else None
+    report = load_weights(model, cfg.weights, cfg.reset_head) if cfg.weights else None
+    if pretrained:
+        _hub_head(model, cfg, num_classes)
     return model, report
+
+
+def _source_classes(model: nn.Module) -> int | None:
+    """The class count of the weights timm loaded itself (``model.pretrained``), from its pretrained config."""
+    value = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    return int(value) if isinstance(value, int) else None
+
+
+def _check_registry_head(name: str, cfg: ModelConfig, num_classes: int | None) -> None:
+    """``model.reset_head = false`` with timm weights for another class count: refused from timm's registry."""
+    if cfg.reset_head is not False or num_classes is None or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    found = None
+    with contextlib.suppress(Exception):
+        found = timm.models.get_pretrained_cfg(name)
+    source = getattr(found, "num_classes", None)
+    if isinstance(source, int) and source != num_classes:
+        raise ModelError(
+            f"model.reset_head = false keeps the pretrained classifier of {name!r}, but it has {source} "
+            f'classes and the task {num_classes}; set model.reset_head = "auto" or true'
+        )
+
+
+def _hub_head(model: nn.Module, cfg: ModelConfig, num_classes: int | None) -> None:
+    """``model.reset_head`` for timm's own loading, which keeps a classifier exactly when the class counts match."""
+    source = _source_classes(model)
+    if num_classes is None or source is None or source == num_classes:
+        if cfg.reset_head is True:
+            for name in classifier_modules(model):
+                for module in model.get_submodule(name).modules():
+                    if callable(getattr(module, "reset_parameters", None)):
+                        module.reset_parameters()
+        return
+    if cfg.reset_head is False:
+        raise ModelError(
+            f"model.reset_head = false keeps the pretrained classifier of {cfg.name!r}, but it has {source} "
+            f'classes and the task {num_classes}; set model.reset_head = "auto" or true'
+        )
+
+
+def head_note(
+    cfg: ModelConfig, report: WeightsReport | None, model: nn.Module, num_classes: int | None
+) -> str:
+    """What happened to the classifier, for the start of a run: re-initialised or kept, and why."""
+    if report is not None:
+        return report.head
+    if not cfg.pretrained or num_classes is None:
+        return "new (random initialisation)" if num_classes is not None and not cfg.pretrained else ""
+    source = _source_classes(model)
+    if cfg.reset_head is True:
+        return f"re-initialised for {num_classes} classes (model.reset_head = true)"
+    if source is not None and source != num_classes:
+        return f"re-initialised for {num_classes} classes (the pretrained classifier has {source})"
+    return f"kept from the pretrained weights ({num_classes} classes; model.reset_head = true starts a fresh one)"
 
 
 def _native_img_size(model: nn.Module) -> tuple[int, int] | None:
@@ -479,6 +582,24 @@ def input_config(model: nn.Module, img_size: int = 0) -> dict[str, Any]:
     cfg = dict(model_data_config(model))
     if img_size:
         cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
+    return cfg
+
+
+def data_config_for(model: nn.Module, data: DataConfig) -> dict[str, Any]:
+    """The preprocessing a recipe trains and evaluates with: the model's own, with the ``data`` keys set.
+
+    ``data.img_size``, ``data.mean``, ``data.std``, ``data.crop_pct`` and ``data.interpolation``
+    replace the model's values (:func:`model_data_config`) when they are set (non-empty, non-zero);
+    the export records the result, so evaluation and timm see exactly what training used.
+    """
+    cfg = input_config(model, data.img_size)
+    overrides = {
+        "mean": tuple(data.mean),
+        "std": tuple(data.std),
+        "crop_pct": data.crop_pct,
+        "interpolation": data.interpolation,
+    }
+    cfg.update({k: v for k, v in overrides.items() if v})
     return cfg
 
 

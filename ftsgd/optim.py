@@ -233,11 +233,79 @@ def create_optimizer(params: list[dict] | list[nn.Parameter], cfg: OptimConfig) 
         return torch.optim.Adam(
             params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, get_optimizer_class
 
+    try:  # timm asserts CUDA and imports optional packages (bitsandbytes, apex) here
+        get_optimizer_class(name)
+    except (AssertionError, ImportError) as exc:
+        raise RecipeError(
+            f"optim.name: timm cannot create the {name!r} optimizer here: {exc or type(exc).__name__}"
+        ) from None
     return create_optimizer_v2(
-        params, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        params,
+        opt=name,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        **changed_moment_args(cfg),
     )
+
+
+def changed_moment_args(cfg: OptimConfig) -> dict[str, object]:
+    """``optim.betas``/``optim.eps`` for a timm optimizer: only the ones changed from the keys' defaults.
+
+    timm passes them to the optimizer class (and drops them for a class without them, which
+    :func:`moment_arg_problems` refuses at recipe time). Left at their defaults they are not passed, so
+    each optimizer keeps its own: Lion's betas are (0.9, 0.99), Adan's three betas (0.98, 0.92, 0.99),
+    LAMB's eps 1e-6. Adam and AdamW are built from torch with the keys as they are.
+    """
+    defaults = OptimConfig()
+    out: dict[str, object] = {}
+    if list(cfg.betas) != list(defaults.betas):
+        out["betas"] = tuple(cfg.betas)
+    if cfg.eps != defaults.eps:
+        out["eps"] = cfg.eps
+    return out
+
+
+def moment_arg_problems(cfg: OptimConfig) -> list[str]:
+    """``optim.betas``/``optim.eps`` set for an optimizer that has no such argument, or the wrong count of betas."""
+    from timm.optim import get_optimizer_info
+
+    name = cfg.name.lower()
+    try:
+        info = get_optimizer_info(name)
+    except ValueError:  # not in timm's registry: optim.name's own check reports it
+        return []
+    changed = changed_moment_args(cfg)
+    problems = []
+    for key, has in (("betas", info.has_betas), ("eps", info.has_eps)):
+        if key in changed and not has:
+            problems.append(
+                f"optim.{key}: the {name!r} optimizer has no {key} argument, so {changed[key]!r} would be "
+                f"ignored; remove optim.{key} (or choose an optimizer that takes it, e.g. adamw)"
+            )
+    if (
+        "betas" in changed
+        and info.has_betas
+        and len(cfg.betas) in (2, 3)
+        and len(cfg.betas) != info.num_betas
+    ):
+        problems.append(
+            f"optim.betas: the {name!r} optimizer takes {info.num_betas} betas, got {len(cfg.betas)} ({cfg.betas!r})"
+        )
+    return problems
+
+
+def optimizer_package(name: str) -> str | None:
+    """The optional package a timm optimizer comes from (``bitsandbytes``, ``apex``), None for built-in ones."""
+    from timm.optim import get_optimizer_info
+
+    try:
+        opt_class = get_optimizer_info(name.lower()).opt_class
+    except ValueError:
+        return None
+    return opt_class.split(".")[0] if isinstance(opt_class, str) else None
 
 
 def lr_at(

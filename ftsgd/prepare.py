@@ -17,8 +17,9 @@ from ftsgd.models import (
     WeightsReport,
     build_model,
     classifier_modules,
+    data_config_for,
     enable_grad_checkpointing,
-    input_config,
+    head_note,
 )
 from ftsgd.optim import param_groups
 from ftsgd.recipe import STAGE_KEY, FreezeConfig, Recipe, stage_label, stage_recipes
@@ -38,6 +39,7 @@ class PreparedModel:
         frozen: Names of the frozen parameters, in ``named_parameters()`` order.
         fixed: Parameters the model itself keeps fixed (``requires_grad=False`` before any freezing,
             e.g. sin-cos position embeddings): a later stage never switches them on.
+        head: What happened to the classifier (re-initialised or kept, and why); "" when unknown.
     """
 
     model: nn.Module
@@ -46,6 +48,7 @@ class PreparedModel:
     embedding: Embedding
     frozen: tuple[str, ...]
     fixed: tuple[str, ...] = ()
+    head: str = ""
 
     @property
     def total_params(self) -> int:
@@ -70,6 +73,7 @@ class PreparedModel:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "weights_report": asdict(self.weights_report) if self.weights_report else None,
+            "head": self.head,
         }
 
 
@@ -88,14 +92,15 @@ def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: b
     """
     start = replace(recipe.model, weights="", pretrained=False) if from_checkpoint else recipe.model
     model, weights_report = build_model(start, num_classes)
-    data_config = input_config(model, recipe.data.img_size)
+    data_config = data_config_for(model, recipe.data)
     embedding = find_embedding(model, data_config["input_size"])
     fixed = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
     frozen = frozen_parameter_names(model, recipe.freeze, embedding)
     apply_freeze(model, frozen)
     if recipe.train.grad_checkpointing:
         enable_grad_checkpointing(model, recipe.model.name)
-    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen), fixed)
+    head = "" if from_checkpoint else head_note(start, weights_report, model, num_classes)
+    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen), fixed, head)
 
 
 def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:

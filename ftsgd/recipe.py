@@ -44,6 +44,13 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 BAD_IMAGE_ACTIONS = ("error", "skip")
 MIXUP_MODES = ("batch", "pair", "elem")
 SELECT_METRICS = ("accuracy", "loss")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+"""``data.interpolation`` values (PIL's resampling filters, as timm names them)."""
+ERASE_MODES = ("const", "rand", "pixel")
+RESET_HEAD = "auto"
+"""The default ``model.reset_head``: re-initialise the classifier only when it does not fit the task."""
+MAX_BASE_DEPTH = 8
+"""How many ``base`` recipes may stand behind a recipe (a longer chain is refused as a likely mistake)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,10 @@ class ModelConfig:
     """Stochastic depth: timm's ``drop_path_rate`` (0 = off, the paper's setting); training only, not exported."""
     drop_rate: float = 0.0
     """Dropout before the classifier: timm's ``drop_rate`` (0 = off); training only, not exported."""
+    reset_head: bool | str = RESET_HEAD
+    """auto: re-initialise the classifier when the weights' class count is not the task's; true: always
+    start a fresh classifier (the paper's protocol); false: keep the weights' classifier and refuse weights
+    whose classifier does not fit."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +104,11 @@ class OptimConfig:
     decay_bias_and_norm: bool = False
     """Apply weight decay to biases and normalisation parameters too (timm's default is to skip them)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam/AdamW moment coefficients."""
+    """Moment coefficients: Adam/AdamW always; other timm optimizers that take betas only when changed
+    (else their own defaults, e.g. Lion's [0.9, 0.99]; Adan takes three). Refused for optimizers without."""
     eps: float = 1e-8
-    """Adam/AdamW denominator epsilon."""
+    """Denominator epsilon: Adam/AdamW always; other timm optimizers that take eps only when changed (else
+    their own, e.g. LAMB's 1e-6). Refused for optimizers without."""
     step_in_backward: bool = False
     """Apply each parameter's update as soon as its gradient is ready and free the gradient: no full set
     of gradients ever exists (SGD without momentum then keeps ~4 bytes/parameter). Same weights as the
@@ -161,6 +174,36 @@ class DataConfig:
     """With both mixup and cutmix on: probability of CutMix instead of Mixup."""
     mixup_mode: str = "batch"
     """batch | pair | elem: draw the mixing parameters per batch, per pair of images or per image."""
+    mean: list[float] = field(default_factory=list)
+    """Normalisation mean per RGB channel (e.g. [0.5, 0.5, 0.5]); [] = the model's own."""
+    std: list[float] = field(default_factory=list)
+    """Normalisation standard deviation per RGB channel; [] = the model's own."""
+    crop_pct: float = 0.0
+    """Evaluation centre crop: resize to input size / crop_pct, then crop (1.0 = no crop); 0 = the model's own."""
+    interpolation: str = ""
+    """Resize filter: nearest | bilinear | bicubic | box | hamming | lanczos; "" = the model's own."""
+    rrc_scale: list[float] = field(default_factory=list)
+    """rrc_flip: range of the random crop's area as a fraction of the image, e.g. [0.5, 1.0]; [] = timm's
+    [0.08, 1.0]."""
+    rrc_ratio: list[float] = field(default_factory=list)
+    """rrc_flip: range of the random crop's aspect ratio; [] = timm's [0.75, 1.3333]."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip in training (rrc_flip and flip); 0 for images whose mirror image means
+    something else (digits, text)."""
+    auto_augment: str = ""
+    """rrc_flip: timm's RandAugment/AutoAugment/AugMix policy string ("rand-m9-mstd0.5", "augmix-m5-w4-d2",
+    "original", ...) or "trivialaugment"; "" = off (the paper's setting)."""
+    color_jitter: float = 0.0
+    """rrc_flip: colour jitter strength (brightness, contrast and saturation, timm's color_jitter; e.g. 0.4);
+    0 = off."""
+    re_prob: float = 0.0
+    """rrc_flip: random erasing probability per image (timm's RandomErasing; e.g. 0.25); 0 = off."""
+    re_mode: str = "pixel"
+    """Random erasing fill: const (zeros) | rand (one random colour per box) | pixel (random per pixel)."""
+    re_count: int = 1
+    """Random erasing: the most boxes erased per image."""
+    drop_last: bool = False
+    """Drop the last training batch of each epoch when it is smaller than train.batch_size."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +298,8 @@ class Recipe:
     name: str = "custom"
     description: str = ""
     base: str = ""
-    """Built-in recipe this one starts from (empty: the defaults)."""
+    """Recipe this one starts from: a built-in name, or a recipe file (a path relative to the including
+    file's folder; recorded as an absolute path); empty: the defaults."""
     model: ModelConfig = field(default_factory=ModelConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -449,26 +493,56 @@ def _shadowed_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
     return problems
 
 
-def load_raw(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
-    """Read a recipe (and the built-in it names as ``base``) into one raw dict."""
+def load_raw(name_or_path: str | None, _chain: tuple[Path, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """Read a recipe, and the recipes behind it through ``base``, into one raw dict.
+
+    ``base`` names a built-in recipe, or another recipe file by a path relative to the including
+    file's folder. ``_chain`` holds the files already being read, to report a cycle instead of
+    recursing forever.
+    """
     if not name_or_path:
         return "custom", {}
     name, path = resolve_recipe_source(name_or_path)
     raw = _read_toml(path, str(path))
     base = raw.get("base")
     if isinstance(base, str) and base:
-        if base == name and path == builtin_recipes().get(name):
-            raise RecipeError([f"base: recipe '{name}' names itself as its base"])
-        if base not in builtin_recipes():
-            close = difflib.get_close_matches(base, list(builtin_recipes()), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise RecipeError([f"base: '{base}' is not a built-in recipe{hint}"])
-        _, base_raw = load_raw(base)
+        chain = (*_chain, path.resolve())
+        source = _base_source(base, path, chain)
+        _, base_raw = load_raw(source, chain)
         base_raw.pop("description", None)
         base_raw.pop("name", None)
         raw = _deep_merge(base_raw, raw)
+        raw["base"] = source
     raw.setdefault("name", name)
     return name, raw
+
+
+def _base_source(base: str, including: Path, chain: tuple[Path, ...]) -> str:
+    """What ``base = "..."`` in ``including`` refers to: a built-in name, or an absolute file path.
+
+    Raises:
+        RecipeError: the file does not exist, it is already in ``chain`` (a cycle), or the chain of
+            bases is longer than :data:`MAX_BASE_DEPTH`.
+    """
+    builtins = builtin_recipes()
+    target = builtins.get(base)
+    if target is None:
+        target = (including.parent / Path(base).expanduser()).resolve()
+        if not target.is_file():
+            close = difflib.get_close_matches(base, list(builtins), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise RecipeError(
+                [
+                    f"base: '{base}' is not a built-in recipe{hint or '.'} Nor is it a recipe file: {target} "
+                    f"does not exist (a path in base is relative to the folder of {including})"
+                ]
+            )
+    shown = " -> ".join(str(p) for p in (*chain, target.resolve()))
+    if target.resolve() in chain:
+        raise RecipeError([f"base: recipe cycle: {shown}"])
+    if len(chain) > MAX_BASE_DEPTH:
+        raise RecipeError([f"base: more than {MAX_BASE_DEPTH} recipes behind one another: {shown}"])
+    return base if base in builtins else str(target)
 
 
 def load_recipe(
@@ -506,6 +580,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(arg)}"
     if origin is dict:
         return "table"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
 
 
@@ -528,7 +604,10 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             return None
         return dict(value)
     if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) > 1:
+            return _coerce_either(value, options, path, problems)
+        tp = options[0]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, float) and not math.isfinite(value):
@@ -540,6 +619,18 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         )
         return None
     return value
+
+
+def _coerce_either(value: Any, options: list[Any], path: str, problems: list[str]) -> Any:
+    """A value of a key that takes one of several types (``model.reset_head``: a boolean or "auto")."""
+    for option in options:
+        scratch: list[str] = []
+        coerced = _coerce(value, option, path, scratch)
+        if not scratch:
+            return coerced
+    names = " or ".join(_type_name(o) for o in options)
+    problems.append(f"{path}: expected a {names}, got {value!r} ({type(value).__name__})")
+    return None
 
 
 def _build_section(cls: type, raw: Any, section: str, problems: list[str], base: Any = None) -> Any:
@@ -677,6 +768,9 @@ def check_values(r: Recipe) -> list[str]:
     _check_optim(r, p)
     _check_schedule(r, p)
     _check_data(r.data, p)
+    p.extend(preprocessing_problems(r.data))
+    p.extend(augmentation_problems(r.data))
+    p.extend(head_problems(r.model))
     _check_train(r.train, p)
     _check_regularisation(r, p)
     p.extend(grid_problems(r.sweep.grid))
@@ -751,8 +845,8 @@ def _check_optim(r: Recipe, p: list[str]) -> None:
     if o.nesterov and o.name.lower() in ("adamw", "adam"):
         p.append(f"optim.nesterov: only applies to SGD, not optim.name = {o.name!r}; remove it")
     _at_least(p, "optim.weight_decay", o.weight_decay, 0)
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
+    if len(o.betas) not in (2, 3) or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r} (Adan takes three)")
     if o.eps <= 0:
         p.append(f"optim.eps: must be > 0, got {o.eps!r}")
     p.extend(_lr_scale_problems(o, r.freeze))
@@ -811,6 +905,78 @@ def _check_data(d: DataConfig, p: list[str]) -> None:
         if not 0 <= getattr(d, key) <= 1:
             p.append(f"data.{key}: must be in [0, 1], got {getattr(d, key)!r}")
     _choice(p, "data.mixup_mode", d.mixup_mode, MIXUP_MODES)
+
+
+def preprocessing_problems(d: DataConfig) -> list[str]:
+    """``data.mean``/``std``/``crop_pct``/``interpolation``: empty or zero means the model's own."""
+    p: list[str] = []
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if values and len(values) != 3:
+            p.append(
+                f"data.{key}: expected 3 numbers (one per RGB channel) or [] for the model's own, got {values!r}"
+            )
+    if any(v <= 0 for v in d.std):
+        p.append(f"data.std: every value must be > 0, got {d.std!r}")
+    if not 0 <= d.crop_pct <= 1:
+        p.append(
+            f"data.crop_pct: must be in (0, 1] (1 = no crop), or 0 for the model's own, got {d.crop_pct!r}"
+        )
+    if d.interpolation:
+        _choice(p, "data.interpolation", d.interpolation, INTERPOLATIONS)
+    return p
+
+
+def augmentation_problems(d: DataConfig) -> list[str]:
+    """The augmentation knobs: ranges, and knobs that the chosen ``data.augment`` preset would not use."""
+    p: list[str] = []
+    for key, low in (("rrc_scale", 0.0), ("rrc_ratio", 0.0)):
+        values = getattr(d, key)
+        if values and (len(values) != 2 or not low < values[0] <= values[1]):
+            p.append(
+                f"data.{key}: expected [min, max] with 0 < min <= max, or [] for timm's default, got {values!r}"
+            )
+    if d.rrc_scale and d.rrc_scale[-1] > 1:
+        p.append(f"data.rrc_scale: the crop cannot be larger than the image (max <= 1), got {d.rrc_scale!r}")
+    for key in ("hflip", "re_prob"):
+        if not 0 <= getattr(d, key) <= 1:
+            p.append(f"data.{key}: a probability in [0, 1], got {getattr(d, key)!r}")
+    _at_least(p, "data.color_jitter", d.color_jitter, 0, " (0 = off)")
+    _choice(p, "data.re_mode", d.re_mode, ERASE_MODES)
+    _at_least(p, "data.re_count", d.re_count, 1)
+    if d.color_jitter and d.auto_augment and "3a" not in d.auto_augment:
+        p.append(
+            "data.color_jitter: timm leaves colour jitter out when data.auto_augment is set (its policies "
+            "change colours themselves); set one of them"
+        )
+    p.extend(_preset_problems(d))
+    return p
+
+
+def _preset_problems(d: DataConfig) -> list[str]:
+    """Knobs that refine ``rrc_flip`` (timm's training transform) set with another ``data.augment``."""
+    if d.augment == "rrc_flip":
+        return []
+    defaults = DataConfig()
+    refine = ("rrc_scale", "rrc_ratio", "auto_augment", "color_jitter", "re_prob")
+    changed = [k for k in refine if getattr(d, k) != getattr(defaults, k)]
+    if d.augment == "none" and d.hflip != defaults.hflip:
+        changed.append("hflip")
+    if not changed:
+        return []
+    keys = ", ".join(f"data.{k}" for k in changed)
+    return [
+        f"{keys}: refine(s) timm's training transform, which data.augment = {d.augment!r} does not use; set "
+        'data.augment = "rrc_flip" (with data.rrc_scale = [1.0, 1.0] for no random cropping)'
+        + (', or data.augment = "flip"' if changed == ["hflip"] else "")
+    ]
+
+
+def head_problems(m: ModelConfig) -> list[str]:
+    """``model.reset_head`` is true, false or "auto"."""
+    if isinstance(m.reset_head, str) and m.reset_head != RESET_HEAD:
+        return [f'model.reset_head: expected true, false or "auto", got {m.reset_head!r}']
+    return []
 
 
 def _check_train(t: TrainConfig, p: list[str]) -> None:

@@ -59,6 +59,27 @@ _BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE)
 """What a run may have written before its first checkpoint: nothing of value, so it may start over."""
 
 
+_HELD: set[int] = set()
+"""File descriptors of the run-directory locks this process holds (see :func:`_close_held_in_child`)."""
+
+
+def _close_held_in_child() -> None:
+    """In a forked child (a DataLoader worker), close the inherited lock descriptors.
+
+    An ``flock`` belongs to the open file description, which a fork shares: a worker that outlived a
+    ``kill -9``-ed trainer (workers notice their parent is gone within about 5 s) would otherwise keep
+    the run locked, and an immediate ``--resume`` would be refused as "in use" by the dead PID. Closing
+    the child's copy leaves the parent's lock in place.
+    """
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextlib.contextmanager
 def locked(folder: Path, what: str = "run directory") -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the duration of the block.

@@ -42,9 +42,11 @@ from ftsgd.data import (
     build_loader,
     build_transform,
     discover_splits,
+    epoch_steps,
     ignored_warnings,
     preflight_scan,
     resolve_num_workers,
+    small_image_warnings,
 )
 from ftsgd.device import (
     amp_name,
@@ -261,7 +263,7 @@ class Trainer:
         self.splits = splits
         self.train_split = splits["train"]
         self.eval_splits = {name: s for name, s in splits.items() if name != "train"}
-        self.steps_per_epoch = math.ceil(len(self.train_split) / t.batch_size)
+        self.steps_per_epoch = epoch_steps(len(self.train_split), t.batch_size, recipe.data.drop_last)
         self.eval_batch = t.micro_batch_size or t.batch_size
         # images per forward pass; several processes share each global batch (data.batch_shard)
         self.micro = min(self.eval_batch, math.ceil(t.batch_size / self.world.size))
@@ -307,9 +309,11 @@ class Trainer:
         self.place_model()
         self.wrapped = self._parallelize()
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
-        data_config = self.prepared.data_config
-        self.train_transform = build_transform(data_config, self.recipe.data.augment, training=True)
+        data_config, data = self.prepared.data_config, self.recipe.data
+        self.train_transform = build_transform(data_config, data.augment, training=True, data=data)
         self.eval_transform = build_transform(data_config, "none", training=False)
+        for message in small_image_warnings(self.train_split, data_config, data):
+            warn(message)
 
     def place_model(self) -> None:
         """Move the model to the training device (and memory format); out of memory is a clear error."""
@@ -815,6 +819,7 @@ class Trainer:
             pin_memory=self.pin_memory,
             shard=self._shard(self.micro),
             input_size=tuple(self.prepared.data_config["input_size"]),
+            drop_last=self.recipe.data.drop_last,
         )
 
     def batch_len(self, step: int | None = None) -> int:
@@ -941,7 +946,7 @@ class Trainer:
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
             f"{self.stage_recipe.freeze.policy}), device {self.device.type}{amp}{self._job_message()}"
             + (f"\n{self._stage_message()}" if self.recipe.stages else "")
-        )
+        ) + (f"\nclassifier: {p.head}" if p.head else "")
 
     def _job_message(self) -> str:
         """How a multi-process job splits the work ("" for one process), and what BatchNorm then computes."""

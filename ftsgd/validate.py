@@ -14,9 +14,10 @@ import importlib
 import os
 from pathlib import Path
 
+from ftsgd.data import timm_auto_augment
 from ftsgd.errors import WeightsError
 from ftsgd.models import unknown_model_error
-from ftsgd.optim import optimizer_names
+from ftsgd.optim import moment_arg_problems, optimizer_names, optimizer_package
 from ftsgd.recipe import STAGE_KEY, DataConfig, Recipe, load_recipe
 from ftsgd.weights import resolve_weights_path
 
@@ -55,30 +56,75 @@ def environment_problems(recipe: Recipe) -> list[str]:
     problems.extend(_optimizer_problems(recipe))
     problems.extend(_data_path_problems(recipe.data))
     problems.extend(_missing_packages(recipe))
+    problems.extend(_auto_augment_problems(recipe.data))
     return problems
 
 
 def _optimizer_problems(recipe: Recipe) -> list[str]:
-    """``optim.name`` values (the recipe's and each stage's) that neither torch nor timm knows."""
+    """``optim.name`` values (the recipe's and each stage's) that neither torch nor timm knows, and
+    ``optim.betas``/``optim.eps`` that the named optimizer would ignore."""
     known = optimizer_names()
-    named = [("optim.name", recipe.optim.name)]
-    named += [(f"{STAGE_KEY}.{n}.optim.name", s.optim.name) for n, s in enumerate(recipe.stages, 1)]
+    named = [("optim", recipe.optim)]
+    named += [(f"{STAGE_KEY}.{n}.optim", s.optim) for n, s in enumerate(recipe.stages, 1)]
     out = []
-    for key, name in named:
-        if name.lower() in known or (key != "optim.name" and name == recipe.optim.name):
+    for key, cfg in named:
+        if key != "optim" and cfg == recipe.optim:
+            continue  # the recipe's own optimizer, reported once as optim.*
+        if cfg.name.lower() in known:
+            prefix = key.removesuffix("optim")
+            out += [prefix + problem for problem in moment_arg_problems(cfg)]
             continue
-        close = difflib.get_close_matches(name.lower(), known, n=3)
+        close = difflib.get_close_matches(cfg.name.lower(), known, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        out.append(f"{key}: unknown optimizer {name!r}; {hint}(sgd, adamw, or a timm optimizer name)")
+        out.append(
+            f"{key}.name: unknown optimizer {cfg.name!r}; {hint}(sgd, adamw, or a timm optimizer name)"
+        )
     return out
+
+
+_PACKAGE_HINTS = {
+    "bitsandbytes": "pip install bitsandbytes",
+    "apex": "NVIDIA apex, built from source (https://github.com/NVIDIA/apex)",
+}
+"""How to install the optional packages timm's optimizer registry names."""
 
 
 def _missing_packages(recipe: Recipe) -> list[str]:
     """Optional packages the recipe needs that are not installed (found before any work is done)."""
+    problems = []
     if recipe.train.tensorboard and not _importable("tensorboard"):
-        return [
+        problems.append(
             "train.tensorboard: needs the tensorboard package, which is not installed: "
             "pip install 'ftsgd[tensorboard]' (or pip install tensorboard), or set train.tensorboard = false"
+        )
+    package = optimizer_package(recipe.optim.name)
+    if package is not None and not _importable(package):
+        hint = _PACKAGE_HINTS.get(package, f"pip install {package}")
+        problems.append(
+            f"optim.name: {recipe.optim.name!r} is an optimizer of the {package} package, which is not "
+            f"installed: {hint} (timm also needs a CUDA GPU for it); or choose another optim.name"
+        )
+    elif package is not None and recipe.train.device == "cpu":
+        problems.append(
+            f'optim.name: {recipe.optim.name!r} ({package}) needs a CUDA GPU, but train.device = "cpu"'
+        )
+    return problems
+
+
+def _auto_augment_problems(d: DataConfig) -> list[str]:
+    """``data.auto_augment`` must be a policy timm can parse (checked by building it on a tiny input)."""
+    policy = timm_auto_augment(d.auto_augment)
+    if policy is None:
+        return []
+    from timm.data import create_transform
+
+    try:
+        create_transform(input_size=(3, 32, 32), is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        return [
+            f"data.auto_augment: timm cannot read {d.auto_augment!r} ({exc or type(exc).__name__}); use e.g. "
+            '"rand-m9-mstd0.5" (RandAugment), "trivialaugment", "augmix-m5-w4-d2" (AugMix) or "original" '
+            "(AutoAugment)"
         ]
     return []
 

@@ -458,7 +458,7 @@ def test_inspect_estimates_memory_per_gpu_with_ddp_and_fsdp() -> None:
     args = ["inspect", "test_vit", "--set", "model.kwargs={img_size=32}", "--set", "train.batch_size=32"]
     result = CliRunner().invoke(app, [*args, "--nproc", "4", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     one, job = report["memory"], report["memory_per_process"]
     assert job["nproc"] == 4 and job["micro_batch"] == 8  # the global batch of 32 shared by 4 GPUs
     ddp, fsdp = job["ddp"], job["fsdp"]

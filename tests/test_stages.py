@@ -129,7 +129,10 @@ def test_set_addresses_a_stage_by_number_or_name() -> None:
         (["stage.3.optim.lr=1"], "no stage '3'; the recipe's stages: 1 (probe), 2 (finetune)"),
         (["stage.tune.optim.lr=1"], "no stage 'tune'"),
         (["stage.1=1"], "name a key inside the stage, e.g. --set stage.1.optim.lr=1e-4"),
-        (["stage.2.optim.lr=1e-4", "optim.lr=0.1"], "every [[stage]] sets optim.lr itself, so this would change nothing"),
+        (
+            ["stage.2.optim.lr=1e-4", "optim.lr=0.1"],
+            "every [[stage]] sets optim.lr itself, so this would change nothing",
+        ),
         (["train.epochs=4"], "set it per stage, e.g. --set stage.1.train.epochs=..."),
     ],
 )
