@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import os
 import random
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from ftsgd import scancache
 from ftsgd.errors import DataError
 from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
 
@@ -369,6 +371,9 @@ def load_image(path: Path) -> Image.Image:
 SKIPPED_FILE = "skipped.txt"
 """Run-directory file listing the images ``data.on_bad_image = "skip"`` left out (path, split, reason)."""
 
+RACY_NS = 2_000_000_000
+"""Files modified less than this long (2 s, FAT's timestamp resolution) before a scan are not cached."""
+
 _SHOW_PER_KIND = 5
 """How many paths of each kind of problem a pre-flight error lists (then a count)."""
 
@@ -435,6 +440,17 @@ def _head(path: Path, n: int = 16) -> str:
         return "(unreadable)"
 
 
+def _map_threads(fn: Callable[..., Any], *iterables: list[Any], workers: int) -> list[Any]:
+    """``list(map(fn, *iterables))``, in ``workers`` threads when there is more than one."""
+    n = len(iterables[0])
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    workers = max(1, min(workers, n))
+    if workers == 1:
+        return list(map(fn, *iterables))
+    with ThreadPoolExecutor(workers, thread_name_prefix="ftsgd-scan") as pool:
+        return list(pool.map(fn, *iterables, chunksize=64))
+
+
 def scan_images(paths: Iterable[Path], *, workers: int = 0) -> dict[Path, tuple[str, str]]:
     """Check many files with :func:`check_image` in a thread pool.
 
@@ -451,14 +467,79 @@ def scan_images(paths: Iterable[Path], *, workers: int = 0) -> dict[Path, tuple[
     unique = list(dict.fromkeys(paths))
     if not unique:
         return {}
-    workers = workers or min(32, 4 * (os.cpu_count() or 1))
-    workers = max(1, min(workers, len(unique)))
-    if workers == 1:
-        results = [check_image(p) for p in unique]
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="ftsgd-scan") as pool:
-            results = list(pool.map(check_image, unique, chunksize=64))
+    results = _map_threads(check_image, unique, workers=workers)
     return {p: r for p, r in zip(unique, results, strict=True) if r is not None}
+
+
+def _check_unless_cached(
+    path: Path, cached: scancache.Entry | None, recent_ns: int
+) -> tuple[scancache.Entry | None, tuple[str, str] | None]:
+    """Decode ``path`` unless its ``(size, mtime_ns)`` equals ``cached`` (it decoded fine before).
+
+    The file is ``stat``-ed *before* decoding, so a file changed while being decoded is recorded
+    with its old key and decoded again next time.
+
+    Args:
+        path: The file.
+        cached: Its cache entry, if any.
+        recent_ns: Files modified at or after this time get no key: on a file system with coarse
+            timestamps another write in the same tick would keep size and mtime ("racily clean"
+            files, as git calls them), so they are decoded again next time.
+
+    Returns:
+        ``(key, failure)``: the file's ``(size, mtime_ns)`` (``None`` if it cannot be ``stat``-ed or
+        is too recent to cache) and :func:`check_image`'s result (``None`` = good, also for a hit).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, check_image(path)
+    key = (st.st_size, st.st_mtime_ns)
+    if key == cached:
+        return key, None
+    return (key if st.st_mtime_ns < recent_ns else None), check_image(path)
+
+
+def _relative(path: str, prefix: str) -> str | None:
+    """``path`` without ``prefix`` (a folder plus separator), or ``None`` if it is not under it."""
+    return path[len(prefix) :] if path.startswith(prefix) else None
+
+
+def scan_images_cached(
+    roots: dict[Path, Path], directory: Path, *, workers: int = 0
+) -> dict[Path, tuple[str, str]]:
+    """:func:`scan_images`, skipping files the scan cache knows as good and unchanged.
+
+    Args:
+        roots: Each file to check -> the split folder it belongs to (one cache file per folder).
+        directory: The scan cache folder (:func:`ftsgd.scancache.scan_cache_dir`).
+        workers: Threads; 0 = automatic.
+
+    Returns:
+        ``{path: (kind, detail)}`` for the files that failed. Afterwards each folder's cache file
+        holds exactly the files found good now (rewritten only if that changed).
+    """
+    prefixes = {root: str(root) + os.sep for root in dict.fromkeys(roots.values())}
+    loaded = {root: scancache.load_entries(directory, root) for root in prefixes}
+    paths = list(roots)
+    # Entries are keyed relative to their folder; a path outside it (never made by discovery) is not cached.
+    rels = [_relative(str(p), prefixes[roots[p]]) for p in paths]
+    cached = [(loaded[roots[p]] or {}).get(rel) if rel else None for p, rel in zip(paths, rels, strict=True)]
+    recent = [time.time_ns() - RACY_NS] * len(paths)
+    results = _map_threads(_check_unless_cached, paths, cached, recent, workers=workers) if paths else []
+    good: dict[Path, dict[str, scancache.Entry]] = {root: {} for root in prefixes}
+    failed: dict[Path, tuple[str, str]] = {}
+    for path, rel, (key, failure) in zip(paths, rels, results, strict=True):
+        if failure is not None:
+            failed[path] = failure
+        elif key is not None and rel:
+            good[roots[path]][rel] = key
+    for root, entries in good.items():
+        if entries != loaded[root]:
+            scancache.store_entries(directory, root, entries)
+        else:
+            scancache.touch(directory, root)
+    return failed
 
 
 def _bad_image_report(bad: list[BadImage], checked: int, root: Path | None, action: str) -> str:
@@ -491,6 +572,7 @@ def preflight_scan(
     root: Path | str | None = None,
     workers: int = 0,
     train_split: str | None = "train",
+    cache: bool = True,
 ) -> tuple[dict[str, Split], list[BadImage]]:
     """Decode every file of every split once, before any model is built, so bad data fails in seconds.
 
@@ -504,6 +586,10 @@ def preflight_scan(
         train_split: Key of the training split: with ``skip``, every one of its classes must keep at
             least one image (a class that is never trained on is not a usable task). ``None`` for
             evaluation-only scans.
+        cache: Skip files that decoded fine in an earlier scan and have not changed since (same
+            absolute path, size and modification time), remembered in the scan cache
+            (:mod:`ftsgd.scancache`; ``FTSGD_SCAN_CACHE=0`` turns it off). Reruns, resumes and sweeps
+            then only ``stat`` an unchanged dataset instead of decoding it.
 
     Returns:
         ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
@@ -520,7 +606,13 @@ def preflight_scan(
     for name, split in splits.items():
         for path, _ in split.samples:
             owner.setdefault(path, name)
-    failed = scan_images(owner, workers=workers)
+    directory = scancache.scan_cache_dir() if cache else None
+    if directory is None:
+        failed = scan_images(owner, workers=workers)
+    else:
+        failed = scan_images_cached(
+            {p: splits[name].root for p, name in owner.items()}, directory, workers=workers
+        )
     bad = [BadImage(path, owner[path], *failed[path]) for path in owner if path in failed]
     if not bad:
         return splits, []
@@ -817,6 +909,7 @@ __all__ = [
     "preflight_scan",
     "resolve_num_workers",
     "scan_images",
+    "scan_images_cached",
     "skipped_lines",
     "to_rgb",
 ]

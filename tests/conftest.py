@@ -14,6 +14,19 @@ from ftsgd.synthetic import make_image_folder
 MakeFolder = Callable[..., Path]
 
 
+@pytest.fixture(autouse=True)
+def _private_scan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Give every test its own empty scan cache, never the user's ``~/.cache/ftsgd``.
+
+    Set in the environment, so ``ftsgd`` processes a test starts use it too. The cache stays on, so
+    reruns and resumes within a test go through it as they do for users.
+    """
+    folder = tmp_path_factory.mktemp("ftsgd-cache")
+    monkeypatch.setenv("FTSGD_CACHE_DIR", str(folder))
+    monkeypatch.delenv("FTSGD_SCAN_CACHE", raising=False)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-class synthetic dataset (train/val/ood, 32x32 PNGs), written once per test session.
