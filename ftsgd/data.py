@@ -440,15 +440,32 @@ def _head(path: Path, n: int = 16) -> str:
         return "(unreadable)"
 
 
+_CHUNK = 64
+"""Files per thread-pool task: one future per file would cost more than ``stat``-ing it."""
+
+
+def _map_chunk(fn: Callable[..., Any], *columns: list[Any]) -> list[Any]:
+    return list(map(fn, *columns))
+
+
 def _map_threads(fn: Callable[..., Any], *iterables: list[Any], workers: int) -> list[Any]:
-    """``list(map(fn, *iterables))``, in ``workers`` threads when there is more than one."""
+    """``list(map(fn, *iterables))``, in ``workers`` threads when there is more than one.
+
+    The items go to the threads in chunks of up to :data:`_CHUNK` (``ThreadPoolExecutor.map`` ignores
+    its ``chunksize``), so that cheap calls such as a ``stat`` are not dominated by the pool's overhead.
+    """
     n = len(iterables[0])
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
     workers = max(1, min(workers, n))
     if workers == 1:
         return list(map(fn, *iterables))
+    chunk = max(1, min(_CHUNK, n // (4 * workers)))  # a few large images still spread over all threads
     with ThreadPoolExecutor(workers, thread_name_prefix="ftsgd-scan") as pool:
-        return list(pool.map(fn, *iterables, chunksize=64))
+        futures = [
+            pool.submit(_map_chunk, fn, *(col[i : i + chunk] for col in iterables))
+            for i in range(0, n, chunk)
+        ]
+        return [r for f in futures for r in f.result()]
 
 
 def scan_images(paths: Iterable[Path], *, workers: int = 0) -> dict[Path, tuple[str, str]]:
