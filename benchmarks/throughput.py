@@ -20,7 +20,9 @@ weight decay, cosine per epoch without warmup, no label smoothing, random-resize
 embedding frozen) against ``train.py --opt momentum --momentum 0.9 --lr 1e-3 --weight-decay 0 --sched
 cosine --warmup-epochs 0 --smoothing 0 --color-jitter 0`` with the model's own interpolation (timm's
 default picks it at random), the same seed, the same number of DataLoader workers on both sides,
-``--no-prefetcher`` off CUDA (its prefetcher needs CUDA streams), random init on both sides. Both
+``--no-prefetcher`` off CUDA (its prefetcher needs CUDA streams), random init on both sides. Every
+case's training set is a multiple of the batch size: timm drops a last partial batch, ftsgd trains on
+it (with other sizes each side's images/s counts the images it trained on). Both
 validate on the same ``val/`` split after every epoch and both write a checkpoint every epoch (timm:
 ``--checkpoint-hist 1``; ftsgd also exports the best weights as safetensors). ftsgd freezes the patch
 embedding (that is its method), so it computes no gradient for that one layer; timm trains it.
@@ -37,7 +39,7 @@ Usage::
     python benchmarks/throughput.py --cases small --pairs 1                              # ftsgd only
 
 Cases: ``small`` is 3 classes x 32 training images (+ 8 validation images per class), batch 32, 2
-epochs; ``large`` is 4 classes x 500 training images (+ 8 per class), batch 32, 5 epochs; ``gpu``
+epochs; ``large`` is 4 classes x 504 training images (+ 8 per class), batch 32, 5 epochs; ``gpu``
 is 4 x 256 (+ 16 per class), batch 32, 3 epochs (for ``--device cuda``, where timm also gets
 ``--pin-mem`` and, like ftsgd's ``--amp``, ``--amp --amp-dtype bfloat16``). Images are
 224 px JPEGs (quality 95) written by :func:`ftsgd.synthetic.make_image_folder`. Models: ``vit`` is
@@ -87,7 +89,7 @@ class Case:
 
 CASES = {
     "small": Case("small", classes=3, train_per_class=32, val_per_class=8, batch_size=32, epochs=2),
-    "large": Case("large", classes=4, train_per_class=500, val_per_class=8, batch_size=32, epochs=5),
+    "large": Case("large", classes=4, train_per_class=504, val_per_class=8, batch_size=32, epochs=5),
     "gpu": Case("gpu", classes=4, train_per_class=256, val_per_class=16, batch_size=32, epochs=3),
 }
 
@@ -258,12 +260,12 @@ def run_timm(case: Case, model: str, data: Path, out: Path, opts: argparse.Names
     loop = ips = None
     if code == 0:
         loop, updates = timm_loop_seconds(text)
-        expected = case.epochs * -(-case.train_images // case.batch_size)
+        expected = case.epochs * (case.train_images // case.batch_size)  # timm drops a last partial batch
         if updates != expected:
             raise SystemExit(
                 f"timm log has {updates} updates, expected {expected}: {opts.workdir / tag}-timm.log"
             )
-        ips = case.train_images * case.epochs / loop
+        ips = updates * case.batch_size / loop
     shutil.rmtree(out, ignore_errors=True)
     return Run("timm", code, wall, cpu, load, loop, ips, text[-3000:])
 
