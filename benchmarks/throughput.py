@@ -59,6 +59,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -156,7 +157,16 @@ def _run(cmd: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> tuple[
     """
     cpu, start = _cpu_seconds(), time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, check=False)
+        # Its own session, so that stopping the benchmark also stops the tool and its DataLoader workers.
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+        try:
+            proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     return proc.returncode, wall, cpu, log.read_text(errors="replace")
 
@@ -363,7 +373,12 @@ def _setup_timm(opts: argparse.Namespace) -> None:
     shutil.copy2(script, dest / "train.py")
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _run, which stops the running tool
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--timm-src", type=Path, default=None, help="pytorch-image-models checkout (train.py)"
