@@ -299,7 +299,8 @@ def bench(case: Case, model: str, opts: argparse.Namespace, log=print) -> Result
                 raise SystemExit(1)
             runs[tool] = r
             log(
-                f"  {tag} {tool:5}: wall {r.wall_s:7.1f} s, loop {r.loop_s:7.1f} s, {r.images_per_s:6.1f} img/s"
+                f"  {tag} {tool:5}: wall {r.wall_s:6.1f} s, CPU {r.cpu_s:6.1f} s, loop {r.loop_s:6.1f} s, "
+                f"{r.images_per_s:6.1f} img/s (load {r.load:.1f})"
             )
         pair = Pair("ftsgd first" if ftsgd_first else "timm first", runs["ftsgd"], runs.get("timm"))
         result.pairs.append(pair)
