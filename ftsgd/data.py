@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
+from ftsgd import scancache
 from ftsgd.distributed import gather_objects
 from ftsgd.errors import DataError
 from ftsgd.recipe import AUGMENTS, BAD_IMAGE_ACTIONS, DataConfig
@@ -805,6 +807,8 @@ TRAIN_SKIP_HINT = (
     "the run directory."
 )
 """How ``ftsgd train`` leaves unreadable images out, for the pre-flight error."""
+RACY_NS = 2_000_000_000
+"""Files modified less than this long (2 s, FAT's timestamp resolution) before a scan are not cached."""
 
 _SHOW_PER_KIND = 5
 """How many paths of each kind of problem a pre-flight error lists (then a count)."""
@@ -883,6 +887,34 @@ def _head(path: Path, n: int = 16) -> str:
         return "(unreadable)"
 
 
+_CHUNK = 64
+"""Files per thread-pool task: one future per file would cost more than ``stat``-ing it."""
+
+
+def _map_chunk(fn: Callable[..., Any], *columns: list[Any]) -> list[Any]:
+    return list(map(fn, *columns))
+
+
+def _map_threads(fn: Callable[..., Any], *iterables: list[Any], workers: int) -> list[Any]:
+    """``list(map(fn, *iterables))``, in ``workers`` threads when there is more than one.
+
+    The items go to the threads in chunks of up to :data:`_CHUNK` (``ThreadPoolExecutor.map`` ignores
+    its ``chunksize``), so that cheap calls such as a ``stat`` are not dominated by the pool's overhead.
+    """
+    n = len(iterables[0])
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    workers = max(1, min(workers, n))
+    if workers == 1:
+        return list(map(fn, *iterables))
+    chunk = max(1, min(_CHUNK, n // (4 * workers)))  # a few large images still spread over all threads
+    with ThreadPoolExecutor(workers, thread_name_prefix="ftsgd-scan") as pool:
+        futures = [
+            pool.submit(_map_chunk, fn, *(col[i : i + chunk] for col in iterables))
+            for i in range(0, n, chunk)
+        ]
+        return [r for f in futures for r in f.result()]
+
+
 def scan_images(paths: Iterable[Path], *, workers: int = 0) -> dict[Path, tuple[str, str]]:
     """Check many files with :func:`check_image` in a thread pool.
 
@@ -899,14 +931,106 @@ def scan_images(paths: Iterable[Path], *, workers: int = 0) -> dict[Path, tuple[
     unique = list(dict.fromkeys(paths))
     if not unique:
         return {}
-    workers = workers or min(32, 4 * (os.cpu_count() or 1))
-    workers = max(1, min(workers, len(unique)))
-    if workers == 1:
-        results = [check_image(p) for p in unique]
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="ftsgd-scan") as pool:
-            results = list(pool.map(check_image, unique, chunksize=64))
+    results = _map_threads(check_image, unique, workers=workers)
     return {p: r for p, r in zip(unique, results, strict=True) if r is not None}
+
+
+def _check_unless_cached(
+    path: Path, cached: scancache.Entry | None, recent_ns: int
+) -> tuple[scancache.Entry | None, tuple[str, str] | None]:
+    """Decode ``path`` unless its ``(size, mtime_ns)`` equals ``cached`` (it decoded fine before).
+
+    The file is ``stat``-ed *before* decoding, so a file changed while being decoded is recorded
+    with its old key and decoded again next time.
+
+    Args:
+        path: The file.
+        cached: Its cache entry, if any.
+        recent_ns: Files modified at or after this time get no key: on a file system with coarse
+            timestamps another write in the same tick would keep size and mtime ("racily clean"
+            files, as git calls them), so they are decoded again next time.
+
+    Returns:
+        ``(key, failure)``: the file's ``(size, mtime_ns)`` (``None`` if it cannot be ``stat``-ed or
+        is too recent to cache) and :func:`check_image`'s result (``None`` = good, also for a hit).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, check_image(path)
+    key = (st.st_size, st.st_mtime_ns)
+    if key == cached:
+        return key, None
+    return (key if st.st_mtime_ns < recent_ns else None), check_image(path)
+
+
+def _relative(path: str, prefix: str) -> str | None:
+    """``path`` without ``prefix`` (a folder plus separator), or ``None`` if it is not under it."""
+    return path[len(prefix) :] if path.startswith(prefix) else None
+
+
+def scan_images_cached(
+    roots: dict[Path, Path],
+    directory: Path,
+    *,
+    workers: int = 0,
+    shard: tuple[int, int] | None = None,
+) -> dict[Path, tuple[str, str]]:
+    """:func:`scan_images`, skipping files the scan cache knows as good and unchanged.
+
+    Args:
+        roots: Each file to check -> the split folder it belongs to (one cache file per folder).
+        directory: The scan cache folder (:func:`ftsgd.scancache.scan_cache_dir`).
+        workers: Threads; 0 = automatic.
+        shard: ``(rank, world)`` in a multi-process job: each process checks every ``world``-th file,
+            the results are gathered, and rank 0 alone writes the cache, with every process's files.
+
+    Returns:
+        ``{path: (kind, detail)}`` for the files that failed. Afterwards each folder's cache file
+        holds exactly the files found good now (rewritten only if that changed).
+    """
+    prefixes = {root: str(root) + os.sep for root in dict.fromkeys(roots.values())}
+    loaded = {root: scancache.load_entries(directory, root) for root in prefixes}
+    paths = list(roots) if shard is None else list(roots)[shard[0] :: shard[1]]
+    failed, good = _check_paths(paths, roots, prefixes, loaded, workers)
+    if shard is not None:
+        parts = gather_objects((failed, good))
+        failed, good = {}, {root: {} for root in prefixes}
+        for part_failed, part_good in parts:
+            failed.update(part_failed)
+            for root, entries in part_good.items():
+                good[root].update(entries)
+        if shard[0] != 0:
+            return failed
+    for root, entries in good.items():
+        if entries != loaded[root]:
+            scancache.store_entries(directory, root, entries)
+        else:
+            scancache.touch(directory, root)
+    return failed
+
+
+def _check_paths(
+    paths: list[Path],
+    roots: dict[Path, Path],
+    prefixes: dict[Path, str],
+    loaded: dict[Path, dict[str, scancache.Entry] | None],
+    workers: int,
+) -> tuple[dict[Path, tuple[str, str]], dict[Path, dict[str, scancache.Entry]]]:
+    """Check ``paths`` against the loaded cache: the failures, and each folder's good files' entries."""
+    # Entries are keyed relative to their folder; a path outside it (never made by discovery) is not cached.
+    rels = [_relative(str(p), prefixes[roots[p]]) for p in paths]
+    cached = [(loaded[roots[p]] or {}).get(rel) if rel else None for p, rel in zip(paths, rels, strict=True)]
+    recent = [time.time_ns() - RACY_NS] * len(paths)
+    results = _map_threads(_check_unless_cached, paths, cached, recent, workers=workers) if paths else []
+    good: dict[Path, dict[str, scancache.Entry]] = {root: {} for root in prefixes}
+    failed: dict[Path, tuple[str, str]] = {}
+    for path, rel, (key, failure) in zip(paths, rels, results, strict=True):
+        if failure is not None:
+            failed[path] = failure
+        elif key is not None and rel:
+            good[roots[path]][rel] = key
+    return failed, good
 
 
 def _bad_image_report(bad: list[BadImage], checked: int, root: Path | None, action: str) -> str:
@@ -941,6 +1065,7 @@ def preflight_scan(
     train_split: str | None = "train",
     shard: tuple[int, int] | None = None,
     skip_hint: str = TRAIN_SKIP_HINT,
+    cache: bool = True,
 ) -> tuple[dict[str, Split], list[BadImage]]:
     """Decode every file of every split once, before any model is built, so bad data fails in seconds.
 
@@ -958,6 +1083,10 @@ def preflight_scan(
             and the failures are gathered, so the job scans the dataset once, not once per process.
         skip_hint: How the calling command leaves bad files out, ending the error's advice (``ftsgd
             eval`` has ``--on-bad-image skip``, not the recipe key).
+        cache: Skip files that decoded fine in an earlier scan and have not changed since (same
+            absolute path, size and modification time), remembered in the scan cache
+            (:mod:`ftsgd.scancache`; ``FTSGD_SCAN_CACHE=0`` turns it off). Reruns, resumes and sweeps
+            then only ``stat`` an unchanged dataset instead of decoding it.
 
     Returns:
         ``(splits, skipped)``: the splits without the bad files (unchanged with ``error``) and the
@@ -974,7 +1103,11 @@ def preflight_scan(
     for name, split in splits.items():
         for path, _ in split.samples:
             owner.setdefault(path, name)
-    if shard is None:
+    directory = scancache.scan_cache_dir() if cache else None
+    if directory is not None:
+        roots = {p: splits[name].root for p, name in owner.items()}
+        failed = scan_images_cached(roots, directory, workers=workers, shard=shard)
+    elif shard is None:
         failed = scan_images(owner, workers=workers)
     else:
         rank, world = shard
@@ -1554,6 +1687,7 @@ __all__ = [
     "resolve_num_workers",
     "sample_image_sizes",
     "scan_images",
+    "scan_images_cached",
     "skipped_lines",
     "small_image_warnings",
     "timm_auto_augment",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,31 @@ from PIL import Image
 from ftsgd.synthetic import make_image_folder
 
 MakeFolder = Callable[..., Path]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_scan_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the whole session off the user's ``~/.cache/ftsgd``, module-scoped fixtures that train included.
+
+    Those are set up before any function-scoped fixture, so :func:`_private_scan_cache` alone is too late.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTSGD_CACHE_DIR", str(tmp_path_factory.mktemp("ftsgd-cache-session")))
+        mp.delenv("FTSGD_SCAN_CACHE", raising=False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _private_scan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Give every test its own empty scan cache, never the user's ``~/.cache/ftsgd``.
+
+    Set in the environment, so ``ftsgd`` processes a test starts use it too. The cache stays on, so
+    reruns and resumes within a test go through it as they do for users.
+    """
+    folder = tmp_path_factory.mktemp("ftsgd-cache")
+    monkeypatch.setenv("FTSGD_CACHE_DIR", str(folder))
+    monkeypatch.delenv("FTSGD_SCAN_CACHE", raising=False)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ftsgd import scancache
 from ftsgd.cli import app
 from ftsgd.commands import eval_command
 from ftsgd.data import EpochSampler, ShardedBatchSampler, batch_shard
@@ -368,6 +369,11 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_saves_once(data: Path) ->
     assert {rank for rank, _ in writes} == {"0"}
     skipped = (out / "skipped.txt").read_text().splitlines()
     assert sorted(line.split("\t")[1] for line in skipped) == ["train", "val"]
+    # the scan cache, written by rank 0 alone, holds every good file, whichever process decoded it
+    train = bad_data / "train"
+    good = {p.relative_to(train).as_posix() for p in train.rglob("*.*") if p.name != "zz-broken.png"}
+    entries = scancache.load_entries(Path(os.environ["FTSGD_CACHE_DIR"]) / "scan", train)
+    assert entries is not None and set(entries) == good and len(good) > 2
 
 
 # ------------------------------------------------------------------------------------------ FSDP

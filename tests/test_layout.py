@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ftsgd"
 
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "synthetic"},
-    {"fileio", "collect"},
+    {"fileio", "collect", "scancache"},
     {"console", "selection"},
     {"recipe", "plots"},
     {"device", "report"},
