@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ftsgd"
 
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "synthetic"},
-    {"fileio", "collect", "scancache"},
-    {"console", "selection"},
+    {"fileio", "collect"},
+    {"console", "selection", "scancache"},
     {"recipe", "plots"},
     {"device", "report"},
     {"distributed"},
