@@ -193,8 +193,9 @@ def run_ftsgd(case: Case, model: str, data: Path, out: Path, opts: argparse.Name
         "train.seed=0",
         f"train.device={json.dumps(opts.device)}",
         f"data.num_workers={opts.workers}",
-        f"train.amp={json.dumps(opts.amp)}",
     ]
+    if opts.amp != "default":  # else ftsgd's own default, train.amp = "auto"
+        sets.append(f"train.amp={json.dumps(opts.amp)}")
     cmd = [opts.python, "-m", "ftsgd", "train", "--data", str(data), "--out", str(out)]
     cmd += ["--recipe", "sgd-freeze-embed", "--model", model, *[a for s in sets for a in ("--set", s)]]
     cmd += ["--quiet", "--json"]
@@ -255,7 +256,7 @@ def timm_command(case: Case, model: str, data: Path, out: Path, opts: argparse.N
         cmd.append("--no-prefetcher")
     else:
         cmd.append("--pin-mem")  # ftsgd pins batches on CUDA (data.pin_memory = true)
-    if opts.amp != "none":
+    if opts.amp not in ("none", "default"):  # "default": train.py's own, fp32
         cmd += ["--amp", "--amp-dtype", {"bf16": "bfloat16", "fp16": "float16"}[opts.amp]]
     return cmd
 
@@ -392,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--amp",
         default=None,
-        choices=["none", "bf16", "fp16"],
-        help="autocast (default: bf16 on cuda, none on cpu)",
+        choices=["default", "none", "bf16", "fp16"],
+        help="autocast on both sides; default: each tool's own default on cpu (ftsgd train.amp = auto: "
+        "bf16 on CPUs with hardware bf16, timm: fp32), bf16 on both on cuda",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter for both tools")
     parser.add_argument("--warm-scan-cache", action="store_true", help="share ftsgd's scan cache across runs")
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=None, help="also write the raw results as JSON")
     opts = parser.parse_args(argv)
     if opts.amp is None:
-        opts.amp = "bf16" if opts.device == "cuda" else "none"
+        opts.amp = "bf16" if opts.device == "cuda" else "default"
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # the ftsgd of this checkout, as the ftsgd runs get through PYTHONPATH
 

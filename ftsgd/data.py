@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from ftsgd import scancache
@@ -1346,13 +1346,17 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> tuple[Any, int]:
+        """Sample ``index`` as epoch ``epoch`` augments it (the same whatever epoch the dataset is set to)."""
         path, label = self.samples[index]
         img = load_image(path)
         if self.transform is None:
             return img, label
         if not self.training:
             return self.transform(img), label
-        s = sample_seed(self.seed, self.epoch, index)
+        s = sample_seed(self.seed, epoch, index)
         py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
             random.seed(s)
@@ -1495,6 +1499,133 @@ class BlankFill:
         if batch:
             return default_collate(batch)
         return torch.zeros((2, *self.input_size)), torch.zeros(0, dtype=torch.long)
+
+
+SampleKey = tuple[int, int, int]
+"""``(dataset, epoch, index)``: one sample of one of :class:`RunLoader`'s datasets, as one epoch loads it."""
+
+
+class _KeyedDatasets(Dataset):
+    """Several :class:`ImageDataset` behind one DataLoader: a key names the dataset, the epoch and the sample.
+
+    The epoch travels with every key rather than being set on the dataset, because persistent worker
+    processes hold their own copy of the dataset, which a later ``set_epoch`` in the trainer never reaches.
+    """
+
+    def __init__(self, datasets: list[ImageDataset]) -> None:
+        self.datasets = datasets
+
+    def __getitem__(self, key: SampleKey) -> tuple[Any, int]:  # type: ignore[override]
+        dataset, epoch, index = key
+        return self.datasets[dataset].item(index, epoch)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+
+class _BatchPlan(Sampler[list[SampleKey]]):
+    """The batches of the DataLoader's next pass, replaced before each pass (an epoch, a split's evaluation)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[SampleKey]] = []
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class RunLoader:
+    """One DataLoader, with persistent workers, for every pass of a training run over its data.
+
+    Training epochs and every evaluation split go through the same worker processes, started once,
+    instead of a new DataLoader (and new workers) per epoch and per split. Each pass is planned in the
+    main process as lists of sample keys (:data:`SampleKey`): the batches, their order, the skipped
+    batches of a resumed epoch and each process's share in a job are exactly those :func:`build_loader`
+    gives, and per-sample augmentation is seeded by ``(seed, epoch, index)`` as before, so the images,
+    and a resumed run's bits, are unchanged.
+
+    Args:
+        train: The training split and its transform (augmented per sample).
+        evaluation: ``{name: split}`` of the splits evaluated after each epoch, with ``eval_transform``.
+        seed: The run's seed.
+        num_workers: Worker processes (resolved), kept alive for the whole run; 0 loads in this process.
+        pin_memory: Pin batches for faster host-to-GPU copies.
+        input_size: ``(C, H, W)``, for the blank batches of :class:`BlankFill`.
+    """
+
+    def __init__(
+        self,
+        train: tuple[Split, Callable[[Any], Any]],
+        evaluation: dict[str, Split],
+        eval_transform: Callable[[Any], Any],
+        *,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        input_size: tuple[int, ...] = (3, 224, 224),
+    ) -> None:
+        datasets = [ImageDataset(train[0], train[1], training=True, seed=seed)]
+        datasets += [ImageDataset(split, eval_transform, seed=seed) for split in evaluation.values()]
+        self.datasets = datasets
+        self.eval_index = {name: i + 1 for i, name in enumerate(evaluation)}
+        self.seed = seed
+        self.plan = _BatchPlan()
+        self.loader = DataLoader(
+            _KeyedDatasets(datasets),
+            batch_sampler=self.plan,
+            collate_fn=BlankFill(tuple(input_size)),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed * 100003),
+        )
+
+    def train_epoch(
+        self,
+        epoch: int,
+        *,
+        batch_size: int,
+        start_batch: int = 0,
+        drop_last: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> DataLoader:
+        """The loader, planned for ``epoch``'s training batches from ``start_batch`` on (see :func:`build_loader`)."""
+        order = EpochSampler(len(self.datasets[0]), seed=self.seed, epoch=epoch)
+        self._plan(0, epoch, order, batch_size, start_batch, drop_last, shard)
+        return self.loader
+
+    def evaluation(
+        self, name: str, *, batch_size: int, shard: tuple[int, int, int] | None = None
+    ) -> DataLoader:
+        """The loader, planned for split ``name`` in file order, without augmentation."""
+        dataset = self.eval_index[name]
+        order = EpochSampler(len(self.datasets[dataset]), shuffle=False, seed=self.seed)
+        self._plan(dataset, 0, order, batch_size, 0, False, shard)
+        return self.loader
+
+    def _plan(
+        self,
+        dataset: int,
+        epoch: int,
+        order: EpochSampler,
+        batch_size: int,
+        start_batch: int,
+        drop_last: bool,
+        shard: tuple[int, int, int] | None,
+    ) -> None:
+        if shard is not None:
+            chunk, rank, world = shard
+            batches: Iterable[list[int]] = ShardedBatchSampler(
+                order, batch_size=batch_size, chunk=chunk, rank=rank, world=world,
+                start_batch=start_batch, drop_last=drop_last,
+            )  # fmt: skip
+        else:
+            order.set_epoch(epoch, min(order.num_samples, start_batch * batch_size))
+            batches = BatchSampler(order, batch_size, drop_last)
+        self.plan.batches = [[(dataset, epoch, i) for i in batch] for batch in batches]
 
 
 def _worker_init(worker_id: int) -> None:
@@ -1669,6 +1800,8 @@ __all__ = [
     "IgnoredFile",
     "IgnoredTally",
     "ImageDataset",
+    "RunLoader",
+    "SampleKey",
     "ShardedBatchSampler",
     "Split",
     "batch_shard",

@@ -221,7 +221,8 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda."""
     amp: str = "auto"
-    """auto (bf16 where supported, else fp16 on CUDA; fp32 on CPU) | bf16 | fp16 | none."""
+    """auto (CUDA: bf16 where supported, else fp16; CPU: bf16 where the CPU has it in hardware, else fp32) |
+    bf16 | fp16 (CUDA only) | none (fp32)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
     label_smoothing: float = 0.0

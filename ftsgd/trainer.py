@@ -15,6 +15,7 @@ weights of an uninterrupted one.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import platform
@@ -37,9 +38,9 @@ from torch.utils.data import DataLoader
 from ftsgd import __version__
 from ftsgd.console import TrainingProgress, training_progress, warn
 from ftsgd.data import (
+    RunLoader,
     Split,
     batch_shard,
-    build_loader,
     build_transform,
     discover_splits,
     epoch_steps,
@@ -184,6 +185,9 @@ class Trainer:
         self.sharded = recipe.train.shard and self.world.distributed
         self.device = self.world.device
         self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
+        # On a CPU, autocast is for the training step's speed; evaluation, which picks the exported epoch,
+        # stays fp32 there, so its numbers do not depend on the CPU's flags and `ftsgd eval` repeats them.
+        self.eval_amp_dtype = self.amp_dtype if self.device.type == "cuda" else None
         self._plan_stages()
         if any(s.optim.step_in_backward for s in self.stages) and self.amp_dtype == torch.float16:
             raise RecipeError(
@@ -698,13 +702,13 @@ class Trainer:
         return {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
 
     def evaluate_split(self, split: Split) -> dict[str, Any]:
-        """:func:`ftsgd.evaluate.evaluate` on one split, under the run's device and precision."""
+        """:func:`ftsgd.evaluate.evaluate` on one split, on the run's device (in fp32 on a CPU, see ``eval_amp_dtype``)."""
         return evaluate(
             self.ema.module if self.ema is not None else self.forward,
             self.eval_loader(split),
             device=self.device,
             class_names=self.class_names,
-            amp_dtype=self.amp_dtype,
+            amp_dtype=self.eval_amp_dtype,
             channels_last=self.recipe.train.channels_last,
         )
 
@@ -804,22 +808,27 @@ class Trainer:
             step=self.state.step_in_epoch if step is None else step,
         )
 
-    def train_loader(self) -> DataLoader:
-        """The current epoch's batches from the current step on (order and augmentation are seeded)."""
-        t = self.recipe.train
-        return build_loader(
-            self.train_split,
-            self.train_transform,
-            batch_size=t.batch_size,
-            training=True,
-            seed=t.seed,
-            epoch=self.state.epoch,
-            start_batch=self.state.step_in_epoch,
+    @functools.cached_property
+    def loaders(self) -> RunLoader:
+        """The run's one DataLoader, whose worker processes serve every epoch and evaluation split."""
+        return RunLoader(
+            (self.train_split, self.train_transform),
+            self.eval_splits,
+            self.eval_transform,
+            seed=self.recipe.train.seed,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
-            shard=self._shard(self.micro),
             input_size=tuple(self.prepared.data_config["input_size"]),
+        )
+
+    def train_loader(self) -> DataLoader:
+        """The current epoch's batches from the current step on (order and augmentation are seeded)."""
+        return self.loaders.train_epoch(
+            self.state.epoch,
+            batch_size=self.recipe.train.batch_size,
+            start_batch=self.state.step_in_epoch,
             drop_last=self.recipe.data.drop_last,
+            shard=self._shard(self.micro),
         )
 
     def batch_len(self, step: int | None = None) -> int:
@@ -832,19 +841,10 @@ class Trainer:
         return (chunk, self.world.rank, self.world.size) if self.world.distributed else None
 
     def eval_loader(self, split: Split) -> DataLoader:
-        """A split's batches in file order, without augmentation (in a job: this process's part of each)."""
+        """One of ``eval_splits`` in file order, without augmentation (in a job: this process's part of each batch)."""
         batch = max(self.eval_batch, 1)
-        return build_loader(
-            split,
-            self.eval_transform,
-            batch_size=batch * self.world.size,
-            training=False,
-            seed=self.recipe.train.seed,
-            num_workers=self.workers,
-            pin_memory=self.pin_memory,
-            shard=self._shard(batch),
-            input_size=tuple(self.prepared.data_config["input_size"]),
-        )
+        name = next(n for n, s in self.eval_splits.items() if s is split)
+        return self.loaders.evaluation(name, batch_size=batch * self.world.size, shard=self._shard(batch))
 
     def check_finite(self) -> None:
         """Refuse weights that became NaN/inf: they are never saved, evaluated or exported.

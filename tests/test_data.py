@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -18,6 +19,7 @@ from ftsgd.data import (
     REPEATED_FOLDER,
     EpochSampler,
     ImageDataset,
+    RunLoader,
     Split,
     build_loader,
     build_transform,
@@ -615,6 +617,50 @@ def test_epochs_differ_and_eval_loader_is_sequential(image_folder: Path) -> None
     )
     labels = torch.cat([y for _, y in loader]).tolist()
     assert labels == [label for _, label in val.samples] and len(loader) == 5  # 24 = 4*5 + 4
+
+
+def _children() -> set[int]:
+    """PIDs of this process's child processes (Linux)."""
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    return {int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc (Linux)")
+def test_one_run_loader_gives_build_loaders_batches_with_the_same_workers_throughout(
+    image_folder: Path,
+) -> None:
+    """Epochs (from any batch, with drop_last, as one process's share of a job) and evaluation splits, in
+    any order: the same tensors as a new DataLoader per pass, from worker processes started once."""
+    _, splits = discover_splits(_cfg(image_folder))
+    train_tf = build_transform(DATA_CONFIG, "rrc_flip", training=True)
+    eval_tf = build_transform(DATA_CONFIG, "none", training=False)
+    before = _children()
+    run = RunLoader((splits["train"], train_tf), {"val": splits["val"]}, eval_tf, seed=3, num_workers=2,
+                    input_size=(3, 16, 16))  # fmt: skip
+    workers = None
+    passes = [
+        dict(epoch=0, start_batch=0, drop_last=False, shard=None),
+        dict(epoch=1, start_batch=2, drop_last=True, shard=None),
+        None,  # the val split
+        dict(epoch=1, start_batch=1, drop_last=False, shard=(4, 1, 2)),
+        None,
+        dict(epoch=2, start_batch=0, drop_last=True, shard=(4, 0, 3)),
+    ]
+    for p in passes:
+        if p is None:
+            got = _batches(run.evaluation("val", batch_size=5))
+            want = _batches(build_loader(splits["val"], eval_tf, batch_size=5, training=False, seed=3))
+        else:
+            got = _batches(run.train_epoch(p["epoch"], batch_size=16, start_batch=p["start_batch"],
+                                           drop_last=p["drop_last"], shard=p["shard"]))  # fmt: skip
+            want = _batches(build_loader(splits["train"], train_tf, batch_size=16, training=True, seed=3,
+                                         input_size=(3, 16, 16), **p))  # fmt: skip
+        assert len(got) == len(want) > 0
+        for (xa, ya), (xb, yb) in zip(got, want, strict=True):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+        mine = _children() - before
+        workers = workers or mine
+        assert len(workers) == 2 and mine == workers, "the same two worker processes serve every pass"
 
 
 def test_main_process_loading_leaves_global_rng_alone(image_folder: Path) -> None:

@@ -36,6 +36,10 @@ def train(recipe, out: Path, **kwargs):
     return Trainer(recipe, out, **kwargs).fit()
 
 
+FP32 = 'train.amp="none"'
+"""For tests that compare a step with a direct fp32 computation (``auto`` is bf16 on CPUs that have it)."""
+
+
 def recipe_for(data: Path, model: str, *extra: str, base: str = "sgd-freeze-embed"):
     return load_recipe(
         base,
@@ -94,6 +98,9 @@ def test_fine_tune_end_to_end(model: str, image_folder: Path, tmp_path: Path) ->
     assert summary["classes"] == ["circle", "square", "triangle"]
     assert summary["frozen"] and summary["frozen_params"] > 0
     assert "versions" in summary and summary["command"]
+    from ftsgd.device import cpu_has_native_bf16
+
+    assert summary["amp"] == ("bf16" if cpu_has_native_bf16() else "none")  # train.amp = "auto" on a CPU
 
     # frozen parameters bit-for-bit unchanged, trainable ones moved
     init = load_file(str(weights))
@@ -187,8 +194,8 @@ def weights_of(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def test_micro_batches_give_the_same_step_as_one_batch(image_folder: Path, tmp_path: Path) -> None:
     common = ("optim.momentum=0.9", "optim.lr=0.5")
-    whole = ready(recipe_for(image_folder, "test_vit", *common), tmp_path)
-    micro = ready(recipe_for(image_folder, "test_vit", *common, "train.micro_batch_size=4"), tmp_path)
+    whole = ready(recipe_for(image_folder, "test_vit", *common, FP32), tmp_path)
+    micro = ready(recipe_for(image_folder, "test_vit", *common, FP32, "train.micro_batch_size=4"), tmp_path)
     assert micro.micro == 4
     before = weights_of(whole)
     for seed in (0, 1):  # two steps: the momentum buffers must agree too
@@ -203,7 +210,7 @@ def test_micro_batches_give_the_same_step_as_one_batch(image_folder: Path, tmp_p
 
 
 def test_step_returns_the_summed_loss_and_hits(image_folder: Path, tmp_path: Path) -> None:
-    trainer = ready(recipe_for(image_folder, "test_vit", "optim.lr=1e-9"), tmp_path)
+    trainer = ready(recipe_for(image_folder, "test_vit", "optim.lr=1e-9", FP32), tmp_path)
     x, y = batch(3)
     with torch.no_grad():
         logits = trainer.model(x)
@@ -230,9 +237,9 @@ def test_gradient_clipping_bounds_the_update(image_folder: Path, tmp_path: Path)
 
 def test_label_smoothing_changes_the_loss(image_folder: Path, tmp_path: Path) -> None:
     x, y = batch(7)
-    plain = ready(recipe_for(image_folder, "test_vit", "optim.lr=1e-9"), tmp_path)
+    plain = ready(recipe_for(image_folder, "test_vit", "optim.lr=1e-9", FP32), tmp_path)
     smooth = ready(
-        recipe_for(image_folder, "test_vit", "optim.lr=1e-9", "train.label_smoothing=0.5"), tmp_path
+        recipe_for(image_folder, "test_vit", "optim.lr=1e-9", "train.label_smoothing=0.5", FP32), tmp_path
     )
     with torch.no_grad():
         logits = plain.model(x)
@@ -244,13 +251,18 @@ def test_label_smoothing_changes_the_loss(image_folder: Path, tmp_path: Path) ->
 
 
 def test_amp_and_device_resolution_on_cpu() -> None:
-    from ftsgd.device import resolve_amp, resolve_device
+    from ftsgd.device import cpu_has_native_bf16, resolve_amp, resolve_device
 
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
     assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
-    for mode in ("auto", "bf16", "fp16", "none"):
-        assert resolve_amp(mode, cpu) is None  # fp32 on CPU
+    native = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert [resolve_amp(mode, cpu) for mode in ("auto", "bf16", "fp16", "none")] == [
+        native,  # bf16 where the CPU has it in hardware, else fp32
+        torch.bfloat16,
+        None,
+        None,
+    ]
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA device"):
             resolve_device("cuda")
@@ -318,6 +330,7 @@ def test_short_run_reproduces_the_pre_redesign_weights(tmp_path: Path) -> None:
                     "optim.lr=0.02",
                     "train.label_smoothing=0.1",
                     "train.grad_clip=1.0",
+                    'train.amp="none"',  # pinned in fp32, the CPU default of that time
                 ],
             )
             train(recipe, tmp_path / model, quiet=True)
@@ -329,3 +342,13 @@ def test_short_run_reproduces_the_pre_redesign_weights(tmp_path: Path) -> None:
                 assert sums[key][1] == pytest.approx(squares, rel=1e-4, abs=1e-5), key
     finally:
         torch.set_num_threads(threads)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    from ftsgd.device import native_bf16_in
+
+    assert not native_bf16_in("flags\t\t: fpu avx2 avx512f avx512bw\n")  # AVX-512 emulates bf16: slower
+    assert native_bf16_in("processor: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert native_bf16_in("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert native_bf16_in("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert not native_bf16_in("")
