@@ -587,7 +587,7 @@ def demo(
         demo_command(out=out, epochs=epochs, force=force, argv=sys.argv, compare=compare, quick=quick)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def report(
     paths: Annotated[
         list[Path], typer.Argument(help="Run directories, or folders holding them (searched recursively).")

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ftsgd.fileio import jsonable
 
@@ -67,11 +68,11 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         return
     cells = [[("" if c is None else str(c)) for c in row] for row in rows]
     if stdout_is_tty():
-        table = Table(title=title, title_justify="left")
+        table = Table(title=Text(title), title_justify="left")
         for i, col in enumerate(columns):
-            table.add_column(col, justify="left" if i == 0 else "right")
+            table.add_column(Text(col), justify="left" if i == 0 else "right")
         for row in cells:
-            table.add_row(*row)
+            table.add_row(*(Text(c) for c in row))  # class names like "[cat]" are not rich markup
         console().print(table)
         return
     widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]

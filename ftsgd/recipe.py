@@ -1146,7 +1146,12 @@ def recipe_to_toml(recipe: Recipe) -> str:
 
 
 def recipe_differences(old: Recipe, new: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Every key whose value differs, as ``"key.path: old -> new"`` lines, in recipe order."""
+    """Every key whose value differs, as ``"key.path: old -> new"`` lines, in recipe order.
+
+    ``description`` is never a difference: it changes no run (a reworded built-in recipe must not stop
+    ``--resume``).
+    """
+    ignore = ("description", *ignore)
     a, b = flatten_recipe(recipe_to_dict(old)), flatten_recipe(recipe_to_dict(new))
     return [
         f"{key}: {_toml_value(a[key]) if key in a else '(unset)'} -> {_toml_value(b[key]) if key in b else '(unset)'}"

@@ -1006,7 +1006,7 @@ class Trainer:
             "train_time_s": state.train_seconds,
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in state.history),
             "model_file": WEIGHTS_NAME,
-            "command": shlex.join(self.argv),
+            "command": shlex.join(["ftsgd", *self.argv[1:]]),  # as typed, whether via `python -m ftsgd`
             "versions": versions(),
             "skipped_images": len(self.skipped),
         }

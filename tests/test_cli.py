@@ -429,7 +429,8 @@ def test_max_steps_stops_with_a_checkpoint_and_resume_finishes(image_folder: Pat
 
 
 def test_help_lists_exit_codes_and_shows_no_type_for_flags() -> None:
-    for command in (["-h"], ["train", "-h"], ["eval", "-h"], ["inspect", "-h"], ["recipes", "show", "-h"]):
+    commands = [["-h"], ["train", "-h"], ["eval", "-h"], ["inspect", "-h"], ["recipes", "show", "-h"]]
+    for command in [*commands, ["report", "-h"], ["sweep", "-h"], ["predict", "-h"], ["demo", "-h"]]:
         result = run(*command, env={"COLUMNS": "200"})
         assert result.exit_code == 0, command
         text = " ".join(result.stdout.split())

@@ -230,3 +230,12 @@ def test_describe_keys_documents_every_key() -> None:
 
 def test_defaults_recipe() -> None:
     assert load_recipe(None) == Recipe()
+
+
+def test_recipe_differences_ignore_the_description() -> None:
+    from ftsgd.recipe import recipe_differences
+
+    old = load_recipe("sgd")
+    new = load_recipe("sgd", ['description="reworded"', "optim.lr=0.5"])
+    assert recipe_differences(old, new) == [f"optim.lr: {old.optim.lr} -> 0.5"]
+    assert recipe_differences(old, new, ignore=("optim.lr",)) == []

@@ -97,7 +97,7 @@ def test_fine_tune_end_to_end(model: str, image_folder: Path, tmp_path: Path) ->
     assert summary["best"] == history[best]["splits"]
     assert summary["classes"] == ["circle", "square", "triangle"]
     assert summary["frozen"] and summary["frozen_params"] > 0
-    assert "versions" in summary and summary["command"]
+    assert "versions" in summary and summary["command"].startswith("ftsgd ")  # not python's argv[0]
     from ftsgd.device import cpu_has_native_bf16
 
     assert summary["amp"] == ("bf16" if cpu_has_native_bf16() else "none")  # train.amp = "auto" on a CPU
