@@ -595,12 +595,18 @@ def report(
     allow_missing: Annotated[
         bool,
         typer.Option(
-            "--allow-missing", help="Let grid points with fewer finished seeds than the others compete."
+            "--allow-missing",
+            metavar="",
+            help="Let grid points with fewer finished seeds than the others compete.",
         ),
     ] = False,
     as_json: JsonOpt = False,
-    as_csv: Annotated[bool, typer.Option("--csv", help="Print one table as CSV (see --table).")] = False,
-    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print the tables as Markdown.")] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", metavar="", help="Print one table as CSV (see --table).")
+    ] = False,
+    as_markdown: Annotated[
+        bool, typer.Option("--markdown", metavar="", help="Print the tables as Markdown.")
+    ] = False,
     table: Annotated[
         str | None,
         typer.Option(

@@ -185,8 +185,7 @@ class Trainer:
         self.sharded = recipe.train.shard and self.world.distributed
         self.device = self.world.device
         self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
-        # On a CPU, autocast is for the training step's speed; evaluation, which picks the exported epoch,
-        # stays fp32 there, so its numbers do not depend on the CPU's flags and `ftsgd eval` repeats them.
+        # fp32 evaluation on a CPU: what picks the exported epoch must not depend on the CPU's bf16 flags
         self.eval_amp_dtype = self.amp_dtype if self.device.type == "cuda" else None
         self._plan_stages()
         if any(s.optim.step_in_backward for s in self.stages) and self.amp_dtype == torch.float16:

@@ -354,10 +354,10 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_saves_once(data: Path) ->
     assert job.wait() != 0
     per_rank = [sum(1 for r, _ in job.steps() if r == rank) for rank in (0, 1)]
     assert per_rank[0] == per_rank[1] == _checkpoint(out)["state"]["global_step"]
-    # every process torchrun reports on exited 128 + SIGTERM (when one exits first, torchrun may stop the
-    # other itself and report only the first: that is torchrun's timing, not ours)
+    # the processes exit 128 + SIGTERM; when one has exited, torchrun stops the others itself (-15), which
+    # may land while they wind down after saving: torchrun's timing, not ours (the checkpoint is checked below)
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", job.stderr())
-    assert codes and set(codes) == {"143"}, job.stderr()
+    assert "143" in codes and set(codes) <= {"143", "-15"}, job.stderr()
     stopped = [line for line in job.stdout().splitlines() if line.startswith("SIGTERM: checkpoint saved")]
     assert len(stopped) == 1
     writes = [line.split() for line in job.writes.read_text().splitlines()]
