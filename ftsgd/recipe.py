@@ -991,10 +991,10 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
         )
     _choice(p, "train.device", t.device, DEVICES)
     _choice(p, "train.amp", t.amp, AMP_MODES)
-    if t.device == "cpu" and t.amp in ("bf16", "fp16"):
+    if t.device == "cpu" and t.amp == "fp16":
         p.append(
-            f'train.amp: {t.amp!r} mixed precision needs a CUDA GPU, but train.device = "cpu"; '
-            'use train.amp = "none" (or "auto": bf16/fp16 on a GPU, fp32 on the CPU)'
+            f'train.amp: {t.amp!r} mixed precision needs a CUDA GPU, but train.device = "cpu"; use train.amp '
+            '= "bf16" or "none" (or "auto": bf16/fp16 on a GPU; bf16 on a CPU with hardware bf16, else fp32)'
         )
     _at_least(p, "train.grad_clip", t.grad_clip, 0, " (0 = off)")
     if not 0 <= t.label_smoothing < 1:

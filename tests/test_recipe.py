@@ -239,3 +239,10 @@ def test_recipe_differences_ignore_the_description() -> None:
     new = load_recipe("sgd", ['description="reworded"', "optim.lr=0.5"])
     assert recipe_differences(old, new) == [f"optim.lr: {old.optim.lr} -> 0.5"]
     assert recipe_differences(old, new, ignore=("optim.lr",)) == []
+
+
+def test_bf16_is_a_cpu_precision_and_fp16_is_not() -> None:
+    recipe = load_recipe("sgd", ['train.device="cpu"', 'train.amp="bf16"'])
+    assert recipe.train.amp == "bf16"
+    with pytest.raises(RecipeError, match="'fp16' mixed precision needs a CUDA GPU"):
+        load_recipe("sgd", ['train.device="cpu"', 'train.amp="fp16"'])
