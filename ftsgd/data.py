@@ -1548,7 +1548,8 @@ class RunLoader:
 
     Args:
         train: The training split and its transform (augmented per sample).
-        evaluation: ``{name: split}`` of the splits evaluated after each epoch, with ``eval_transform``.
+        evaluation: ``{name: split}`` of the splits evaluated after each epoch.
+        eval_transform: Their transform (no augmentation).
         seed: The run's seed.
         num_workers: Worker processes (resolved), kept alive for the whole run; 0 loads in this process.
         pin_memory: Pin batches for faster host-to-GPU copies.
