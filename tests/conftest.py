@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ftsgd.synthetic import make_image_folder
@@ -37,6 +38,21 @@ def _private_scan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     monkeypatch.setenv("FTSGD_CACHE_DIR", str(folder))
     monkeypatch.delenv("FTSGD_SCAN_CACHE", raising=False)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a whole test module, as its subprocesses get with ``OMP_NUM_THREADS=1``.
+
+    Bitwise comparisons with those processes need the same thread count (float sums depend on it), and
+    on a busy two-core machine two OpenMP threads only make tiny training steps slower. Modules take it
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``, which sets it up before their own
+    module-scoped runs.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

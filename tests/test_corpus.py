@@ -17,7 +17,7 @@ import os
 import pickle
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +30,10 @@ from typer.testing import CliRunner
 
 from ftsgd.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CORPUS = Path(__file__).parent / "corpus" / "recipes"
 RECIPES = sorted(CORPUS.glob("*.toml"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The few training steps here are tiny; on a busy two-core machine two threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _expectations(path: Path) -> tuple[int, list[str]]:

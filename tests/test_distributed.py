@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from ftsgd.trainer import Trainer
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32" or not dist.is_gloo_available(), reason="torchrun with Gloo"),
     pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,15 +59,6 @@ VIT = [
     "optim.lr=0.05",
 ]
 RESNET = [s.replace("test_vit", "test_resnet").replace("{img_size=32}", "{}") for s in VIT]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread here and in every process (OMP_NUM_THREADS=1): same float sums, no oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,10 @@ from typer.testing import CliRunner
 from ftsgd.cli import app
 from ftsgd.synthetic import make_image_folder
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "_fault_driver.py"
@@ -60,19 +62,6 @@ def _train_args(data: Path, out: Path, workers: int = 0) -> list[str]:
 
 def _resume_args(data: Path, out: Path) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--resume", "--quiet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread here and in every subprocess (OMP_NUM_THREADS=1 below).
-
-    Bitwise comparisons need the same thread count everywhere (float sums depend on it), and on a
-    loaded two-core machine two OpenMP threads make these tiny steps ~50x slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from ftsgd.recipe import load_recipe
 from ftsgd.synthetic import make_image_folder
 from ftsgd.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS_PER_EPOCH = 3  # 3 classes x 8 images / batch 8
 TIMING = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
 SETS = [
@@ -29,14 +30,6 @@ SETS = [
     "train.batch_size=8",
     "optim.lr=0.05",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from ftsgd.validate import load_checked_recipe
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator"
 ).EventAccumulator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "_fault_driver.py"
@@ -39,15 +40,6 @@ SETS = [
     "train.tensorboard=true",
     "train.tensorboard_every=1",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Bitwise comparisons with a subprocess need the same thread count (OMP_NUM_THREADS=1 there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
