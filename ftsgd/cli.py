@@ -26,24 +26,22 @@ EXIT_CODES = (
 )
 
 
-class _Command(typer.core.TyperCommand):
-    """A command whose ``-h`` flag is listed without a value type, like every other flag."""
+class _ValuelessHelp:
+    """Lists the ``-h`` flag without a value type, like every other flag (mixed into commands and groups)."""
 
     def get_help_option(self, ctx: typer.Context) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         if option is not None:
             option.metavar = ""
         return option
 
 
-class _Group(typer.core.TyperGroup):
-    """A command group whose ``-h`` flag is listed without a value type, like every other flag."""
+class _Command(_ValuelessHelp, typer.core.TyperCommand):
+    """A command whose ``-h`` flag is listed without a value type."""
 
-    def get_help_option(self, ctx: typer.Context) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+
+class _Group(_ValuelessHelp, typer.core.TyperGroup):
+    """A command group whose ``-h`` flag is listed without a value type."""
 
 
 app = typer.Typer(

@@ -1034,14 +1034,6 @@ def _check_paths(
 
 
 def _bad_image_report(bad: list[BadImage], checked: int, root: Path | None, action: str) -> str:
-    def shown(path: Path) -> str:
-        if root is not None:
-            try:
-                return str(path.relative_to(root))
-            except ValueError:
-                pass
-        return str(path)
-
     by_kind: dict[str, list[BadImage]] = {}
     for b in bad:
         by_kind.setdefault(b.kind, []).append(b)
@@ -1050,7 +1042,7 @@ def _bad_image_report(bad: list[BadImage], checked: int, root: Path | None, acti
     for kind, items in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  {kind} ({len(items)}):")
         for b in items[:_SHOW_PER_KIND]:
-            lines.append(f"    {shown(b.path)}: {b.detail}")
+            lines.append(f"    {_shown(b.path, root)}: {b.detail}")
         if len(items) > _SHOW_PER_KIND:
             lines.append(f"    ... and {len(items) - _SHOW_PER_KIND} more")
     return "\n".join(lines)
