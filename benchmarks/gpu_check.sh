@@ -98,7 +98,8 @@ train_stop() {
   "$PY" - "$WORK/data" "$out" "$steps" "${sets[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-from ftsgd.recipe import DEFAULT_RECIPE, load_recipe
+from ftsgd.recipe.load import load_recipe
+from ftsgd.recipe.schema import DEFAULT_RECIPE
 from ftsgd.train import train
 data, out, steps, rest = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 sets = [rest[i + 1] for i in range(0, len(rest), 2) if rest[i] == "--set"]
@@ -128,7 +129,7 @@ make_data() {
   [[ -f "$WORK/data/.complete" ]] && return
   "$PY" -c "
 import sys
-from ftsgd.synthetic import make_image_folder
+from ftsgd.data.synthetic import make_image_folder
 make_image_folder(sys.argv[1], classes=3, per_class={'train': 32, 'val': 8}, size=int(sys.argv[2]), fmt='jpg')
 " "$WORK/data" "$SIZE"
   touch "$WORK/data/.complete"

@@ -53,7 +53,7 @@ def make_jpegs(folder: Path, width: int, height: int, count: int) -> list[Path]:
     """``count`` JPEGs of ``width`` x ``height``: synthetic shapes drawn square, then resized."""
     from PIL import Image
 
-    from ftsgd.synthetic import render
+    from ftsgd.data.synthetic import render
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -69,7 +69,7 @@ def make_jpegs(folder: Path, width: int, height: int, count: int) -> list[Path]:
 
 
 def load_pil(path: Path):
-    from ftsgd.data import load_image
+    from ftsgd.data.images import load_image
 
     return load_image(path)
 
@@ -91,7 +91,7 @@ def load_tv_tensor(path: Path):
 def load_pil_draft(path: Path):
     from PIL import Image
 
-    from ftsgd.data import to_rgb
+    from ftsgd.data.images import to_rgb
 
     with Image.open(path) as img:
         # The crop is at least 224 px on its short side at full scale; keep 2x that so a random
@@ -127,7 +127,7 @@ def compare_pixels(paths: list[Path]) -> tuple[int, float]:
 
 def train_step(loader: Callable[[Path], object]) -> Callable[[Path], object]:
     """Per-sample DataLoader work: ``loader`` + timm's training transform (``rrc_flip``)."""
-    from ftsgd.data import build_transform
+    from ftsgd.data.transforms import build_transform
 
     cfg = {
         "input_size": (3, TRAIN_SIZE, TRAIN_SIZE),

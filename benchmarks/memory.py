@@ -48,9 +48,9 @@ GIB = 2**30
 BASELINE_CODE = r"""
 import json, resource, sys
 import torch
-import ftsgd.cli, ftsgd.train  # the same imports as `ftsgd train`
-from ftsgd.models import build_model
-from ftsgd.recipe import ModelConfig
+import ftsgd.cli.app, ftsgd.train.trainer  # the same imports as `ftsgd train`
+from ftsgd.model.build import build_model
+from ftsgd.recipe.schema import ModelConfig
 name, kwargs, num_classes, device = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 model, _ = build_model(ModelConfig(name=name, kwargs=kwargs), num_classes=num_classes)
 out = {
@@ -191,7 +191,7 @@ def bench(
     workdir: Path,
     log=print,
 ) -> Result:
-    from ftsgd.synthetic import make_image_folder
+    from ftsgd.data.synthetic import make_image_folder
 
     classes = 2
     kwargs = {"img_size": img_size} if "vit" in model or "deit" in model else {}

@@ -61,8 +61,8 @@ def export_tiny_model(out: Path) -> None:
     import timm
     import torch
 
-    from ftsgd.export import export_model
-    from ftsgd.models import model_data_config
+    from ftsgd.infer.export import export_model
+    from ftsgd.model.build import model_data_config
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32).eval()

@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from ftsgd.data import discover_splits, preflight_scan
-from ftsgd.recipe import DataConfig
+from ftsgd.data.folders import discover_splits
+from ftsgd.data.scan import preflight_scan
+from ftsgd.recipe.schema import DataConfig
 root = Path(sys.argv[1])
 t0 = time.perf_counter()
 _, splits = discover_splits(DataConfig(root=str(root)))
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from ftsgd.synthetic import make_image_folder
+    from ftsgd.data.synthetic import make_image_folder
 
     tmp = tempfile.TemporaryDirectory(prefix="ftsgd-scan-cache-")
     work = opts.workdir.resolve() if opts.workdir else Path(tmp.name)

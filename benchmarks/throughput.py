@@ -173,7 +173,7 @@ def _run(cmd: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> tuple[
 
 def make_data(case: Case, workdir: Path) -> Path:
     """Generate (once) the case's 224-px JPEG image folder."""
-    from ftsgd.synthetic import make_image_folder
+    from ftsgd.data.synthetic import make_image_folder
 
     root = workdir / f"data-{case.name}"
     done = root / ".complete"

@@ -1,6 +1,6 @@
 """``python -m ftsgd`` runs the same CLI as the ``ftsgd`` console script."""
 
-from ftsgd.cli import main
+from ftsgd.cli.app import main
 
 if __name__ == "__main__":
     main()

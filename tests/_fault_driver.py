@@ -49,8 +49,8 @@ def _die() -> None:
 
 
 def _install(spec: str) -> None:
-    import ftsgd.fileio as fileio
-    from ftsgd.trainer import Trainer
+    import ftsgd.utils.fileio as fileio
+    from ftsgd.train.trainer import Trainer
 
     directives = dict(item.split("=", 1) for item in spec.split(",") if item)
 
@@ -125,7 +125,7 @@ def _install(spec: str) -> None:
 
 def main() -> None:
     _install(os.environ.get("FTSGD_FAULT", ""))
-    from ftsgd.cli import main as cli_main
+    from ftsgd.cli.app import main as cli_main
 
     sys.argv = ["ftsgd", *sys.argv[1:]]
     cli_main()

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ftsgd.recipe import load_recipe, recipe_to_toml
+from ftsgd.recipe.dump import recipe_to_toml
+from ftsgd.recipe.load import load_recipe
 
 
 def _splits(val: float, ood: float | None, delta: float) -> dict[str, Any]:

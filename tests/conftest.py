@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ftsgd.synthetic import make_image_folder
+from ftsgd.data.synthetic import make_image_folder
 
 MakeFolder = Callable[..., Path]
 
@@ -96,8 +96,8 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     Shared by the inference tests (predict, eval's confusion matrix, ONNX export); treat it as read-only.
     """
-    from ftsgd.trainer import Trainer
-    from ftsgd.validate import load_checked_recipe
+    from ftsgd.run.checks import load_checked_recipe
+    from ftsgd.train.trainer import Trainer
 
     recipe = load_checked_recipe(
         "sgd-freeze-embed",

@@ -1,0 +1,92 @@
+"""``ftsgd demo``: a generated dataset, a fine-tuning run and, with ``--compare``, the paper's comparison."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ftsgd.cli.compare import FULL, QUICK, print_comparison, run_comparison
+from ftsgd.cli.train import print_train_results
+from ftsgd.data.synthetic import make_image_folder
+from ftsgd.errors import UsageError
+from ftsgd.recipe.schema import DEFAULT_RECIPE
+from ftsgd.run.checks import load_checked_recipe
+from ftsgd.train.trainer import Trainer
+from ftsgd.utils import console
+
+
+def demo_command(
+    *,
+    out: Path | None,
+    epochs: int | None,
+    force: bool,
+    argv: list[str],
+    compare: bool = False,
+    quick: bool = False,
+) -> dict[str, Any] | None:
+    """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``.
+
+    With ``compare``, :func:`ftsgd.compare.run_comparison` instead (``quick``: its tiny configuration).
+    """
+    if compare and epochs is not None:
+        raise UsageError(
+            "--epochs is for the plain demo; --compare has its own settings (--quick for a tiny one)"
+        )
+    if compare:
+        return compare_command(out=out or Path("runs/demo-compare"), force=force, quick=quick)
+    if quick:
+        raise UsageError("--quick belongs to --compare: ftsgd demo --compare --quick")
+    out, epochs = out or Path("runs/demo"), epochs or 8
+    _clear_demo_dir(out, force)
+    data = make_image_folder(
+        out / "data", classes=4, size=32, seed=0, per_class={"train": 48, "val": 16, "ood": 16}
+    )
+    recipe = load_checked_recipe(
+        DEFAULT_RECIPE,
+        [
+            'model.name="test_vit"',
+            "model.kwargs={img_size=32}",
+            f"train.epochs={epochs}",
+            "train.batch_size=16",
+            "optim.lr=0.01",
+            'data.augment="flip"',
+            "data.num_workers=0",
+            f"data.root={json.dumps(str(data.resolve()))}",
+        ],
+    )
+    summary = Trainer(recipe, out / "run", argv=argv).fit()
+    if summary is not None:
+        print_train_results(summary)
+    console.info("try next:")
+    console.info(f"  ftsgd eval {out / 'run'} --data {data}")
+    console.info(
+        f"  ftsgd train --data {data} --out {out / 'run-adamw'} --recipe adamw --model test_vit "
+        "--set 'model.kwargs={img_size=32}' --set optim.lr=1e-3"
+    )
+    return summary
+
+
+def compare_command(*, out: Path, force: bool, quick: bool) -> dict[str, Any]:
+    """``ftsgd demo --compare``: run the comparison and print it; returns ``comparison.json``'s data."""
+    result = run_comparison(out, QUICK if quick else FULL, force=force)
+    print_comparison(result)
+    return result.to_dict()
+
+
+def _clear_demo_dir(out: Path, force: bool) -> None:
+    """Make ``out`` empty for a new demo; ``--force`` deletes only what an earlier demo wrote."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+    entries = {p.name for p in out.iterdir()}
+    if not entries <= {"data", "run", "run-adamw"} or not (out / "data" / "train").is_dir():
+        raise UsageError(
+            f"{out} is not a demo directory (it holds {', '.join(sorted(entries)[:5])}); --force only "
+            "replaces an earlier `ftsgd demo` output. Choose another --out"
+        )
+    shutil.rmtree(out)

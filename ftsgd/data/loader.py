@@ -1,0 +1,323 @@
+"""DataLoaders over the datasets: the batches of a training epoch or an evaluation pass, in one or many processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
+
+from ftsgd.data.dataset import EpochSampler, ImageDataset, ShardedBatchSampler
+from ftsgd.data.folders import Split
+from ftsgd.errors import DataError
+
+
+@dataclass(frozen=True)
+class BlankFill:
+    """Collate a process's part of a batch; an empty part becomes two blank images with no labels.
+
+    A process without images in a small last batch still runs its forward and backward pass: DDP's
+    gradient all-reduce and FSDP's parameter all-gathers need every process. The blank images carry
+    no label, so the trainer gives them zero loss weight and evaluation counts nothing for them.
+    Two rather than one, so that BatchNorm in training mode has more than one value per channel.
+    """
+
+    input_size: tuple[int, ...]
+
+    def __call__(self, batch: list[tuple[Any, int]]) -> Any:
+        if batch:
+            return default_collate(batch)
+        return torch.zeros((2, *self.input_size)), torch.zeros(0, dtype=torch.long)
+
+
+SampleKey = tuple[int, int, int]
+"""``(dataset, epoch, index)``: one sample of one of :class:`RunLoader`'s datasets, as one epoch loads it."""
+
+
+class _KeyedDatasets(Dataset):
+    """Several :class:`ImageDataset` behind one DataLoader: a key names the dataset, the epoch and the sample.
+
+    The epoch travels with every key rather than being set on the dataset, because persistent worker
+    processes hold their own copy of the dataset, which a later ``set_epoch`` in the trainer never reaches.
+    """
+
+    def __init__(self, datasets: list[ImageDataset]) -> None:
+        self.datasets = datasets
+
+    def __getitem__(self, key: SampleKey) -> tuple[Any, int]:  # type: ignore[override]
+        dataset, epoch, index = key
+        return self.datasets[dataset].item(index, epoch)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+
+class _BatchPlan(Sampler[list[SampleKey]]):
+    """The batches of the DataLoader's next pass, replaced before each pass (an epoch, a split's evaluation)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[SampleKey]] = []
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class RunLoader:
+    """One DataLoader, with persistent workers, for every pass of a training run over its data.
+
+    Training epochs and every evaluation split go through the same worker processes, started once,
+    instead of a new DataLoader (and new workers) per epoch and per split. Each pass is planned in the
+    main process as lists of sample keys (:data:`SampleKey`): the batches, their order, the skipped
+    batches of a resumed epoch and each process's share in a job are exactly those :func:`build_loader`
+    gives, and per-sample augmentation is seeded by ``(seed, epoch, index)`` as before, so the images,
+    and a resumed run's bits, are unchanged.
+
+    Args:
+        train: The training split and its transform (augmented per sample).
+        evaluation: ``{name: split}`` of the splits evaluated after each epoch.
+        eval_transform: Their transform (no augmentation).
+        seed: The run's seed.
+        num_workers: Worker processes (resolved), kept alive for the whole run; 0 loads in this process.
+        pin_memory: Pin batches for faster host-to-GPU copies.
+        input_size: ``(C, H, W)``, for the blank batches of :class:`BlankFill`.
+    """
+
+    def __init__(
+        self,
+        train: tuple[Split, Callable[[Any], Any]],
+        evaluation: dict[str, Split],
+        eval_transform: Callable[[Any], Any],
+        *,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        input_size: tuple[int, ...] = (3, 224, 224),
+    ) -> None:
+        datasets = [ImageDataset(train[0], train[1], training=True, seed=seed)]
+        datasets += [ImageDataset(split, eval_transform, seed=seed) for split in evaluation.values()]
+        self.datasets = datasets
+        self.eval_index = {name: i + 1 for i, name in enumerate(evaluation)}
+        self.seed = seed
+        self.plan = _BatchPlan()
+        self.loader = DataLoader(
+            _KeyedDatasets(datasets),
+            batch_sampler=self.plan,
+            collate_fn=BlankFill(tuple(input_size)),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed * 100003),
+        )
+
+    def train_epoch(
+        self,
+        epoch: int,
+        *,
+        batch_size: int,
+        start_batch: int = 0,
+        drop_last: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> DataLoader:
+        """The loader, planned for ``epoch``'s training batches from ``start_batch`` on (see :func:`build_loader`)."""
+        order = EpochSampler(len(self.datasets[0]), seed=self.seed, epoch=epoch)
+        self._plan(0, epoch, order, batch_size, start_batch, drop_last, shard)
+        return self.loader
+
+    def evaluation(
+        self, name: str, *, batch_size: int, shard: tuple[int, int, int] | None = None
+    ) -> DataLoader:
+        """The loader, planned for split ``name`` in file order, without augmentation."""
+        dataset = self.eval_index[name]
+        order = EpochSampler(len(self.datasets[dataset]), shuffle=False, seed=self.seed)
+        self._plan(dataset, 0, order, batch_size, 0, False, shard)
+        return self.loader
+
+    def _plan(
+        self,
+        dataset: int,
+        epoch: int,
+        order: EpochSampler,
+        batch_size: int,
+        start_batch: int,
+        drop_last: bool,
+        shard: tuple[int, int, int] | None,
+    ) -> None:
+        if shard is not None:
+            chunk, rank, world = shard
+            batches: Iterable[list[int]] = ShardedBatchSampler(
+                order, batch_size=batch_size, chunk=chunk, rank=rank, world=world,
+                start_batch=start_batch, drop_last=drop_last,
+            )  # fmt: skip
+        else:
+            order.set_epoch(epoch, min(order.num_samples, start_batch * batch_size))
+            batches = BatchSampler(order, batch_size, drop_last)
+        self.plan.batches = [[(dataset, epoch, i) for i in batch] for batch in batches]
+
+
+def _worker_init(worker_id: int) -> None:
+    """Seed a worker's global RNGs from its torch seed (itself from the loader's seeded generator).
+
+    Per-sample seeding in :class:`ImageDataset` already makes augmentation deterministic; this only
+    keeps any other randomness in a worker reproducible instead of inherited from the parent.
+    """
+    s = torch.initial_seed()
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def resolve_num_workers(n: int) -> int:
+    """Turn ``data.num_workers`` into a worker count.
+
+    Args:
+        n: ``-1`` for automatic, otherwise the count itself (0 = load in the main process).
+
+    Returns:
+        ``min(8, usable CPUs - 1)`` for ``-1`` (one CPU stays with the training loop), else ``n``.
+        Usable CPUs respect the process's CPU affinity (containers, Slurm) where the OS reports it.
+    """
+    if n >= 0:
+        return n
+    if n != -1:
+        raise ValueError(f"num_workers must be -1 (auto) or >= 0, got {n}")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+def epoch_steps(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps in one epoch: every batch, or (``data.drop_last``) only the full ones.
+
+    Raises:
+        DataError: ``drop_last`` with fewer images than one batch: an epoch would train on nothing.
+    """
+    if not drop_last:
+        return math.ceil(num_samples / batch_size)
+    if num_samples < batch_size:
+        raise DataError(
+            f"data.drop_last = true leaves no training batch: the training split has {num_samples} images, "
+            f"fewer than train.batch_size = {batch_size}; set data.drop_last = false or a smaller batch size"
+        )
+    return num_samples // batch_size
+
+
+def build_loader(
+    split: Split,
+    transform: Callable[[Any], Any] | None,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    epoch: int = 0,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    shard: tuple[int, int, int] | None = None,
+    input_size: tuple[int, ...] = (3, 224, 224),
+    drop_last: bool = False,
+) -> DataLoader:
+    """A deterministic DataLoader for one epoch of a split.
+
+    Args:
+        split: The split to load.
+        transform: From :func:`build_transform`.
+        batch_size: Images per batch; the last batch may be smaller unless ``drop_last``.
+        training: Shuffle with the ``(seed, epoch)`` permutation and draw augmentations per sample;
+            False loads in file order.
+        seed: The run's seed.
+        epoch: Epoch whose order and augmentations to use. For later epochs either build a new loader
+            or call ``loader.dataset.set_epoch(e)`` and ``loader.sampler.set_epoch(e)``; workers are
+            not persistent, so both take effect on the next iteration.
+        start_batch: Skip this many batches of the epoch (resume mid-epoch).
+        num_workers: Worker processes (already resolved, see :func:`resolve_num_workers`).
+        pin_memory: Pin batches for faster host-to-GPU copies.
+        shard: ``(chunk, rank, world)`` in a multi-process job: ``batch_size`` is the global batch and
+            this loader yields process ``rank``'s part of each one (:class:`ShardedBatchSampler`,
+            :class:`BlankFill`); None loads whole batches.
+        input_size: ``(C, H, W)`` of the transformed images, for :class:`BlankFill`.
+        drop_last: Leave out the epoch's last batch when it is smaller than ``batch_size``
+            (``data.drop_last``); skipping ``start_batch`` whole batches keeps the same batches.
+
+    Returns:
+        The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    dataset = ImageDataset(split, transform, training=training, seed=seed, epoch=epoch)
+    if shard is not None:
+        return _sharded_loader(
+            dataset,
+            batch_size,
+            shard,
+            start_batch,
+            input_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+        )
+    sampler = EpochSampler(
+        len(dataset),
+        shuffle=training,
+        seed=seed,
+        epoch=epoch,
+        start=min(len(dataset), start_batch * batch_size),
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed * 100003 + epoch),
+    )
+
+
+def _sharded_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    shard: tuple[int, int, int],
+    start_batch: int,
+    input_size: tuple[int, ...],
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool = False,
+) -> DataLoader:
+    """:func:`build_loader` for one process of a multi-process job (see ``shard`` there)."""
+    chunk, rank, world = shard
+    order = EpochSampler(len(dataset), shuffle=dataset.training, seed=dataset.seed, epoch=dataset.epoch)
+    batches = ShardedBatchSampler(
+        order,
+        batch_size=batch_size,
+        chunk=chunk,
+        rank=rank,
+        world=world,
+        start_batch=start_batch,
+        drop_last=drop_last,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=BlankFill(tuple(input_size)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(dataset.seed * 100003 + dataset.epoch),
+    )

@@ -1,0 +1,164 @@
+"""The model as a recipe fine-tunes it: built, weights loaded, embedding found, parameters frozen.
+
+``ftsgd inspect`` previews exactly what ``ftsgd train`` will do, so both start from the same
+:func:`prepare_model` and report the same :meth:`PreparedModel.freeze_report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from ftsgd.errors import RecipeError
+from ftsgd.model.build import (
+    WeightsReport,
+    build_model,
+    classifier_modules,
+    data_config_for,
+    enable_grad_checkpointing,
+    head_note,
+)
+from ftsgd.model.freeze import Embedding, apply_freeze, find_embedding, frozen_parameter_names
+from ftsgd.model.optim import param_groups
+from ftsgd.recipe.schema import STAGE_KEY, FreezeConfig, Recipe, stage_label, stage_recipes
+
+__all__ = ["PreparedModel", "check_stages", "prepare_model", "refreeze", "stage_freezes"]
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model ready to fine-tune and how it got that way.
+
+    Attributes:
+        model: The timm model on the CPU, frozen parameters with ``requires_grad=False``.
+        weights_report: What loading ``model.weights`` did (None: no file was loaded).
+        data_config: Preprocessing at the training resolution (``input_size``, ``mean``, ``std``, ...).
+        embedding: The detected embedding and how it was found.
+        frozen: Names of the frozen parameters, in ``named_parameters()`` order.
+        fixed: Parameters the model itself keeps fixed (``requires_grad=False`` before any freezing,
+            e.g. sin-cos position embeddings): a later stage never switches them on.
+        head: What happened to the classifier (re-initialised or kept, and why); "" when unknown.
+    """
+
+    model: nn.Module
+    weights_report: WeightsReport | None
+    data_config: dict[str, Any]
+    embedding: Embedding
+    frozen: tuple[str, ...]
+    fixed: tuple[str, ...] = ()
+    head: str = ""
+
+    @property
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def frozen_params(self) -> int:
+        frozen = set(self.frozen)
+        return sum(p.numel() for n, p in self.model.named_parameters() if n in frozen)
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters the optimizer updates (a model may keep some fixed on its own, e.g. sin-cos embeddings)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def freeze_report(self) -> dict[str, Any]:
+        """What is frozen, in the keys ``inspect --json`` and ``summary.json`` share."""
+        return {
+            "embedding": list(self.embedding.modules),
+            "frozen": list(self.frozen),
+            "frozen_params": self.frozen_params,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "weights_report": asdict(self.weights_report) if self.weights_report else None,
+            "head": self.head,
+        }
+
+
+def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: bool = False) -> PreparedModel:
+    """Build ``recipe.model`` for ``num_classes`` classes and apply ``recipe.freeze``.
+
+    Args:
+        recipe: A validated recipe whose ``model.name`` is set.
+        num_classes: Size of the task's classifier (None keeps the architecture's own head).
+        from_checkpoint: The weights will come from a run's checkpoint: neither the starting weights
+            file nor the hub is read (the file may have moved since; the checkpoint holds every weight).
+
+    Raises:
+        ModelError, WeightsError, RecipeError: see :func:`ftsgd.models.build_model` and
+            :func:`ftsgd.freeze.frozen_parameter_names`.
+    """
+    start = replace(recipe.model, weights="", pretrained=False) if from_checkpoint else recipe.model
+    model, weights_report = build_model(start, num_classes)
+    data_config = data_config_for(model, recipe.data)
+    embedding = find_embedding(model, data_config["input_size"])
+    fixed = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
+    frozen = frozen_parameter_names(model, recipe.freeze, embedding)
+    apply_freeze(model, frozen)
+    if recipe.train.grad_checkpointing:
+        enable_grad_checkpointing(model, recipe.model.name)
+    head = "" if from_checkpoint else head_note(start, weights_report, model, num_classes)
+    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen), fixed, head)
+
+
+def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
+    """Switch the model to another stage's ``[freeze]``; the result describes the model as it now is.
+
+    Parameters frozen before but not by ``cfg`` get ``requires_grad`` back (never those the model keeps
+    fixed itself); newly frozen ones lose it. BatchNorm modes follow from ``requires_grad`` at the next
+    :func:`ftsgd.freeze.train_mode`.
+    """
+    frozen = frozen_parameter_names(prepared.model, cfg, prepared.embedding)
+    release = set(prepared.frozen) - set(frozen) - set(prepared.fixed)
+    for name, param in prepared.model.named_parameters():
+        if name in release:
+            param.requires_grad_(True)
+    apply_freeze(prepared.model, frozen)
+    return replace(prepared, frozen=tuple(frozen))
+
+
+def check_stages(prepared: PreparedModel, recipe: Recipe, current: int = 0) -> None:
+    """Try every ``[[stage]]``'s freeze and optimizer groups on the model, then restore stage ``current``'s.
+
+    A stage's freeze patterns or learning-rate scales can only be checked on the model, and a mistake in
+    the last stage must not surface hours into the run, when it starts.
+
+    Raises:
+        RecipeError: The problems of the first stage that does not work, named ``stage.N.key``.
+    """
+    stages = stage_recipes(recipe) if recipe.stages else []
+    classifier = classifier_modules(prepared.model, prepared.embedding.execution_order)
+    for index, stage in enumerate(stages):
+        now = prepared
+        try:
+            now = refreeze(now, stage.freeze)
+            param_groups(now.model, stage.optim, embedding=now.embedding.modules, classifier=classifier)
+        except RecipeError as exc:
+            raise RecipeError([f"{STAGE_KEY}.{index + 1}.{p}" for p in exc.problems]) from None
+        finally:
+            refreeze(now, stages[current].freeze)
+
+
+def stage_freezes(prepared: PreparedModel, recipe: Recipe) -> list[dict[str, Any]]:
+    """What each ``[[stage]]`` of ``recipe`` freezes on this model (counts), without changing it."""
+    sizes = {n: p.numel() for n, p in prepared.model.named_parameters()}
+    rows = []
+    for index, stage in enumerate(stage_recipes(recipe) if recipe.stages else []):
+        frozen = set(frozen_parameter_names(prepared.model, stage.freeze, prepared.embedding))
+        fixed = set(prepared.fixed) - frozen
+        rows.append(
+            {
+                "stage": index + 1,
+                "name": stage_label(recipe, index),
+                "epochs": stage.train.epochs,
+                "policy": stage.freeze.policy,
+                "optimizer": stage.optim.name,
+                "lr": stage.optim.lr,
+                "frozen_tensors": len(frozen),
+                "frozen_params": sum(sizes[n] for n in frozen),
+                "trainable_params": sum(v for n, v in sizes.items() if n not in frozen and n not in fixed),
+            }
+        )
+    return rows

@@ -1,0 +1,14 @@
+"""The run directory: its files, its lock and resume policy, finding and reading runs, recipe checks."""
+
+from ftsgd import lazy_exports
+
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "RunDir": "rundir",
+        "locked": "rundir",
+        "find_run_dirs": "collect",
+        "read_runs": "collect",
+        "load_checked_recipe": "checks",
+    },
+)

@@ -1,0 +1,86 @@
+"""``ftsgd sweep``: plan, check, run and conclude."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from ftsgd.errors import Interrupted, RunError
+from ftsgd.run.rundir import locked
+from ftsgd.sweep.jobs import Stop, execute, make_slots
+from ftsgd.sweep.output import announce, failure_summary, print_pending_commands, print_sweep_report
+from ftsgd.sweep.plan import SweepOptions, plan_sweep
+from ftsgd.sweep.record import (
+    FAILED,
+    FINISHED,
+    INCOMPLETE,
+    INTERRUPTED,
+    PENDING,
+    Sweep,
+    check_out_dir,
+    collect_sweep_report,
+    initial_records,
+    outside_grid,
+    read_previous,
+    status_counts,
+    sweep_document,
+)
+from ftsgd.utils import console
+
+
+def sweep_command(opts: SweepOptions) -> dict[str, Any]:
+    """``ftsgd sweep``: plan and check every run, then train what is not finished, then report.
+
+    Returns:
+        ``sweep.json``'s content (or, with ``--print-commands``, the commands printed).
+
+    Raises:
+        UsageError: Bad usage, any grid point's recipe, a changed grid or a run directory holding another
+            recipe; all found before any run starts.
+        RunError: Some runs failed (the others were trained); exit 1.
+        Interrupted: SIGINT/SIGTERM stopped the sweep after its running runs stopped (saving checkpoints).
+    """
+    plan = plan_sweep(opts)
+    if opts.print_commands:
+        check_out_dir(plan, read_previous(plan.out), opts.allow_changed_grid)
+        return print_pending_commands(plan, opts.as_json)
+    with locked(plan.out, "sweep directory"):
+        previous = read_previous(plan.out)
+        check_out_dir(plan, previous, opts.allow_changed_grid)
+        sweep = Sweep(plan, opts, initial_records(plan, previous, opts.retry_failed), outside_grid(plan))
+        sweep.report = collect_sweep_report(plan, sweep.records)
+        sweep.write()
+        announce(sweep)
+        stop = execute(sweep, make_slots(opts))
+        return conclude(sweep, stop)
+
+
+def conclude(sweep: Sweep, stop: Stop) -> dict[str, Any]:
+    """Write the final ``sweep.json`` and plots, print the report, and raise for failures or a stop."""
+    counts = status_counts(sweep)
+    left = counts[PENDING] + counts[INTERRUPTED]
+    sweep.state = (
+        INTERRUPTED if stop.count else FAILED if counts[FAILED] else INCOMPLETE if left else FINISHED
+    )
+    sweep.report = collect_sweep_report(sweep.plan, sweep.records)
+    if sweep.opts.png is not None and sweep.report is not None:
+        from ftsgd.report.plots import write_plots
+
+        sweep.plots = write_plots(sweep.report, sweep.opts.png)
+    sweep.write()
+    document = sweep_document(sweep)
+    if sweep.opts.as_json:
+        console.print_json(document)
+    else:
+        print_sweep_report(sweep)
+    if stop.count:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(
+            f"sweep interrupted by {name}: its running runs were stopped (a run stopped while training saves "
+            f"its checkpoint); run the same command again to continue ({counts[FINISHED]} of "
+            f"{len(sweep.plan.runs)} runs finished)",
+            stop.signum,
+        )
+    if counts[FAILED]:
+        raise RunError(failure_summary(sweep))
+    return document

@@ -1,0 +1,230 @@
+"""Terminal output: rich tables on a terminal, plain lines in pipes and cron, JSON for scripts.
+
+Everything the commands print goes through here so that the three output styles stay consistent:
+``--json`` prints exactly one JSON object on stdout; a TTY gets rich tables and progress bars;
+anything else (a cron job, ``| tee``) gets plain, greppable lines without colour codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ftsgd.utils.fileio import jsonable
+
+
+def stdout_is_tty() -> bool:
+    """Whether stdout is an interactive terminal (``FTSGD_FORCE_TTY=1`` pretends it is, for testing)."""
+    if os.environ.get("FTSGD_FORCE_TTY") == "1":
+        return True
+    return sys.stdout.isatty()
+
+
+def secondary_rank() -> bool:
+    """Whether this is a process other than rank 0 of a ``torchrun`` job: it prints nothing but errors.
+
+    Read from torchrun's environment (``RANK``, ``WORLD_SIZE``) so that every way of printing, the
+    ``--json`` object included, appears once per job, not once per process.
+    """
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _rank_label() -> str:
+    """``"[rank N] "`` in a multi-process job, so an error says which process it comes from."""
+    try:
+        many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        many = False
+    return f"[rank {os.environ.get('RANK', '0')}] " if many else ""
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console that writes to the *current* sys.stdout/sys.stderr (CliRunner swaps them)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, force_terminal=stdout_is_tty() if not stderr else None, soft_wrap=True)
+
+
+def print_json(obj: Any) -> None:
+    """Print one JSON object on stdout (the contract of every ``--json`` flag)."""
+    if secondary_rank():
+        return
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A rich table on a terminal, aligned plain text otherwise."""
+    if secondary_rank():
+        return
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    if stdout_is_tty():
+        table = Table(title=Text(title), title_justify="left")
+        for i, col in enumerate(columns):
+            table.add_column(Text(col), justify="left" if i == 0 else "right")
+        for row in cells:
+            table.add_row(*(Text(c) for c in row))  # class names like "[cat]" are not rich markup
+        console().print(table)
+        return
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+    out = [title] if title else []
+    out.append("  ".join(col.ljust(w) for col, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.flush()
+
+
+def print_kv(pairs: Sequence[tuple[str, Any]]) -> None:
+    """Aligned ``key: value`` lines."""
+    if secondary_rank():
+        return
+    width = max((len(k) for k, _ in pairs), default=0)
+    text = "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+    if stdout_is_tty():
+        console().print(text, highlight=False, markup=False)
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    """One plain informational line on stdout."""
+    if secondary_rank():
+        return
+    if stdout_is_tty():
+        console().print(message, highlight=False, markup=False)
+    else:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+
+def error(message: str) -> None:
+    """An error for the user on stderr, without a traceback (every process of a job prints its own)."""
+    sys.stderr.write(f"{_rank_label()}error: {message}\n")
+    sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    """A warning on stderr (kept off stdout so ``--json`` output stays parseable)."""
+    if secondary_rank():
+        return
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
+class TrainingProgress:
+    """Training progress: a rich bar on a terminal, a plain line per epoch (and every N steps) elsewhere.
+
+    ``mode`` is ``"rich"``, ``"plain"`` or ``"quiet"``; :func:`training_progress` picks it.
+    """
+
+    def __init__(self, mode: str, *, epochs: int, steps_per_epoch: int, log_every: int = 50) -> None:
+        self.mode = mode
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every = log_every
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> TrainingProgress:
+        if self.mode == "rich":
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console(),
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def start_epoch(self, epoch: int, start_step: int, lr: float) -> None:
+        """Begin epoch ``epoch`` (0-based) at step ``start_step``."""
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(
+                "train",
+                total=self.steps_per_epoch,
+                completed=start_step,
+                epoch=epoch + 1,
+                epochs=self.epochs,
+                loss="-",
+                lr=f"{lr:.3g}",
+                ips="-",
+            )
+
+    def step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float) -> None:
+        """After optimizer step ``step`` (1-based within the epoch)."""
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.3g}", ips=f"{images_per_s:.0f}"
+            )
+        elif (
+            self.mode == "plain"
+            and self.log_every
+            and step % self.log_every == 0
+            and step < self.steps_per_epoch
+        ):
+            info(
+                f"epoch {epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
+                f"loss {loss:.4f} lr {lr:.3g} {images_per_s:.1f} img/s"
+            )
+
+    def end_epoch(self, record: dict[str, Any], best: bool) -> None:
+        """One summary line per epoch (train loss/accuracy and every split's accuracy)."""
+        if self.mode == "quiet":
+            return
+        splits = "  ".join(f"{name} acc {m['accuracy']:.4f}" for name, m in record["splits"].items())
+        line = (
+            f"epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f}  {splits}  {record['images_per_s']:.1f} img/s "
+            f"{record['epoch_time_s']:.1f}s{'  (best)' if best else ''}"
+        )
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False, markup=False)
+        else:
+            info(line)
+
+    def message(self, text: str) -> None:
+        """A status line (suppressed when quiet)."""
+        if self.mode == "quiet":
+            return
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False, markup=False)
+        else:
+            info(text)
+
+
+def training_progress(quiet: bool, *, epochs: int, steps_per_epoch: int) -> TrainingProgress:
+    """Pick rich, plain or quiet output for a training run."""
+    mode = "quiet" if quiet or secondary_rank() else ("rich" if stdout_is_tty() else "plain")
+    return TrainingProgress(mode, epochs=epochs, steps_per_epoch=steps_per_epoch)

@@ -1,0 +1,104 @@
+"""``ftsgd demo --compare --quick``: the comparison table's rows and columns, caching and safe reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ftsgd.cli.app import app
+from ftsgd.cli.compare import METHODS, QUICK
+
+COLUMNS = ["method", "best lr", "seeds", "ID val %", "OOD %", "train-state memory", "bytes/param", "vs adamw"]
+
+
+def compare(out: Path, cache: Path, *extra: str):
+    return CliRunner().invoke(
+        app, ["demo", "--compare", "--quick", "--out", str(out), *extra], env={"XDG_CACHE_HOME": str(cache)}
+    )
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("compare")
+    result = compare(root / "out", root / "cache")
+    assert result.exit_code == 0, result.output
+    return root / "out", root / "cache", result.output
+
+
+def _table(output: str, title: str) -> list[list[str]]:
+    """The plain-text table after ``title``: its header and rows, split on runs of two spaces."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    table = []
+    for line in lines[start + 1 :]:
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        if not cells or line.startswith(("backbone:", "time:")):
+            break
+        table.append(cells)
+    return table
+
+
+def test_the_comparison_table_has_a_row_per_method_and_its_columns(first: tuple[Path, Path, str]) -> None:
+    out, _, output = first
+    header, *rows = _table(output, "Comparison: per method")
+    assert header == COLUMNS
+    assert [r[0] for r in rows] == list(METHODS)
+    for row in rows:
+        method = row[0]
+        assert float(row[1]) in QUICK.lrs[method]  # the selected lr is one of the method's grid
+        assert row[2] == "1/1"
+        assert 0 <= float(row[3]) <= 100 and 0 <= float(row[4]) <= 100
+    per_param = {r[0]: float(r[6]) for r in rows}
+    assert per_param["adamw"] == 16.0 and per_param["sgd"] == 12.0  # the paper's bytes/parameter
+    assert per_param["sgd-freeze-embed"] < 12.0
+    assert "recommendation:" in output and "Grid points" in output
+
+    saved = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == list(METHODS)
+    for row, shown in zip(saved["rows"], rows, strict=True):
+        assert f"{row['lr']:g}" == shown[1]
+        assert f"{100 * row['val']['mean']:.1f}" == shown[3] and f"{100 * row['ood']['mean']:.1f}" == shown[4]
+    assert saved["diagnostic"]["groups"][0]["kind"] == "embedding"
+    runs = sorted(p.parent.relative_to(out / "runs").as_posix() for p in (out / "runs").rglob("summary.json"))
+    assert runs == sorted(
+        f"{m}/lr{lr:g}-seed{s}" for m in METHODS for lr in QUICK.lrs[m] for s in range(QUICK.seeds)
+    )
+
+
+def test_a_rerun_reuses_the_cached_backbone_and_the_finished_runs(first: tuple[Path, Path, str]) -> None:
+    out, cache, output = first
+    assert "pre-training the backbone" in output
+    again = compare(out, cache)
+    assert again.exit_code == 0, again.output
+    assert "pre-training the backbone" not in again.output and "cached:" in again.output
+    assert again.output.count("finished before") == sum(len(v) for v in QUICK.lrs.values()) * QUICK.seeds
+    assert _table(again.output, "Comparison: per method") == _table(output, "Comparison: per method")
+
+
+def test_other_settings_or_other_files_in_out_are_refused(
+    first: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    out, cache, _ = first
+    full = CliRunner().invoke(
+        app, ["demo", "--compare", "--out", str(out)], env={"XDG_CACHE_HOME": str(cache)}
+    )
+    assert full.exit_code == 2 and "other settings" in full.output and "--force" in full.output
+    (tmp_path / "mine.txt").write_text("keep me")
+    refused = compare(tmp_path, cache, "--force")
+    assert refused.exit_code == 2 and "not a comparison folder" in refused.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # not even a lock file was left
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compare", "--epochs", "3"], "--epochs is for the plain demo"),
+        (["--quick"], "--quick belongs to --compare"),
+    ],
+)
+def test_demo_options_that_do_not_go_together(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2 and message in result.output
