@@ -1,10 +1,16 @@
-"""Datasets and samplers whose order and augmentation are pure functions of ``(seed, epoch, index)``."""
+"""Datasets, sample orders and batches: pure functions of ``(seed, epoch, index)``.
+
+:class:`ImageDataset` seeds each sample's augmentation, :class:`EpochSampler` gives an epoch's order,
+and :func:`plan_batches` cuts an order into the batches (or one process's part of them) that every
+loader of :mod:`ftsgd.data.loader` yields, so a resumed epoch, a job of many processes and an
+evaluation pass all see the batches one uninterrupted process would.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,43 +162,41 @@ def batch_shard(n: int, chunk: int, rank: int, world: int) -> BatchShard:
     return BatchShard(min(first * chunk, n), min(end * chunk, n), first, end - first, total)
 
 
-class ShardedBatchSampler(Sampler[list[int]]):
-    """One process's part (:func:`batch_shard`) of every global batch of an epoch.
+def plan_batches(
+    order: Sequence[int],
+    batch_size: int,
+    *,
+    start_batch: int = 0,
+    drop_last: bool = False,
+    shard: tuple[int, int, int] | None = None,
+) -> list[list[int]]:
+    """The batches of one pass over ``order``: every loader of training, evaluation and the diagnostic.
 
-    Every process walks the same global order, so the global batches, and each sample's
-    ``(seed, epoch, index)`` augmentation, are those of a one-process run whatever the number of
-    processes; and every process yields one (possibly empty) list per global batch, so all of them
-    run the same number of steps.
+    Consecutive ``batch_size`` slices of ``order`` (the last one smaller, or left out with
+    ``drop_last``), from batch ``start_batch`` on, so a resumed epoch gets exactly the batches the
+    interrupted one had left. With ``shard = (chunk, rank, world)``, ``batch_size`` is the global
+    batch and each slice is process ``rank``'s part of it (:func:`batch_shard`): every process walks
+    the same global order, so the global batches, and each sample's ``(seed, epoch, index)``
+    augmentation, are those of a one-process run whatever the number of processes, and every process
+    yields one (possibly empty) list per global batch, so all of them run the same number of steps.
+
+    Args:
+        order: The pass's sample indices (:meth:`EpochSampler.order`).
+        batch_size: Images per (global) batch.
+        start_batch: Batches of the pass to skip.
+        drop_last: Leave out a last batch smaller than ``batch_size``.
+        shard: ``(chunk, rank, world)`` in a multi-process job; None yields whole batches.
+
+    Raises:
+        ValueError: ``batch_size < 1`` or ``start_batch < 0``.
     """
-
-    def __init__(
-        self,
-        order: EpochSampler,
-        *,
-        batch_size: int,
-        chunk: int,
-        rank: int,
-        world: int,
-        start_batch: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        self.order = order
-        self.batch_size = batch_size
-        self.chunk = chunk
-        self.rank = rank
-        self.world = world
-        self.start_batch = start_batch
-        self.drop_last = drop_last
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.order.order()
-        end = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        for start in range(self.start_batch * self.batch_size, end, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            part = batch_shard(len(batch), self.chunk, self.rank, self.world)
-            yield batch[part.lo : part.hi]
-
-    def __len__(self) -> int:
-        n = self.order.num_samples
-        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        return max(0, batches - self.start_batch)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    end = len(order) - len(order) % batch_size if drop_last else len(order)
+    batches = [list(order[i : i + batch_size]) for i in range(start_batch * batch_size, end, batch_size)]
+    if shard is None:
+        return batches
+    parts = (batch_shard(len(batch), *shard) for batch in batches)
+    return [batch[part.lo : part.hi] for batch, part in zip(batches, parts, strict=True)]

@@ -1,19 +1,25 @@
-"""DataLoaders over the datasets: the batches of a training epoch or an evaluation pass, in one or many processes."""
+"""DataLoaders over the datasets: the batches of a training epoch or an evaluation pass, in one or many processes.
+
+Every pass is planned by :func:`ftsgd.data.dataset.plan_batches` and loaded by a DataLoader from
+:func:`_data_loader`, whether it is one of a training run's (:class:`RunLoader`, whose workers serve the
+whole run) or a single pass (:func:`build_loader`: ``ftsgd eval``, the gradient diagnostic): so their
+batches, per-sample augmentation and resume points are the same by construction.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ftsgd.data.dataset import EpochSampler, ImageDataset, ShardedBatchSampler
+from ftsgd.data.dataset import EpochSampler, ImageDataset, plan_batches
 from ftsgd.data.folders import Split
 from ftsgd.errors import DataError
 
@@ -58,17 +64,44 @@ class _KeyedDatasets(Dataset):
         return sum(len(d) for d in self.datasets)
 
 
-class _BatchPlan(Sampler[list[SampleKey]]):
-    """The batches of the DataLoader's next pass, replaced before each pass (an epoch, a split's evaluation)."""
+class _BatchPlan(Sampler[list[Any]]):
+    """The batches of a DataLoader's next pass; :class:`RunLoader` replaces them before each pass."""
 
-    def __init__(self) -> None:
-        self.batches: list[list[SampleKey]] = []
+    def __init__(self, batches: list[list[Any]] | None = None) -> None:
+        self.batches: list[list[Any]] = batches or []
 
-    def __iter__(self) -> Iterator[list[SampleKey]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _data_loader(
+    dataset: Dataset,
+    plan: _BatchPlan,
+    *,
+    generator_seed: int,
+    input_size: tuple[int, ...],
+    num_workers: int,
+    pin_memory: bool,
+    persistent: bool,
+) -> DataLoader:
+    """The DataLoader of every pass: ``plan``'s batches, collated by :class:`BlankFill`.
+
+    ``generator_seed`` seeds the generator the workers' seeds come from (:func:`_worker_init`); a
+    generator of its own also keeps the DataLoader from drawing from torch's global RNG.
+    """
+    return DataLoader(
+        dataset,
+        batch_sampler=plan,
+        collate_fn=BlankFill(tuple(input_size)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent and num_workers > 0,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(generator_seed),
+    )
 
 
 class RunLoader:
@@ -76,10 +109,10 @@ class RunLoader:
 
     Training epochs and every evaluation split go through the same worker processes, started once,
     instead of a new DataLoader (and new workers) per epoch and per split. Each pass is planned in the
-    main process as lists of sample keys (:data:`SampleKey`): the batches, their order, the skipped
-    batches of a resumed epoch and each process's share in a job are exactly those :func:`build_loader`
-    gives, and per-sample augmentation is seeded by ``(seed, epoch, index)`` as before, so the images,
-    and a resumed run's bits, are unchanged.
+    main process by :func:`plan_batches`, as :func:`build_loader`'s are, and turned into lists of sample
+    keys (:data:`SampleKey`): the batches, their order, the skipped batches of a resumed epoch and each
+    process's share in a job are those of a new loader per pass, and per-sample augmentation is seeded
+    by ``(seed, epoch, index)`` as before, so the images, and a resumed run's bits, are unchanged.
 
     Args:
         train: The training split and its transform (augmented per sample).
@@ -108,15 +141,14 @@ class RunLoader:
         self.eval_index = {name: i + 1 for i, name in enumerate(evaluation)}
         self.seed = seed
         self.plan = _BatchPlan()
-        self.loader = DataLoader(
+        self.loader = _data_loader(
             _KeyedDatasets(datasets),
-            batch_sampler=self.plan,
-            collate_fn=BlankFill(tuple(input_size)),
+            self.plan,
+            generator_seed=seed * 100003,
+            input_size=input_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed * 100003),
+            persistent=True,
         )
 
     def train_epoch(
@@ -129,7 +161,7 @@ class RunLoader:
         shard: tuple[int, int, int] | None = None,
     ) -> DataLoader:
         """The loader, planned for ``epoch``'s training batches from ``start_batch`` on (see :func:`build_loader`)."""
-        order = EpochSampler(len(self.datasets[0]), seed=self.seed, epoch=epoch)
+        order = EpochSampler(len(self.datasets[0]), seed=self.seed, epoch=epoch).order()
         self._plan(0, epoch, order, batch_size, start_batch, drop_last, shard)
         return self.loader
 
@@ -138,7 +170,7 @@ class RunLoader:
     ) -> DataLoader:
         """The loader, planned for split ``name`` in file order, without augmentation."""
         dataset = self.eval_index[name]
-        order = EpochSampler(len(self.datasets[dataset]), shuffle=False, seed=self.seed)
+        order = EpochSampler(len(self.datasets[dataset]), shuffle=False, seed=self.seed).order()
         self._plan(dataset, 0, order, batch_size, 0, False, shard)
         return self.loader
 
@@ -146,21 +178,14 @@ class RunLoader:
         self,
         dataset: int,
         epoch: int,
-        order: EpochSampler,
+        order: list[int],
         batch_size: int,
         start_batch: int,
         drop_last: bool,
         shard: tuple[int, int, int] | None,
     ) -> None:
-        if shard is not None:
-            chunk, rank, world = shard
-            batches: Iterable[list[int]] = ShardedBatchSampler(
-                order, batch_size=batch_size, chunk=chunk, rank=rank, world=world,
-                start_batch=start_batch, drop_last=drop_last,
-            )  # fmt: skip
-        else:
-            order.set_epoch(epoch, min(order.num_samples, start_batch * batch_size))
-            batches = BatchSampler(order, batch_size, drop_last)
+        """Replace the plan's batches with this pass's, as keys of ``dataset`` at ``epoch``."""
+        batches = plan_batches(order, batch_size, start_batch=start_batch, drop_last=drop_last, shard=shard)
         self.plan.batches = [[(dataset, epoch, i) for i in batch] for batch in batches]
 
 
@@ -236,14 +261,13 @@ def build_loader(
         training: Shuffle with the ``(seed, epoch)`` permutation and draw augmentations per sample;
             False loads in file order.
         seed: The run's seed.
-        epoch: Epoch whose order and augmentations to use. For later epochs either build a new loader
-            or call ``loader.dataset.set_epoch(e)`` and ``loader.sampler.set_epoch(e)``; workers are
-            not persistent, so both take effect on the next iteration.
+        epoch: Epoch whose order and augmentations to use; another epoch takes a new loader (or a
+            :class:`RunLoader`, whose workers serve every epoch).
         start_batch: Skip this many batches of the epoch (resume mid-epoch).
         num_workers: Worker processes (already resolved, see :func:`resolve_num_workers`).
         pin_memory: Pin batches for faster host-to-GPU copies.
         shard: ``(chunk, rank, world)`` in a multi-process job: ``batch_size`` is the global batch and
-            this loader yields process ``rank``'s part of each one (:class:`ShardedBatchSampler`,
+            this loader yields process ``rank``'s part of each one (:func:`plan_batches`,
             :class:`BlankFill`); None loads whole batches.
         input_size: ``(C, H, W)`` of the transformed images, for :class:`BlankFill`.
         drop_last: Leave out the epoch's last batch when it is smaller than ``batch_size``
@@ -252,72 +276,15 @@ def build_loader(
     Returns:
         The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     dataset = ImageDataset(split, transform, training=training, seed=seed, epoch=epoch)
-    if shard is not None:
-        return _sharded_loader(
-            dataset,
-            batch_size,
-            shard,
-            start_batch,
-            input_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-        )
-    sampler = EpochSampler(
-        len(dataset),
-        shuffle=training,
-        seed=seed,
-        epoch=epoch,
-        start=min(len(dataset), start_batch * batch_size),
-    )
-    return DataLoader(
+    order = EpochSampler(len(dataset), shuffle=training, seed=seed, epoch=epoch).order()
+    plan = plan_batches(order, batch_size, start_batch=start_batch, drop_last=drop_last, shard=shard)
+    return _data_loader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        _BatchPlan(plan),
+        generator_seed=seed * 100003 + epoch,
+        input_size=input_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        drop_last=drop_last,
-        persistent_workers=False,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed * 100003 + epoch),
-    )
-
-
-def _sharded_loader(
-    dataset: ImageDataset,
-    batch_size: int,
-    shard: tuple[int, int, int],
-    start_batch: int,
-    input_size: tuple[int, ...],
-    *,
-    num_workers: int,
-    pin_memory: bool,
-    drop_last: bool = False,
-) -> DataLoader:
-    """:func:`build_loader` for one process of a multi-process job (see ``shard`` there)."""
-    chunk, rank, world = shard
-    order = EpochSampler(len(dataset), shuffle=dataset.training, seed=dataset.seed, epoch=dataset.epoch)
-    batches = ShardedBatchSampler(
-        order,
-        batch_size=batch_size,
-        chunk=chunk,
-        rank=rank,
-        world=world,
-        start_batch=start_batch,
-        drop_last=drop_last,
-    )
-    return DataLoader(
-        dataset,
-        batch_sampler=batches,
-        collate_fn=BlankFill(tuple(input_size)),
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(dataset.seed * 100003 + dataset.epoch),
+        persistent=False,
     )

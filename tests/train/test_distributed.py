@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from ftsgd.cli.app import app
 from ftsgd.cli.evaluate import eval_command
 from ftsgd.data import scancache
-from ftsgd.data.dataset import EpochSampler, ShardedBatchSampler, batch_shard
+from ftsgd.data.dataset import EpochSampler, batch_shard, plan_batches
 from ftsgd.data.synthetic import make_image_folder
 from ftsgd.errors import RecipeError
 from ftsgd.recipe.load import load_recipe
@@ -210,10 +210,7 @@ def test_sharded_batches_are_the_one_process_batches_in_pieces() -> None:
     order = EpochSampler(27, seed=3, epoch=1)
     whole = order.order()
     for world in (2, 3):
-        per_rank = [
-            list(ShardedBatchSampler(order, batch_size=8, chunk=4, rank=r, world=world, start_batch=1))
-            for r in range(world)
-        ]
+        per_rank = [plan_batches(whole, 8, start_batch=1, shard=(4, r, world)) for r in range(world)]
         assert all(len(p) == 3 for p in per_rank)  # every process runs every step
         for step in range(3):
             joined = [i for p in per_rank for i in p[step]]
