@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd.cli.train import EVAL_SKIP_HINT
-from ftsgd.data.folders import discover_splits, ignored_warnings
+from ftsgd.data.folders import discover_splits
+from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import build_loader, resolve_num_workers
 from ftsgd.data.scan import preflight_scan
 from ftsgd.errors import DataError, UsageError

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-from ftsgd.data.folders import IgnoredTally
+from ftsgd.data.ignored import IgnoredTally
 from ftsgd.data.loader import resolve_num_workers
 from ftsgd.errors import RunError, UsageError
 from ftsgd.infer.predict import Prediction, Predictor, check_sources, csv_header, iter_items

@@ -29,7 +29,8 @@ from typing import IO, Any
 
 import torch
 
-from ftsgd.data.folders import IMG_EXTENSIONS, IgnoredTally, iter_image_files
+from ftsgd.data.folders import IMG_EXTENSIONS, iter_image_files
+from ftsgd.data.ignored import IgnoredTally
 from ftsgd.data.images import load_image
 from ftsgd.data.scan import check_image
 from ftsgd.errors import FtsgdError, RunError, UsageError, first_line

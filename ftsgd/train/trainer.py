@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 from ftsgd import __version__
 from ftsgd.data.dataset import batch_shard
 from ftsgd.data.fingerprint import compare_fingerprints, fingerprint
-from ftsgd.data.folders import Split, discover_splits, ignored_warnings
+from ftsgd.data.folders import Split, discover_splits
+from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import RunLoader, epoch_steps, resolve_num_workers
 from ftsgd.data.scan import preflight_scan
 from ftsgd.data.transforms import build_transform, small_image_warnings

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from ftsgd.data.dataset import EpochSampler, ImageDataset
-from ftsgd.data.folders import REPEATED_FOLDER, Split, discover_splits, find_classes, ignored_warnings
+from ftsgd.data.folders import REPEATED_FOLDER, Split, discover_splits, find_classes
+from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.images import load_image
 from ftsgd.data.loader import RunLoader, build_loader, resolve_num_workers
 from ftsgd.data.scan import check_image
