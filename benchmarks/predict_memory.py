@@ -62,7 +62,7 @@ def export_tiny_model(out: Path) -> None:
     import torch
 
     from ftsgd.infer.export import export_model
-    from ftsgd.model.build import model_data_config
+    from ftsgd.model.data_config import model_data_config
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32).eval()

@@ -67,7 +67,7 @@ def build_transform(
 
     Args:
         data_config: The model's timm data config (``input_size``, ``interpolation``, ``mean``,
-            ``std``, ``crop_pct``, ``crop_mode``), e.g. from :func:`ftsgd.models.data_config_for`;
+            ``std``, ``crop_pct``, ``crop_mode``), e.g. from :func:`ftsgd.model.data_config.data_config_for`;
             normalising with the model's own statistics matters for fine-tuning pretrained weights.
         augment: The ``data.augment`` preset. ``rrc_flip``: timm's training transform (random-resized
             crop + horizontal flip; colour jitter, auto-augment and random erasing off, as in the

@@ -34,7 +34,8 @@ from torch import nn
 from ftsgd import __version__
 from ftsgd.data.transforms import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
-from ftsgd.model.build import classifier_modules, model_data_config, unwrap_model
+from ftsgd.model.build import classifier_modules, unwrap_model
+from ftsgd.model.data_config import model_data_config
 from ftsgd.utils.fileio import atomic_save_safetensors, atomic_write_text, jsonable
 
 __all__ = [

@@ -56,8 +56,10 @@ from ftsgd.data.folders import discover_splits
 from ftsgd.data.loader import build_loader
 from ftsgd.data.transforms import build_transform, small_image_warnings
 from ftsgd.errors import ModelError, UsageError
-from ftsgd.model.build import build_model, classifier_modules, data_config_for, model_name
-from ftsgd.model.freeze import find_embedding, train_mode
+from ftsgd.model.build import build_model, classifier_modules, model_name
+from ftsgd.model.data_config import data_config_for
+from ftsgd.model.embedding import find_embedding
+from ftsgd.model.freeze import train_mode
 from ftsgd.model.layers import layer_groups
 from ftsgd.recipe.schema import Recipe
 from ftsgd.utils import console

@@ -8,7 +8,7 @@ __all__, __getattr__ = lazy_exports(
         "build_model": "build",
         "prepare_model": "prepare",
         "PreparedModel": "prepare",
-        "find_embedding": "freeze",
+        "find_embedding": "embedding",
         "frozen_parameter_names": "freeze",
         "build_optimizer": "optim",
         "read_state_dict": "weights",

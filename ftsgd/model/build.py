@@ -5,12 +5,12 @@ A weights file either fits the model or is rejected with the reason. Checkpoints
 wrappers are removed. The one expected mismatch, an ImageNet classifier on a model built for a new
 number of classes, is re-initialised and reported. Any other shape mismatch means the file is for a
 different architecture and fine-tuning from it would silently start from random weights, so it is an
-error listing the offending tensors. Reading the files safely is :mod:`ftsgd.weights`'s job; timm's hub
-download is :mod:`ftsgd.hub`'s.
+error listing the offending tensors. Reading the files safely is :mod:`ftsgd.model.weights`'s job; timm's hub
+download is :mod:`ftsgd.model.hub`'s.
 
-This module is also the one place that answers questions about a built model: its classifier
-(:func:`classifier_modules`), its input size and preprocessing (:func:`model_data_config`,
-:func:`input_config`) and whether it can checkpoint gradients (:func:`enable_grad_checkpointing`).
+This module also answers questions about a built model: its name, its classifier
+(:func:`classifier_modules`) and whether it can checkpoint gradients (:func:`enable_grad_checkpointing`);
+its input size and preprocessing are :mod:`ftsgd.model.data_config`'s.
 """
 
 from __future__ import annotations
@@ -32,19 +32,16 @@ from torch import nn
 from ftsgd.errors import ModelError, RecipeError, WeightsError, first_line
 from ftsgd.model.hub import looks_like_download_error, no_hub_error, pretrained_overlay
 from ftsgd.model.weights import LazyTensor, MappedFile, read_tensors, resolve_weights_path, stream_into
-from ftsgd.recipe.schema import RESET_HEAD, DataConfig, ModelConfig
+from ftsgd.recipe.schema import RESET_HEAD, ModelConfig
 
 __all__ = [
     "WeightsReport",
     "build_model",
     "classifier_modules",
     "create_kwargs",
-    "data_config_for",
     "enable_grad_checkpointing",
     "head_note",
-    "input_config",
     "load_weights",
-    "model_data_config",
     "model_name",
     "unknown_model_error",
     "unwrap_model",
@@ -115,7 +112,7 @@ def classifier_modules(model: nn.Module, order: Sequence[str] | None = None) -> 
     timm models say it themselves: ``get_classifier()`` and ``pretrained_cfg['classifier']`` (a tuple
     for models with two heads, like DeiT's distillation head). For models timm does not know (no
     ``get_classifier``), the last ``nn.Linear`` in execution order (``order``, see
-    :func:`ftsgd.freeze.execution_order`) or, failing that, in registration order.
+    :func:`ftsgd.model.embedding.execution_order`) or, failing that, in registration order.
     """
     modules = dict(model.named_modules())
     ids = {id(m): n for n, m in modules.items()}
@@ -538,69 +535,6 @@ def head_note(
     if source is not None and source != num_classes:
         return f"re-initialised for {num_classes} classes (the pretrained classifier has {source})"
     return f"kept from the pretrained weights ({num_classes} classes; model.reset_head = true starts a fresh one)"
-
-
-def _native_img_size(model: nn.Module) -> tuple[int, int] | None:
-    """The spatial size the model was built for, when it differs from its pretrained config's.
-
-    A ViT built with ``img_size=64`` keeps ``pretrained_cfg['input_size'] == (3, 224, 224)``, and
-    ``resolve_data_config`` returns that, which would feed it images it cannot take.
-    """
-    with contextlib.suppress(Exception):
-        from timm.models._input import get_model_input_config
-
-        size = tuple(get_model_input_config(model)["input_size"][1:])
-        if len(size) == 2:
-            return int(size[0]), int(size[1])
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if isinstance(img_size, int):
-        return img_size, img_size
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
-        return int(img_size[0]), int(img_size[1])
-    return None
-
-
-def model_data_config(model: nn.Module) -> dict[str, Any]:
-    """The model's preprocessing: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``.
-
-    From ``timm.data.resolve_data_config({}, model=model)``, with ``input_size`` corrected to the
-    resolution the model was actually built for (``img_size`` in ``model.kwargs``).
-    """
-    from timm.data import resolve_data_config
-
-    target = unwrap_model(model)
-    config = dict(resolve_data_config({}, model=target))
-    size = _native_img_size(target)
-    if size is not None:
-        config["input_size"] = (config["input_size"][0], *size)
-    return config
-
-
-def input_config(model: nn.Module, img_size: int = 0) -> dict[str, Any]:
-    """The model's data config (mean, std, crop, interpolation), at ``img_size`` when it is set (``data.img_size``)."""
-    cfg = dict(model_data_config(model))
-    if img_size:
-        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
-    return cfg
-
-
-def data_config_for(model: nn.Module, data: DataConfig) -> dict[str, Any]:
-    """The preprocessing a recipe trains and evaluates with: the model's own, with the ``data`` keys set.
-
-    ``data.img_size``, ``data.mean``, ``data.std``, ``data.crop_pct`` and ``data.interpolation``
-    replace the model's values (:func:`model_data_config`) when they are set (non-empty, non-zero);
-    the export records the result, so evaluation and timm see exactly what training used.
-    """
-    cfg = input_config(model, data.img_size)
-    overrides = {
-        "mean": tuple(data.mean),
-        "std": tuple(data.std),
-        "crop_pct": data.crop_pct,
-        "interpolation": data.interpolation,
-    }
-    cfg.update({k: v for k, v in overrides.items() if v})
-    return cfg
 
 
 def enable_grad_checkpointing(model: nn.Module, name: str) -> None:

@@ -8,7 +8,7 @@ group per transformer block (ViT ``blocks.3``) or residual block (ConvNeXt ``sta
 ResNet ``layer3.0``), the final norm merged into the last block, unmatched parameters (the head)
 last. Models without a ``group_matcher`` (plain ``torch.nn``) are grouped by top-level child.
 
-On top of that grouping, the embedding found by :func:`ftsgd.freeze.find_embedding` and the
+On top of that grouping, the embedding found by :func:`ftsgd.model.embedding.find_embedding` and the
 classifier are carved out as groups of their own, so the embedding is compared with the layers after
 it exactly as it is frozen (a ViT's ``patch_embed`` without ``pos_embed``/``cls_token``).
 """

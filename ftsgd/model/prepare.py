@@ -16,11 +16,12 @@ from ftsgd.model.build import (
     WeightsReport,
     build_model,
     classifier_modules,
-    data_config_for,
     enable_grad_checkpointing,
     head_note,
 )
-from ftsgd.model.freeze import Embedding, apply_freeze, find_embedding, frozen_parameter_names
+from ftsgd.model.data_config import data_config_for
+from ftsgd.model.embedding import Embedding, find_embedding
+from ftsgd.model.freeze import apply_freeze, frozen_parameter_names
 from ftsgd.model.optim import param_groups
 from ftsgd.recipe.schema import STAGE_KEY, FreezeConfig, Recipe, stage_label, stage_recipes
 
@@ -87,8 +88,8 @@ def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: b
             file nor the hub is read (the file may have moved since; the checkpoint holds every weight).
 
     Raises:
-        ModelError, WeightsError, RecipeError: see :func:`ftsgd.models.build_model` and
-            :func:`ftsgd.freeze.frozen_parameter_names`.
+        ModelError, WeightsError, RecipeError: see :func:`ftsgd.model.build.build_model` and
+            :func:`ftsgd.model.freeze.frozen_parameter_names`.
     """
     start = replace(recipe.model, weights="", pretrained=False) if from_checkpoint else recipe.model
     model, weights_report = build_model(start, num_classes)
@@ -108,7 +109,7 @@ def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
 
     Parameters frozen before but not by ``cfg`` get ``requires_grad`` back (never those the model keeps
     fixed itself); newly frozen ones lose it. BatchNorm modes follow from ``requires_grad`` at the next
-    :func:`ftsgd.freeze.train_mode`.
+    :func:`ftsgd.model.freeze.train_mode`.
     """
     frozen = frozen_parameter_names(prepared.model, cfg, prepared.embedding)
     release = set(prepared.frozen) - set(frozen) - set(prepared.fixed)

@@ -11,7 +11,7 @@ Two promises shape this module:
   pages back as soon as a tensor is copied (:class:`MappedFile`). On ViT-L that is the difference
   between a 1.9 GiB and a 3 GiB peak.
 
-Matching a state dict to a model (wrappers, prefixes, a re-initialised head) is :mod:`ftsgd.models`'s job.
+Matching a state dict to a model (wrappers, prefixes, a re-initialised head) is :mod:`ftsgd.model.build`'s job.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         The weights as ``name -> tensor`` on the CPU. Common wrappers (``state_dict``, ``model``,
         ``model_state_dict``, ``module``, EMA copies) are unwrapped, preferring the plain weights,
         and non-tensor entries (``epoch``, ``args``, optimizer state) are ignored. Key prefixes such
-        as ``module.`` are left for :func:`ftsgd.models.load_weights`, which strips them only if that makes the
+        as ``module.`` are left for :func:`ftsgd.model.build.load_weights`, which strips them only if that makes the
         keys match the model.
 
     Raises:

@@ -17,7 +17,7 @@ import torch
 from ftsgd.cli.evaluate import eval_command
 from ftsgd.errors import DataError, RecipeError
 from ftsgd.infer.export import load_exported_model
-from ftsgd.model.build import data_config_for
+from ftsgd.model.data_config import data_config_for
 from ftsgd.recipe.load import load_recipe
 from ftsgd.recipe.schema import DataConfig
 from ftsgd.train.trainer import Trainer

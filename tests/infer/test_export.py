@@ -14,7 +14,7 @@ from torch import nn
 from ftsgd import __version__
 from ftsgd.errors import WeightsError
 from ftsgd.infer.export import export_model, load_exported_model, read_export
-from ftsgd.model.build import model_data_config
+from ftsgd.model.data_config import model_data_config
 
 CLASSES = ["cat", "dog", "sea, lion", "café"]
 """Order matters, commas and non-ASCII must survive."""

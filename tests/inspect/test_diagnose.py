@@ -22,7 +22,7 @@ from ftsgd.inspect.diagnose import (
     text_bars,
 )
 from ftsgd.model.build import classifier_modules
-from ftsgd.model.freeze import find_embedding
+from ftsgd.model.embedding import find_embedding
 from ftsgd.recipe.load import load_recipe
 
 runner = CliRunner()

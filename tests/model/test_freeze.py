@@ -1,4 +1,4 @@
-"""Embedding detection and freeze policies (ftsgd.freeze), checked name by name per architecture.
+"""Embedding detection and freeze policies (model.embedding, model.freeze), checked name by name per architecture.
 
 Every model is created with ``pretrained=False`` (no hub access); the expected names were checked
 against each model's ``named_parameters()`` and against what the paper's code froze: the patch
@@ -13,15 +13,8 @@ import torch
 from torch import nn
 
 from ftsgd.errors import RecipeError
-from ftsgd.model.freeze import (
-    BlockRow,
-    Embedding,
-    apply_freeze,
-    find_embedding,
-    frozen_parameter_names,
-    top_level_blocks,
-    train_mode,
-)
+from ftsgd.model.embedding import Embedding, find_embedding
+from ftsgd.model.freeze import BlockRow, apply_freeze, frozen_parameter_names, top_level_blocks, train_mode
 from ftsgd.recipe.schema import FreezeConfig
 
 RESNET_DEEP_STEM = [

@@ -13,7 +13,8 @@ import timm
 import torch
 
 from ftsgd.inspect.inspection import EMBED_WARN_FRACTION, inspect_model
-from ftsgd.model.freeze import find_embedding, frozen_parameter_names
+from ftsgd.model.embedding import find_embedding
+from ftsgd.model.freeze import frozen_parameter_names
 from ftsgd.recipe.load import load_recipe
 from ftsgd.recipe.schema import FreezeConfig
 

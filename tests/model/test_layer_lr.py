@@ -14,7 +14,8 @@ from timm.optim import param_groups_layer_decay
 
 from ftsgd.errors import RecipeError
 from ftsgd.model.build import classifier_modules
-from ftsgd.model.freeze import apply_freeze, find_embedding, frozen_parameter_names
+from ftsgd.model.embedding import find_embedding
+from ftsgd.model.freeze import apply_freeze, frozen_parameter_names
 from ftsgd.model.layers import group_label, layer_groups
 from ftsgd.model.optim import StepInBackward, build_optimizer, lr_per_layer, param_groups, set_lr
 from ftsgd.recipe.load import load_recipe

@@ -16,7 +16,8 @@ from torch import nn
 
 from ftsgd.errors import ModelError, WeightsError
 from ftsgd.model import build as models
-from ftsgd.model.build import _MAX_LISTED, WeightsReport, build_model, load_weights, model_data_config
+from ftsgd.model.build import _MAX_LISTED, WeightsReport, build_model, load_weights
+from ftsgd.model.data_config import model_data_config
 from ftsgd.model.weights import MappedFile
 from ftsgd.recipe.schema import ModelConfig
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from ftsgd.cli.app import app
 from ftsgd.errors import RecipeError, RunError
-from ftsgd.model.freeze import apply_freeze, find_embedding, frozen_parameter_names
+from ftsgd.model.embedding import find_embedding
+from ftsgd.model.freeze import apply_freeze, frozen_parameter_names
 from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
 from ftsgd.recipe.load import load_recipe
 from ftsgd.recipe.schema import FreezeConfig, OptimConfig
