@@ -19,10 +19,6 @@ from ftsgd.errors import DataError
 from ftsgd.recipe.schema import BAD_IMAGE_ACTIONS
 from ftsgd.utils.distributed import gather_objects
 
-SKIPPED_FILE = "skipped.txt"
-"""Run-directory file listing the images ``data.on_bad_image = "skip"`` left out (path, split, reason)."""
-
-
 TRAIN_SKIP_HINT = (
     '--set data.on_bad_image=skip (data.on_bad_image = "skip" in the recipe); skipped files are listed in '
     "the run directory."
@@ -363,5 +359,5 @@ def preflight_scan(
 
 
 def skipped_lines(bad: list[BadImage]) -> str:
-    """The contents of :data:`SKIPPED_FILE`: one ``path<TAB>split<TAB>kind: detail`` line per file."""
+    """The contents of a run's ``skipped.txt``: one ``path<TAB>split<TAB>kind: detail`` line per file."""
     return "".join(f"{b.path}\t{b.split}\t{b.kind}: {b.detail}\n" for b in bad)

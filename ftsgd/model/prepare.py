@@ -11,21 +11,18 @@ from typing import Any
 
 from torch import nn
 
-from ftsgd.errors import RecipeError
 from ftsgd.model.build import (
     WeightsReport,
     build_model,
-    classifier_modules,
     enable_grad_checkpointing,
     head_note,
 )
 from ftsgd.model.data_config import data_config_for
 from ftsgd.model.embedding import Embedding, find_embedding
 from ftsgd.model.freeze import apply_freeze, frozen_parameter_names
-from ftsgd.model.optim import param_groups
-from ftsgd.recipe.schema import STAGE_KEY, FreezeConfig, Recipe, stage_label, stage_recipes
+from ftsgd.recipe.schema import FreezeConfig, Recipe, stage_label, stage_recipes
 
-__all__ = ["PreparedModel", "check_stages", "prepare_model", "refreeze", "stage_freezes"]
+__all__ = ["PreparedModel", "prepare_model", "refreeze", "stage_freezes"]
 
 
 @dataclass(frozen=True)
@@ -118,28 +115,6 @@ def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
             param.requires_grad_(True)
     apply_freeze(prepared.model, frozen)
     return replace(prepared, frozen=tuple(frozen))
-
-
-def check_stages(prepared: PreparedModel, recipe: Recipe, current: int = 0) -> None:
-    """Try every ``[[stage]]``'s freeze and optimizer groups on the model, then restore stage ``current``'s.
-
-    A stage's freeze patterns or learning-rate scales can only be checked on the model, and a mistake in
-    the last stage must not surface hours into the run, when it starts.
-
-    Raises:
-        RecipeError: The problems of the first stage that does not work, named ``stage.N.key``.
-    """
-    stages = stage_recipes(recipe) if recipe.stages else []
-    classifier = classifier_modules(prepared.model, prepared.embedding.execution_order)
-    for index, stage in enumerate(stages):
-        now = prepared
-        try:
-            now = refreeze(now, stage.freeze)
-            param_groups(now.model, stage.optim, embedding=now.embedding.modules, classifier=classifier)
-        except RecipeError as exc:
-            raise RecipeError([f"{STAGE_KEY}.{index + 1}.{p}" for p in exc.problems]) from None
-        finally:
-            refreeze(now, stages[current].freeze)
 
 
 def stage_freezes(prepared: PreparedModel, recipe: Recipe) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The run directory: its files, its lock and resume policy, finding and reading runs, recipe checks."""
+"""The run directory (its files, its lock, the resume policy), finding and reading runs, every recipe check."""
 
 from ftsgd import lazy_exports
 

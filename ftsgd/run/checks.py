@@ -1,10 +1,21 @@
-"""Recipe checks that need timm or the file system, merged with the recipe's own into one error.
+"""Every refusal of a recipe, in one module, in the order a run meets them.
 
-:mod:`ftsgd.recipe` validates what a recipe says on its own (types, ranges, conflicting keys) and
-imports neither timm nor anything that touches the disk, so it stays fast and testable. Whether the
-model name exists in this timm, whether the optimizer is in timm's registry and whether the named
-files and folders exist can only be answered here; :func:`load_checked_recipe` runs both kinds of
-check so a user still sees every problem of a recipe in one message.
+Each check runs as soon as what it needs exists, so a mistake costs seconds, not the minutes of
+decoding images or building a model that would come after it. Each raises one
+:class:`~ftsgd.errors.RecipeError` (exit 2, every problem at once, each naming its key) unless noted:
+
+1. Loading the recipe, :func:`load_checked_recipe`: the recipe's own checks (:mod:`ftsgd.recipe.checks`:
+   types, ranges, conflicting keys; no torch, no disk) with :func:`environment_problems` (the model and
+   optimizer names in this timm, optional packages, the weights file and dataset folders on disk).
+2. ``Trainer(...)``: :func:`check_model_named` (a :class:`~ftsgd.errors.ModelError`).
+3. Before joining a torchrun job: :func:`check_job`, before any process group exists.
+4. Once the device is known: :func:`check_device`, what its precision or FSDP cannot do.
+5. Once the data's splits are found: :func:`check_evaluated`, the split ``train.select_by`` names.
+6. Once the model is built: :func:`check_stages`, every ``[[stage]]``'s freeze and optimizer groups,
+   and in a job :func:`check_parallel_model` (a :class:`~ftsgd.errors.ModelError`).
+
+What a command may do with a run directory (start it, resume it, start it over, on which data) is the
+run's policy, not the recipe's: :mod:`ftsgd.run.resume`.
 """
 
 from __future__ import annotations
@@ -12,17 +23,35 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from ftsgd.data.transforms import timm_auto_augment
-from ftsgd.errors import WeightsError
-from ftsgd.model.build import unknown_model_error
-from ftsgd.model.optim import moment_arg_problems, optimizer_names, optimizer_package
-from ftsgd.model.weights import resolve_weights_path
-from ftsgd.recipe.load import load_recipe
-from ftsgd.recipe.schema import STAGE_KEY, DataConfig, Recipe
+import torch
+from torch import nn
 
-__all__ = ["environment_problems", "load_checked_recipe"]
+from ftsgd.data.transforms import timm_auto_augment
+from ftsgd.errors import ModelError, RecipeError, WeightsError
+from ftsgd.model.build import classifier_modules, unknown_model_error
+from ftsgd.model.optim import moment_arg_problems, optimizer_names, optimizer_package, param_groups
+from ftsgd.model.prepare import PreparedModel, refreeze
+from ftsgd.model.weights import resolve_weights_path
+from ftsgd.recipe.checks import select_metric
+from ftsgd.recipe.load import load_recipe
+from ftsgd.recipe.schema import STAGE_KEY, DataConfig, Recipe, stage_recipes
+
+__all__ = [
+    "check_device",
+    "check_evaluated",
+    "check_job",
+    "check_model_named",
+    "check_parallel_model",
+    "check_stages",
+    "environment_problems",
+    "load_checked_recipe",
+]
+
+
+# ---------------------------------------------------------------------------------------- loading
 
 
 def load_checked_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -155,3 +184,115 @@ def _data_path_problems(d: DataConfig) -> list[str]:
         if entry and not path.is_dir():
             out.append(f"{key}: split folder {path} does not exist")
     return out
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def check_model_named(recipe: Recipe) -> None:
+    """A run needs a model: a recipe may leave ``model.name`` to ``--model``.
+
+    Raises:
+        ModelError: ``model.name`` is empty.
+    """
+    if not recipe.model.name:
+        raise ModelError(
+            "no model given: pass --model NAME (a timm model name) or set model.name in the recipe"
+        )
+
+
+def check_job(recipe: Recipe, world_size: int) -> None:
+    """What a job of ``world_size`` processes cannot do with ``recipe``, refused before it is joined."""
+    if world_size > 1 and any(s.optim.step_in_backward for s in stage_recipes(recipe)):
+        raise RecipeError(
+            [
+                "optim.step_in_backward: not under torchrun: DDP keeps every gradient in its "
+                "communication buckets until they are all-reduced, so updating inside backward would save "
+                "no memory; set optim.step_in_backward = false (train.shard = true divides the gradients "
+                "and optimizer state by the number of processes instead)"
+            ]
+        )
+
+
+def check_device(recipe: Recipe, amp_dtype: torch.dtype | None, sharded: bool) -> None:
+    """What the autocast dtype ``train.amp`` resolved to on this device, or FSDP, cannot do with ``recipe``.
+
+    ``train.amp = "auto"`` means fp16 on a GPU without bf16, which only the device can tell; the
+    recipe's own checks already refuse an explicit ``"fp16"`` with these options.
+    """
+    problems = []
+    fp16 = amp_dtype == torch.float16
+    if fp16 and any(s.optim.step_in_backward for s in stage_recipes(recipe)):
+        problems.append(
+            'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot '
+            'use: an overflow is only known after some parameters were updated; set train.amp = "none"'
+        )
+    if sharded and recipe.train.ema_decay > 0:
+        problems.append(
+            "train.ema_decay: the weights' EMA is not supported with train.shard = true (FSDP2): it "
+            "would keep an unsharded copy of the model on every process; set train.ema_decay = 0 or "
+            "train with DDP (train.shard = false)"
+        )
+    if sharded and fp16:
+        problems.append(
+            'train.amp: "auto" picked fp16 on this GPU (no bf16), which train.shard cannot use (the '
+            'gradient scaler does not see the other processes\' slices); set train.amp = "none"'
+        )
+    if problems:
+        raise RecipeError(problems)
+
+
+def check_evaluated(recipe: Recipe, evaluated: Iterable[str]) -> None:
+    """``train.select_by`` must name a split that is evaluated every epoch (known once the data is found)."""
+    split, _ = select_metric(recipe.train.select_by)
+    evaluated = list(evaluated)
+    if split not in evaluated:
+        raise RecipeError(
+            [
+                f"train.select_by: split {split!r} is not evaluated in this dataset; evaluated splits: "
+                f"{', '.join(evaluated)} (data.val, data.eval_splits)"
+            ]
+        )
+
+
+def check_stages(prepared: PreparedModel, recipe: Recipe, current: int = 0) -> None:
+    """Try every ``[[stage]]``'s freeze and optimizer groups on the model, then restore stage ``current``'s.
+
+    A stage's freeze patterns or learning-rate scales can only be checked on the model, and a mistake in
+    the last stage must not surface hours into the run, when it starts.
+
+    Raises:
+        RecipeError: The problems of the first stage that does not work, named ``stage.N.key``.
+    """
+    stages = stage_recipes(recipe) if recipe.stages else []
+    classifier = classifier_modules(prepared.model, prepared.embedding.execution_order)
+    for index, stage in enumerate(stages):
+        now = prepared
+        try:
+            now = refreeze(now, stage.freeze)
+            param_groups(now.model, stage.optim, embedding=now.embedding.modules, classifier=classifier)
+        except RecipeError as exc:
+            raise RecipeError([f"{STAGE_KEY}.{index + 1}.{p}" for p in exc.problems]) from None
+        finally:
+            refreeze(now, stages[current].freeze)
+
+
+def check_parallel_model(model: nn.Module, name: str) -> None:
+    """A model several processes cannot train as one does.
+
+    BatchNorm layers with ``momentum=None`` keep a cumulative average, whose update depends on how many
+    batches one process has seen: :func:`ftsgd.train.parallel.merge_running_stats` cannot recombine it.
+
+    Raises:
+        ModelError: naming the first such layers.
+    """
+    cumulative = [
+        layer
+        for layer, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is None
+    ]
+    if cumulative:
+        raise ModelError(
+            f"{name}: BatchNorm layer(s) {', '.join(cumulative[:5])} use momentum=None (a "
+            "cumulative average), which training on several processes cannot reproduce; train on one process"
+        )

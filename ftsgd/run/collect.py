@@ -6,8 +6,8 @@ one bad run: a corrupt ``summary.json`` or ``recipe.toml`` becomes a :class:`Run
 ``broken`` and a problem line, because a report that dies on the 37th of 72 runs helps nobody. Only a
 path that holds no run at all is a usage error.
 
-The run directory's file names are defined here, where reading them needs no torch, and
-:mod:`ftsgd.rundir` (which writes them) imports them from here.
+Reading needs no torch (``ftsgd report`` never loads it); the file names come from
+:mod:`ftsgd.run.files`, as they do for :mod:`ftsgd.run.rundir`, which writes them.
 """
 
 from __future__ import annotations
@@ -24,14 +24,7 @@ from typing import Any
 from ftsgd.errors import UsageError
 from ftsgd.recipe.dump import flatten_recipe
 from ftsgd.recipe.schema import STAGE_KEY
-
-RECIPE_FILE = "recipe.toml"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-CHECKPOINT = "checkpoint.pt"
-"""The TOML key of a recipe's ``[[stage]]`` tables (``--set stage.N.section.key``, N from 1)."""
-RUN_MARKERS = (SUMMARY, RECIPE_FILE, METRICS, CHECKPOINT)
-"""Any of these files makes a folder a run directory (a run killed early may hold only recipe.toml)."""
+from ftsgd.run.files import METRICS, RECIPE_FILE, RUN_MARKERS, SUMMARY
 
 VAL_SPLIT = "val"
 """The ID-validation split's name in metrics.jsonl and summary.json (``ftsgd train`` always uses it)."""

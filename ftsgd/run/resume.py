@@ -1,4 +1,23 @@
-"""Whether a run directory may be written and how: a new run, a resume, a finished run, a job's other ranks."""
+"""What a command may do with a run directory: start it, continue it, start it over, or only report it.
+
+``ftsgd train --resume`` is always safe to run again (from cron, a Slurm requeue, ``ftsgd sweep``), so
+what it does follows from what the directory holds (:meth:`~ftsgd.run.rundir.RunDir.status`), decided
+by one process holding the directory's lock (:func:`locked_plan`):
+
+==============  ============================================================================
+status          what ``--resume`` does
+==============  ============================================================================
+``new``         starts the run with the recipe flags (without them there is nothing to start)
+``unstarted``   starts over: nothing of value was written before the first checkpoint
+``unfinished``  continues from ``checkpoint.pt`` with the run's own recipe, on the run's own data
+                (:func:`check_same_data`)
+``finished``    nothing: the command prints the results
+==============  ============================================================================
+
+Without ``--resume`` only a new (missing or empty) directory is accepted. Recipe flags given with
+``--resume`` must resolve to the run's own recipe. Under torchrun every process joins the job first
+(:func:`join_run_job`), and rank 0 alone locks the directory and decides for all of them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +25,38 @@ import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from ftsgd.errors import RecipeError, UsageError
+from ftsgd.data.fingerprint import compare_fingerprints
+from ftsgd.errors import DataError, UsageError
 from ftsgd.recipe.dump import recipe_differences
 from ftsgd.recipe.grid import SWEEP_KEYS
-from ftsgd.recipe.schema import DEFAULT_RECIPE, Recipe, stage_recipes
-from ftsgd.run.checks import load_checked_recipe
+from ftsgd.recipe.schema import DEFAULT_RECIPE, Recipe
+from ftsgd.run.checks import check_job, load_checked_recipe
 from ftsgd.run.rundir import RunDir, locked
+from ftsgd.utils.console import warn
 from ftsgd.utils.distributed import World, init, launched_world_size
+
+__all__ = [
+    "check_same_data",
+    "join_job_with",
+    "join_run_job",
+    "locked_plan",
+    "resolve_train_recipe",
+]
+
+
+def resolve_train_recipe(recipe: str | None, overrides: list[str], data: Path) -> Recipe:
+    """The recipe a new run trains with: ``--recipe`` + ``--set``, ``data.root`` and weights as absolute paths.
+
+    Absolute paths keep ``recipe.toml`` usable from any working directory (``--resume`` from cron).
+    """
+    root = f"data.root={json.dumps(str(data.expanduser().resolve()))}"
+    resolved = load_checked_recipe(recipe or DEFAULT_RECIPE, [*overrides, root])
+    if resolved.model.weights:
+        weights = str(Path(resolved.model.weights).expanduser().resolve())
+        resolved = replace(resolved, model=replace(resolved.model, weights=weights))
+    return resolved
 
 
 def join_run_job(run: RunDir, wanted: Recipe | None, data: Path) -> None:
@@ -25,6 +68,12 @@ def join_run_job(run: RunDir, wanted: Recipe | None, data: Path) -> None:
         return
     own = run.read_recipe(data, for_resume=False) if wanted is None and run.recipe_file.is_file() else None
     join_job_with(wanted or own or Recipe())
+
+
+def join_job_with(recipe: Recipe) -> World:
+    """Join the torchrun job (if any) for ``recipe``, refusing first what a job cannot do with it."""
+    check_job(recipe, launched_world_size())
+    return init(recipe.train.device)
 
 
 def locked_plan(
@@ -72,6 +121,7 @@ def _resume_plan(run: RunDir, wanted: Recipe | None, data: Path) -> tuple[Recipe
 
 
 def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
+    """Recipe flags given with ``--resume`` must resolve to the run's recipe (data.root, sweep.grid aside)."""
     changed = recipe_differences(own, wanted, ignore=("data.root", *SWEEP_KEYS))
     if changed:
         lines = "\n".join(f"  - {c}" for c in changed)
@@ -82,28 +132,38 @@ def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
         )
 
 
-def resolve_train_recipe(recipe: str | None, overrides: list[str], data: Path) -> Recipe:
-    """The recipe a new run trains with: ``--recipe`` + ``--set``, ``data.root`` and weights as absolute paths.
+def check_same_data(run: RunDir, fingerprint: dict[str, Any], root: str, *, allow_new_images: bool) -> bool:
+    """Refuse to resume ``run`` on data other than its own (before anything is decoded or built).
 
-    Absolute paths keep ``recipe.toml`` usable from any working directory (``--resume`` from cron).
+    Args:
+        run: The run being resumed.
+        fingerprint: The data found under ``root`` now (:func:`ftsgd.data.fingerprint.fingerprint`).
+        root: ``data.root``, for the message.
+        allow_new_images: ``--allow-new-images``: data that only gained images is accepted.
+
+    Returns:
+        Whether the run's record of its data must be written anew (it grew, or none was recorded).
+
+    Raises:
+        DataError: the data changed otherwise, listing the changes and how to continue.
     """
-    root = f"data.root={json.dumps(str(data.expanduser().resolve()))}"
-    resolved = load_checked_recipe(recipe or DEFAULT_RECIPE, [*overrides, root])
-    if resolved.model.weights:
-        weights = str(Path(resolved.model.weights).expanduser().resolve())
-        resolved = replace(resolved, model=replace(resolved.model, weights=weights))
-    return resolved
-
-
-def join_job_with(recipe: Recipe) -> World:
-    """Join the torchrun job (if any) for ``recipe``, refusing first what a job cannot do with it."""
-    if launched_world_size() > 1 and any(s.optim.step_in_backward for s in stage_recipes(recipe)):
-        raise RecipeError(
-            [
-                "optim.step_in_backward: not under torchrun: DDP keeps every gradient in its "
-                "communication buckets until they are all-reduced, so updating inside backward would save "
-                "no memory; set optim.step_in_backward = false (train.shard = true divides the gradients "
-                "and optimizer state by the number of processes instead)"
-            ]
-        )
-    return init(recipe.train.device)
+    recorded = run.read_dataset()
+    if recorded is None:
+        warn(f"{run.path} records no data fingerprint (made by an older ftsgd): the data is not checked")
+        return True
+    changes = compare_fingerprints(recorded, fingerprint)
+    if not changes.any or (allow_new_images and changes.only_grew):
+        if changes.any:
+            warn(f"continuing {run.path} on a grown dataset: {'; '.join(changes.lines())}")
+        return changes.any
+    lines = "\n".join(f"  - {line}" for line in changes.lines())
+    hint = (
+        "pass --allow-new-images to continue on the grown dataset (the rest of the run then sees a "
+        "different sample order than an uninterrupted run would)"
+        if changes.only_grew
+        else "point --data at the dataset the run started with, or start a new run with another --out"
+    )
+    raise DataError(
+        f"cannot resume {run.path}: the data under {root} is not what the run "
+        f"was trained on:\n{lines}\nTo continue, {hint}."
+    )

@@ -1,18 +1,11 @@
-"""The run directory: the files a fine-tuning run writes, and reading them back to resume.
+"""The run directory: writing its files, reading them back to resume, and the lock on it.
 
-Layout::
+Which files a run directory holds, and their names, is :mod:`ftsgd.run.files`; :data:`RUN_FILES` adds
+the exported model's two. What a command may do with a run directory (start it, resume it, start it
+over) is decided in :mod:`ftsgd.run.resume`, under :func:`locked`.
 
-    recipe.toml        the resolved recipe (written first)
-    checkpoint.pt      last resumable state (model, optimizer, scaler, RNG, counters, history)
-    metrics.jsonl      one JSON object per finished epoch
-    model.safetensors  best weights by ID-validation accuracy, with metadata, + config.json
-    summary.json       best epoch, each split's metrics at it, frozen parameters, command, versions
-    skipped.txt        images left out by data.on_bad_image = "skip" (only when there were any)
-    dataset.json       the data's fingerprint: classes, and every file with its size and mtime
-    .ftsgd.lock        held (flock) by the one process writing the run; the OS releases it when that dies
-
-Every file is written atomically (:mod:`ftsgd.fileio`), so a kill at any moment leaves each one either
-as it was or complete.
+Every file is written atomically (:mod:`ftsgd.utils.fileio`), so a kill at any moment leaves each one
+either as it was or complete.
 """
 
 from __future__ import annotations
@@ -32,33 +25,30 @@ from typing import Any
 
 import torch
 
-from ftsgd.data.scan import SKIPPED_FILE, BadImage, skipped_lines
+from ftsgd.data.scan import BadImage, skipped_lines
 from ftsgd.errors import RecipeError, UsageError, first_line
 from ftsgd.infer.export import CONFIG_NAME, WEIGHTS_NAME
 from ftsgd.recipe.build import recipe_from_dict
 from ftsgd.recipe.dump import recipe_to_toml
 from ftsgd.recipe.schema import Recipe
 from ftsgd.run.checks import environment_problems
-from ftsgd.run.collect import CHECKPOINT, METRICS, RECIPE_FILE, SUMMARY
+from ftsgd.run.files import (
+    BEFORE_FIRST_CHECKPOINT,
+    CHECKPOINT,
+    DATASET,
+    LOCK,
+    METRICS,
+    RECIPE_FILE,
+    SKIPPED_FILE,
+    SUMMARY,
+)
 from ftsgd.utils.fileio import atomic_torch_save, atomic_write_text, jsonable, remove_stale_temps
 
-__all__ = [
-    "CHECKPOINT",
-    "CHECKPOINT_FORMAT",
-    "METRICS",
-    "RECIPE_FILE",
-    "SUMMARY",
-    "RunDir",
-    "lock_holder",
-    "locked",
-]
+__all__ = ["CHECKPOINT_FORMAT", "RUN_FILES", "RunDir", "lock_holder", "locked"]
 
-DATASET = "dataset.json"
-LOCK = ".ftsgd.lock"
 CHECKPOINT_FORMAT = 1
-_WRITTEN = (CHECKPOINT, WEIGHTS_NAME, METRICS, SUMMARY, SKIPPED_FILE, CONFIG_NAME, DATASET, RECIPE_FILE)
-_BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE)
-"""What a run may have written before its first checkpoint: nothing of value, so it may start over."""
+RUN_FILES = (CHECKPOINT, WEIGHTS_NAME, METRICS, SUMMARY, SKIPPED_FILE, CONFIG_NAME, DATASET, RECIPE_FILE)
+"""Every file ftsgd writes into a run directory (its lock aside): the run's own and the exported model's."""
 
 
 _HELD: set[int] = set()
@@ -71,7 +61,8 @@ def _close_held_in_child() -> None:
     An ``flock`` belongs to the open file description, which a fork shares: a worker that outlived a
     ``kill -9``-ed trainer (workers notice their parent is gone within about 5 s) would otherwise keep
     the run locked, and an immediate ``--resume`` would be refused as "in use" by the dead PID. Closing
-    the child's copy leaves the parent's lock in place.
+    the child's copy leaves the parent's lock in place (never ``LOCK_UN`` here: that would unlock it for
+    the parent too).
     """
     for fd in list(_HELD):
         with contextlib.suppress(OSError):
@@ -132,25 +123,6 @@ def _make_folder(folder: Path, what: str) -> bool:
         )
         raise UsageError(f"cannot create the {what} {folder}: {reason}; choose another --out") from None
     return created
-
-
-_HELD: set[int] = set()
-
-
-def _close_held_locks_in_child() -> None:
-    """After ``fork``: drop the child's copies of the lock descriptors this process holds.
-
-    ``flock`` belongs to the open file, which a fork shares: a DataLoader worker would otherwise keep
-    the run locked after its trainer was killed, until it noticed and exited. Closing the child's copy
-    leaves the parent's lock in place (never ``LOCK_UN`` here: that would unlock it for the parent too).
-    """
-    for fd in _HELD:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def _try_lock(fd: int) -> bool:
@@ -243,7 +215,7 @@ class RunDir:
             UsageError: the folder also holds files ftsgd did not write; they are never deleted.
         """
         foreign = sorted(
-            n for n in self.entries() if n not in _BEFORE_FIRST_CHECKPOINT and not n.endswith(".tmp")
+            n for n in self.entries() if n not in BEFORE_FIRST_CHECKPOINT and not n.endswith(".tmp")
         )
         if foreign:
             raise UsageError(
@@ -352,7 +324,7 @@ class RunDir:
 
     def remove_stale_temps(self) -> None:
         """Delete temporaries of writes a kill -9 interrupted (a checkpoint-sized file each)."""
-        remove_stale_temps(self.path, _WRITTEN)
+        remove_stale_temps(self.path, RUN_FILES)
 
     def resume_command(self, data: str) -> str:
         """The command line that continues this run."""

@@ -15,7 +15,8 @@ from ftsgd.recipe.dump import recipe_differences
 from ftsgd.recipe.grid import SWEEP_KEYS
 from ftsgd.recipe.values import toml_literal
 from ftsgd.report.selection import Report, build_report, canonical, order_key
-from ftsgd.run.collect import BROKEN, RUN_MARKERS, find_run_dirs, read_run, read_runs
+from ftsgd.run.collect import BROKEN, find_run_dirs, read_run, read_runs
+from ftsgd.run.files import RUN_MARKERS
 from ftsgd.run.rundir import RunDir
 from ftsgd.sweep.plan import Plan, PlannedRun, SweepOptions, parse_devices
 from ftsgd.utils.fileio import atomic_write_text, jsonable

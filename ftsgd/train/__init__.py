@@ -1,4 +1,5 @@
-"""The fine-tuning loop (``Trainer``) and what it drives: parallelism, regularisers, tracking."""
+"""The fine-tuning loop (``Trainer``) and what it drives: stages, checkpoint state, exits, parallelism,
+regularisers, tracking."""
 
 from ftsgd import lazy_exports
 

@@ -13,7 +13,8 @@ with a different number of processes, or on one.
 BatchNorm running statistics are the one piece of state a process updates from its own images only.
 Instead of broadcasting rank 0's (what DDP does by default, dropping every other process's updates),
 :func:`merge_running_stats` recombines them after every step into exactly what one process updating
-micro-batch after micro-batch in the global order would hold.
+micro-batch after micro-batch in the global order would hold (a cumulative average, ``momentum=None``,
+cannot be recombined: :func:`ftsgd.run.checks.check_parallel_model` refuses it before training).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from ftsgd.utils.distributed import World, all_reduce_sum
 
 __all__ = [
     "RunningStats",
-    "cumulative_batchnorm_layers",
     "full_model_state",
     "full_optimizer_state",
     "load_model_state",
@@ -168,16 +168,6 @@ def load_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any]
         "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-
-
-def cumulative_batchnorm_layers(model: nn.Module) -> list[str]:
-    """BatchNorm layers with ``momentum=None`` (a cumulative average), which :func:`merge_running_stats`
-    cannot recombine: their update depends on how many batches one process has seen."""
-    return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and m.momentum is None
-    ]
 
 
 def snapshot_running_stats(model: nn.Module) -> RunningStats:

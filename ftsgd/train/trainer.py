@@ -10,24 +10,24 @@ Everything a resumed run needs lives in ``checkpoint.pt`` and is otherwise a pur
 and the step counters (the data order and augmentations are seeded per epoch and per sample, the
 learning rate is computed from epoch/step), which is what makes a resumed run end with exactly the
 weights of an uninterrupted one.
+
+This file is the loop; what it calls lives beside it, so the story stays readable: the stage plan
+(:mod:`.stages`), the checkpoint's contents (:mod:`.state`), how a stopped or failed run ends
+(:mod:`.exits`), DDP/FSDP (:mod:`.parallel`). Every refusal of a recipe, including those that need the
+device or the built model, is in :mod:`ftsgd.run.checks`, called here as soon as what it needs exists.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
-import itertools
 import math
-import platform
 import random
 import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,42 +35,35 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ftsgd import __version__
 from ftsgd.data.dataset import batch_shard
-from ftsgd.data.fingerprint import compare_fingerprints, fingerprint
+from ftsgd.data.fingerprint import fingerprint
 from ftsgd.data.folders import Split, discover_splits
 from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import RunLoader, epoch_steps, resolve_num_workers
 from ftsgd.data.scan import preflight_scan
 from ftsgd.data.transforms import build_transform, small_image_warnings
-from ftsgd.errors import (
-    DataError,
-    FtsgdError,
-    Interrupted,
-    ModelError,
-    RecipeError,
-    RunError,
-    UsageError,
-    first_line,
-)
+from ftsgd.errors import FtsgdError, Interrupted, RunError
 from ftsgd.infer.evaluate import evaluate
-from ftsgd.infer.export import WEIGHTS_NAME, export_model
+from ftsgd.infer.export import export_model
 from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import train_mode
-from ftsgd.model.optim import StepInBackward, build_optimizer, lr_at, set_lr
-from ftsgd.model.prepare import PreparedModel, check_stages, prepare_model, refreeze
-from ftsgd.model.weights import copy_off_file, load_checkpoint_state
+from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
+from ftsgd.model.prepare import PreparedModel, prepare_model, refreeze
 from ftsgd.recipe.checks import select_metric
 from ftsgd.recipe.dump import recipe_to_toml
-from ftsgd.recipe.schema import Recipe, stage_label, stage_recipes
-from ftsgd.run.resume import join_job_with
+from ftsgd.recipe.schema import Recipe
+from ftsgd.run.checks import (
+    check_device,
+    check_evaluated,
+    check_model_named,
+    check_parallel_model,
+    check_stages,
+)
+from ftsgd.run.resume import check_same_data, join_job_with
 from ftsgd.run.rundir import RunDir
+from ftsgd.train.exits import StopSignals, compile_error, diverged_error, job_error, oom_error
 from ftsgd.train.parallel import (
-    cumulative_batchnorm_layers,
     full_model_state,
-    full_optimizer_state,
-    load_model_state,
-    load_optimizer_state,
     merge_running_stats,
     no_sync,
     shard_model,
@@ -78,64 +71,28 @@ from ftsgd.train.parallel import (
     wrap_ddp,
 )
 from ftsgd.train.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
+from ftsgd.train.stages import Stages
+from ftsgd.train.state import RunState, checkpoint_payload, restore_rng, restore_weights, versions
 from ftsgd.train.tracking import TensorBoardLog
 from ftsgd.utils.console import TrainingProgress, training_progress, warn
 from ftsgd.utils.device import (
     amp_name,
     autocast,
-    get_rng_state,
     peak_memory_bytes,
     reset_peak_memory,
     resolve_amp,
-    set_rng_state,
 )
 from ftsgd.utils.distributed import (
-    TIMEOUT_ENV,
     World,
     all_ranks,
     all_reduce_sum,
     barrier,
-    gather_objects,
-    is_peer_failure,
     local_tensor,
     max_over_ranks,
     seed_rank,
 )
 
-__all__ = ["RunState", "Trainer"]
-
-
-@dataclass
-class RunState:
-    """Counters and results a resumed run continues from (saved inside every checkpoint)."""
-
-    epoch: int = 0
-    """Current epoch (0-based); equals ``train.epochs`` once the run is complete."""
-    step_in_epoch: int = 0
-    """Optimizer steps already done in ``epoch``."""
-    global_step: int = 0
-    stage: int = 0
-    """Index (0-based) of the recipe stage whose freeze and optimizer are in effect: the checkpoint's
-    optimizer state belongs to it. The next stage is entered at the start of its first epoch."""
-    best_epoch: int = 0
-    """1-based epoch of the best ``train.select_by`` value so far (0: none yet). Its value, and whether
-    ``train.patience`` stopped the run, follow from ``history``, so checkpoints need nothing more."""
-    best_accuracy: float = -1.0
-    """ID-validation accuracy at ``best_epoch``."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """One record per finished epoch (what metrics.jsonl holds)."""
-    epoch_loss_sum: float = 0.0
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    epoch_seconds: float = 0.0
-    train_seconds: float = 0.0
-
-    def next_epoch(self) -> None:
-        """Move to the start of the next epoch, its running sums cleared."""
-        self.train_seconds += self.epoch_seconds
-        self.epoch += 1
-        self.step_in_epoch = self.epoch_correct = self.epoch_seen = 0
-        self.epoch_loss_sum = self.epoch_seconds = 0.0
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -164,64 +121,38 @@ class Trainer:
         max_steps: int = 0,
         allow_new_images: bool = False,
     ) -> None:
-        if not recipe.model.name:
-            raise ModelError(
-                "no model given: pass --model NAME (a timm model name) or set model.name in the recipe"
-            )
-        self.recipe = recipe
-        self.run = RunDir(out)
-        self.resume = resume
-        self.quiet = quiet
+        check_model_named(recipe)
+        self.recipe, self.run, self.resume = recipe, RunDir(out), resume
         self.argv = list(argv if argv is not None else sys.argv)
-        self.max_steps = max_steps
-        self.allow_new_images = allow_new_images
-        self.world: World = self._join_job()
+        self.max_steps, self.allow_new_images = max_steps, allow_new_images
+        self._join_job()
         self.quiet = quiet or not self.world.is_main  # only rank 0 prints
-        self.sharded = recipe.train.shard and self.world.distributed
-        self.device = self.world.device
-        self.amp_dtype = resolve_amp(recipe.train.amp, self.device)
-        # fp32 evaluation on a CPU: what picks the exported epoch must not depend on the CPU's bf16 flags
-        self.eval_amp_dtype = self.amp_dtype if self.device.type == "cuda" else None
-        self._plan_stages()
-        if any(s.optim.step_in_backward for s in self.stages) and self.amp_dtype == torch.float16:
-            raise RecipeError(
-                [
-                    'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot '
-                    'use: an overflow is only known after some parameters were updated; set train.amp = "none"'
-                ]
-            )
-        if self.sharded and recipe.train.ema_decay > 0:
-            raise RecipeError(
-                [
-                    "train.ema_decay: the weights' EMA is not supported with train.shard = true (FSDP2): it "
-                    "would keep an unsharded copy of the model on every process; set train.ema_decay = 0 or "
-                    "train with DDP (train.shard = false)"
-                ]
-            )
-        if self.sharded and self.amp_dtype == torch.float16:
-            raise RecipeError(
-                [
-                    'train.amp: "auto" picked fp16 on this GPU (no bf16), which train.shard cannot use (the '
-                    'gradient scaler does not see the other processes\' slices); set train.amp = "none"'
-                ]
-            )
+        self.stages = Stages.plan(recipe)
         self.state = RunState()
+        self.signals = StopSignals(self.world.distributed)
+        self.tracker = TensorBoardLog(recipe.train.tensorboard_every)
         self._saved_step: int | None = None
         self._data_changed = False
-        self._signal = 0
-        self._agreed_signal = 0
         self._progress: TrainingProgress | None = None
         self._is_setup = False
-        self.tracker = TensorBoardLog(recipe.train.tensorboard_every)
 
     # ------------------------------------------------------------------------------------ set-up
 
-    def _join_job(self) -> World:
-        """Join the ``torchrun`` job this process belongs to (a plain one-process World without one).
+    def _join_job(self) -> None:
+        """Join the ``torchrun`` job this process belongs to (a plain one-process World without one),
+        and settle where and in what precision it computes.
 
-        What a multi-process run cannot do is refused first, before any process group exists.
+        What a job cannot do is refused before any process group exists, what the device's precision
+        or FSDP cannot do as soon as they are known (:mod:`ftsgd.run.checks`).
         """
-        return join_job_with(self.recipe)
+        t = self.recipe.train
+        self.world: World = join_job_with(self.recipe)
+        self.sharded = t.shard and self.world.distributed
+        self.device = self.world.device
+        self.amp_dtype = resolve_amp(t.amp, self.device)
+        # fp32 evaluation on a CPU: what picks the exported epoch must not depend on the CPU's bf16 flags
+        self.eval_amp_dtype = self.amp_dtype if self.device.type == "cuda" else None
+        check_device(self.recipe, self.amp_dtype, self.sharded)
 
     def setup(self) -> None:
         """Scan the data, build the model and the optimizer, and restore the checkpoint when resuming.
@@ -246,10 +177,11 @@ class Trainer:
         self.class_names, splits = discover_splits(recipe.data)
         for message in ignored_warnings(splits, recipe.data.root):
             warn(message)
-        self._check_select_by(splits)
+        check_evaluated(recipe, [name for name in splits if name != "train"])
         self.fingerprint = fingerprint(self.class_names, splits)
         if self.resume:
-            self._check_same_data()
+            root, grown = recipe.data.root, self.allow_new_images
+            self._data_changed = check_same_data(self.run, self.fingerprint, root, allow_new_images=grown)
         # "skip" must drop bad files before the epoch order (a function of the sample list) exists.
         splits, self.skipped = preflight_scan(
             splits,
@@ -267,33 +199,6 @@ class Trainer:
         self.micro = min(self.eval_batch, math.ceil(t.batch_size / self.world.size))
         self.workers = resolve_num_workers(recipe.data.num_workers)
         self.pin_memory = recipe.data.pin_memory and self.device.type == "cuda"
-
-    def _check_same_data(self) -> None:
-        """Refuse to resume on data other than the run's (before anything is decoded or built)."""
-        recorded = self.run.read_dataset()
-        self._data_changed = recorded is None
-        if recorded is None:
-            warn(
-                f"{self.run.path} records no data fingerprint (made by an older ftsgd): the data is not checked"
-            )
-            return
-        changes = compare_fingerprints(recorded, self.fingerprint)
-        if not changes.any or (self.allow_new_images and changes.only_grew):
-            self._data_changed = changes.any
-            if changes.any:
-                warn(f"continuing {self.run.path} on a grown dataset: {'; '.join(changes.lines())}")
-            return
-        lines = "\n".join(f"  - {line}" for line in changes.lines())
-        hint = (
-            "pass --allow-new-images to continue on the grown dataset (the rest of the run then sees a "
-            "different sample order than an uninterrupted run would)"
-            if changes.only_grew
-            else "point --data at the dataset the run started with, or start a new run with another --out"
-        )
-        raise DataError(
-            f"cannot resume {self.run.path}: the data under {self.recipe.data.root} is not what the run "
-            f"was trained on:\n{lines}\nTo continue, {hint}."
-        )
 
     def _setup_model(self, *, from_checkpoint: bool) -> None:
         t = self.recipe.train
@@ -319,7 +224,7 @@ class Trainer:
             if not self.sharded:  # fully_shard moves one block at a time, keeping only this process's slice
                 self.model.to(self.device)
         except torch.OutOfMemoryError as exc:  # the weights alone do not fit
-            raise self._oom_error(exc) from None
+            raise oom_error(exc, self.recipe, self.run.checkpoint) from None
         if self.recipe.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -328,18 +233,6 @@ class Trainer:
         self.mixup = build_mixup(self.recipe, len(self.class_names))
         self.loss_fn = build_loss(self.recipe, self.mixup)
         self.ema = build_ema(self.model, self.recipe)
-
-    def _check_select_by(self, splits: dict[str, Split]) -> None:
-        """``train.select_by`` must name a split that is evaluated every epoch (known once data is found)."""
-        split, _ = select_metric(self.recipe.train.select_by)
-        evaluated = [name for name in splits if name != "train"]
-        if split not in evaluated:
-            raise RecipeError(
-                [
-                    f"train.select_by: split {split!r} is not evaluated in this dataset; evaluated splits: "
-                    f"{', '.join(evaluated)} (data.val, data.eval_splits)"
-                ]
-            )
 
     def _use_sync_batchnorm(self) -> bool:
         """SyncBatchNorm when it gives the statistics one process computes: on CUDA, with BatchNorm layers,
@@ -358,12 +251,7 @@ class Trainer:
         """The module the steps call: the model itself, the model under DDP, or the model sharded by FSDP2."""
         if not self.world.distributed:
             return self.model
-        cumulative = cumulative_batchnorm_layers(self.model)
-        if cumulative:
-            raise ModelError(
-                f"{self.recipe.model.name}: BatchNorm layer(s) {', '.join(cumulative[:5])} use momentum=None (a "
-                "cumulative average), which training on several processes cannot reproduce; train on one process"
-            )
+        check_parallel_model(self.model, self.recipe.model.name)
         if self.world.rank:  # rank 0 keeps a one-process run's stream (dropout, drop-path)
             seed_rank(self.recipe.train.seed, self.world.rank)
         if self.sync_bn:
@@ -392,21 +280,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ stages
 
-    def _plan_stages(self) -> None:
-        """What each stage trains with (a recipe without [[stage]] tables: one stage, the recipe itself),
-        each stage's first epoch (0-based) and, last, the total number of epochs."""
-        self.stages = stage_recipes(self.recipe)
-        self.stage_starts = list(itertools.accumulate((s.train.epochs for s in self.stages), initial=0))
-        self.total_epochs = self.stage_starts[-1]
-
     @property
     def stage_recipe(self) -> Recipe:
         """The recipe of the stage in effect (the recipe itself when it has no [[stage]] tables)."""
-        return self.stages[self.state.stage]
-
-    def stage_of(self, epoch: int) -> int:
-        """The stage (0-based) that trains ``epoch`` (0-based; past the end: the last stage)."""
-        return min(bisect.bisect_right(self.stage_starts, epoch) - 1, len(self.stages) - 1)
+        return self.stages.recipes[self.state.stage]
 
     def _enter_stage(self, index: int) -> None:
         """Switch to stage ``index``: its freeze, a fresh optimizer over what it trains, its schedule.
@@ -423,48 +300,7 @@ class Trainer:
             self.wrapped = wrap_ddp(self.model, self.world)
             self.forward = torch.compile(self.wrapped) if self.recipe.train.compile else self.wrapped
         self._build_optimizer()
-        self._progress_or_quiet().message(self._stage_message())
-
-    def _stage_message(self) -> str:
-        index, stage, p = self.state.stage, self.stage_recipe, self.prepared
-        first = self.stage_starts[index]
-        return (
-            f"stage {index + 1}/{len(self.stages)} ({stage_label(self.recipe, index)}): epochs {first + 1}-"
-            f"{first + stage.train.epochs}, freeze.policy {stage.freeze.policy} ({p.frozen_params:,} of "
-            f"{p.total_params:,} parameters frozen), {stage.optim.name} lr {stage.optim.lr:g}, fresh optimizer state"
-        )
-
-    def _stage_fields(self) -> dict[str, Any]:
-        """The current stage in an epoch record (nothing for a recipe without [[stage]] tables)."""
-        if not self.recipe.stages:
-            return {}
-        return {"stage": self.state.stage + 1, "stage_name": stage_label(self.recipe, self.state.stage)}
-
-    def _stage_summaries(self) -> list[dict[str, Any]]:
-        """Per stage: its epochs, what it trained with, and its best epoch by ``train.select_by``."""
-        rows = []
-        for index, stage in enumerate(self.stages if self.recipe.stages else []):
-            first, last = self.stage_starts[index], self.stage_starts[index + 1]
-            sign = 1 if self.recipe.train.select_by.endswith(".loss") else -1  # ties: the earlier epoch
-            done = [
-                (sign * self.selected_value(r["splits"]), r["epoch"]) for r in self.state.history[first:last]
-            ]
-            pick = min(done, default=None)
-            rows.append(
-                {
-                    "stage": index + 1,
-                    "name": stage_label(self.recipe, index),
-                    "epochs": stage.train.epochs,
-                    "first_epoch": first + 1,
-                    "last_epoch": last,
-                    "freeze_policy": stage.freeze.policy,
-                    "optimizer": stage.optim.name,
-                    "lr": stage.optim.lr,
-                    "best_epoch": pick[1] if pick else None,
-                    "best_value": sign * pick[0] if pick else None,
-                }
-            )
-        return rows
+        self._progress_or_quiet().message(self.stages.message(index, self.prepared))
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -474,66 +310,25 @@ class Trainer:
             return
         self.check_finite()
         self.tracker.flush()  # the event files hold at least what the checkpoint has seen
-        payload = self._checkpoint_payload()
+        payload = checkpoint_payload(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            self.state,
+            self.ema,
+            sharded=self.sharded,
+            distributed=self.world.distributed,
+        )
         if self.world.is_main:  # the other processes write nothing
             self.run.save_checkpoint(payload)
         self._saved_step = self.state.global_step
 
-    def _checkpoint_payload(self) -> dict[str, Any]:
-        """What ``checkpoint.pt`` holds, in the one-process format whatever the number of processes.
-
-        Every process of a job takes part (FSDP gathers the whole model and optimizer state on rank 0).
-        Each process draws its own dropout masks, so ``rng_ranks`` keeps every process's RNG states:
-        resumed with as many processes, each continues its own stream (bit-exact); ``rng`` is rank 0's.
-        """
-        payload = {
-            "model": full_model_state(self.model, self.sharded),
-            "optimizer": full_optimizer_state(self.model, self.optimizer, self.sharded),
-            "scaler": self.scaler.state_dict(),
-            "state": asdict(self.state),
-            "rng": get_rng_state(),
-        }
-        if self.world.distributed:
-            payload["rng_ranks"] = gather_objects(payload["rng"])
-        if self.ema is not None:
-            payload["ema"] = self.ema.module.state_dict()
-        return payload
-
     def load_checkpoint(self, ckpt: dict[str, Any]) -> None:
-        """Restore model, optimizer, scaler, counters and RNGs from a checkpoint (emptied as it is read).
-
-        The weights and momentum buffers are copied off the memory-mapped file, so no page of it stays
-        mapped during training and a second copy of the weights never lives for the whole run.
-        """
-        if self.sharded:
-            load_model_state(self.model, ckpt.pop("model"))
-            load_optimizer_state(
-                self.model, self.optimizer, copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint)
-            )
-        else:
-            load_checkpoint_state(self.model, ckpt.pop("model"), self.run.checkpoint)
-            self.optimizer.load_state_dict(copy_off_file(ckpt.pop("optimizer"), self.run.checkpoint))
-        if self.ema is not None:
-            if "ema" not in ckpt:
-                raise UsageError(
-                    f"cannot resume: {self.run.checkpoint} has no EMA weights; was train.ema_decay changed?"
-                )
-            load_checkpoint_state(self.ema.module, ckpt.pop("ema"), self.run.checkpoint)
+        """Restore model, optimizer, scaler, counters and RNGs from a checkpoint (emptied as it is read)."""
+        restore_weights(ckpt, self.model, self.optimizer, self.ema, self.run.checkpoint, sharded=self.sharded)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
-        self._restore_rng(ckpt)
-
-    def _restore_rng(self, ckpt: dict[str, Any]) -> None:
-        """This process's RNG states: its own when the checkpoint has them, else a fresh per-rank stream.
-
-        A job resumed with more processes than wrote the checkpoint seeds the new ranks' streams from
-        ``(seed, rank)``; their dropout masks then differ from the interrupted run's (nothing else does).
-        """
-        saved = ckpt.get("rng_ranks") or [ckpt["rng"]]
-        if self.world.rank < len(saved):
-            set_rng_state(saved[self.world.rank])
-        else:
-            seed_rank(self.recipe.train.seed, self.world.rank)
+        restore_rng(ckpt, self.world.rank, self.recipe.train.seed)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -548,17 +343,17 @@ class Trainer:
             self.setup()
         self._start_run()
         progress = training_progress(
-            self.quiet, epochs=self.total_epochs, steps_per_epoch=self.steps_per_epoch
+            self.quiet, epochs=self.stages.total_epochs, steps_per_epoch=self.steps_per_epoch
         )
-        with progress, self.tracker, self._catch_signals(), self._run_errors():
+        with progress, self.tracker, self.signals.caught(), self._run_errors():
             self._progress = progress
             progress.message(self._start_message())
             while not self.finished():
                 if not self.train_epoch():
                     return None
                 self.end_epoch(self.evaluate())
-                if not self.finished() and (self._stop_signal() or self._max_steps_reached()):
-                    if self._stop_signal():
+                if not self.finished() and (self.signals.pending() or self._max_steps_reached()):
+                    if self.signals.pending():
                         raise self._interrupted()
                     return None
             if self.stopped_early():
@@ -597,8 +392,8 @@ class Trainer:
             False when ``max_steps`` stopped the run mid-epoch (after saving a checkpoint).
         """
         epoch = self.state.epoch
-        if self.stage_of(epoch) != self.state.stage:
-            self._enter_stage(self.stage_of(epoch))
+        if self.stages.at(epoch) != self.state.stage:
+            self._enter_stage(self.stages.at(epoch))
         self._progress_or_quiet().start_epoch(epoch, self.state.step_in_epoch, self.current_lr())
         train_mode(self.model)
         tick = time.perf_counter()
@@ -680,15 +475,14 @@ class Trainer:
         One small all-reduce per step carries both: a SIGINT/SIGTERM that reached any process stops all
         of them after the same step, so they save one consistent checkpoint.
         """
-        flags = [float(self._signal == signal.SIGINT), float(self._signal == signal.SIGTERM)]
         packed = torch.cat(
             [
                 torch.stack([loss_total.double(), correct.double()]),
-                torch.tensor(flags, dtype=torch.float64, device=self.device),
+                torch.tensor(self.signals.flags(), dtype=torch.float64, device=self.device),
             ]
         )
         loss_sum, hits, sigint, sigterm = all_reduce_sum(packed).tolist()
-        self._agreed_signal = signal.SIGTERM if sigterm else (signal.SIGINT if sigint else 0)
+        self.signals.agree(sigint, sigterm)
         return loss_sum, round(hits)
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
@@ -759,7 +553,7 @@ class Trainer:
         linear probe), so a staged run exports one of its last stage's epochs.
         """
         state = self.state
-        if state.epoch < self.stage_starts[-2]:
+        if state.epoch < self.stages.last_start:
             return False
         if not state.best_epoch:
             return True
@@ -770,17 +564,19 @@ class Trainer:
     def stopped_early(self) -> bool:
         """Whether ``train.patience`` epochs passed without improvement before the last epoch."""
         state, t = self.state, self.recipe.train
-        since = max(state.best_epoch, self.stage_starts[-2])  # counted within the last stage
-        return bool(t.patience) and state.epoch < self.total_epochs and state.epoch - since >= t.patience
+        since = max(state.best_epoch, self.stages.last_start)  # counted within the last stage
+        return (
+            bool(t.patience) and state.epoch < self.stages.total_epochs and state.epoch - since >= t.patience
+        )
 
     def finished(self) -> bool:
         """Every epoch trained, or stopped early by ``train.patience``."""
-        return self.state.epoch >= self.total_epochs or self.stopped_early()
+        return self.state.epoch >= self.stages.total_epochs or self.stopped_early()
 
     def _stop_message(self) -> str:
         t, state = self.recipe.train, self.state
         return (
-            f"stopped early after epoch {state.epoch}/{self.total_epochs}: {t.select_by} did not improve for "
+            f"stopped early after epoch {state.epoch}/{self.stages.total_epochs}: {t.select_by} did not improve for "
             f"{t.patience} epoch(s) (train.patience); best epoch {state.best_epoch}"
         )
 
@@ -791,16 +587,8 @@ class Trainer:
 
         Each stage has its own schedule over its own epochs, counted from the stage's first epoch.
         """
-        index = self.stage_of(self.state.epoch)
-        stage = self.stages[index]
-        return lr_at(
-            stage.schedule,
-            stage.optim.lr,
-            epochs=stage.train.epochs,
-            steps_per_epoch=self.steps_per_epoch,
-            epoch=self.state.epoch - self.stage_starts[index],
-            step=self.state.step_in_epoch if step is None else step,
-        )
+        step = self.state.step_in_epoch if step is None else step
+        return self.stages.lr(self.state.epoch, step, self.steps_per_epoch)
 
     @functools.cached_property
     def loaders(self) -> RunLoader:
@@ -888,18 +676,9 @@ class Trainer:
         stop = self._max_steps_reached()
         if stop or (every and self.state.global_step % every == 0):
             self.save_checkpoint()
-        if self._stop_signal():
+        if self.signals.pending():
             raise self._interrupted()
         return stop
-
-    def _stop_signal(self) -> int:
-        """The SIGINT/SIGTERM to stop for at this step boundary (0: none).
-
-        In a job, the one all processes agreed on in the last step's all-reduce, not this process's own:
-        a signal landing between that all-reduce and this check would otherwise stop some processes a
-        step before the others.
-        """
-        return self._agreed_signal if self.world.distributed else self._signal
 
     def _max_steps_reached(self) -> bool:
         return bool(self.max_steps) and self.state.global_step >= self.max_steps
@@ -909,7 +688,7 @@ class Trainer:
         keep = ("accuracy", "top5", "loss", "n")
         return {
             "epoch": state.epoch + 1,
-            **self._stage_fields(),
+            **self.stages.fields(self.state.stage),
             "step": state.global_step,
             "lr": self.current_lr(step=self.steps_per_epoch - 1),  # the epoch's last step's rate
             "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
@@ -922,11 +701,11 @@ class Trainer:
 
     def _progress_or_quiet(self) -> TrainingProgress:
         if self._progress is None:  # steps driven directly (tests, embedding code): print nothing
-            self._progress = TrainingProgress("quiet", epochs=self.total_epochs, steps_per_epoch=1)
+            self._progress = TrainingProgress("quiet", epochs=self.stages.total_epochs, steps_per_epoch=1)
         return self._progress
 
     def _start_message(self) -> str:
-        if self.resume and self.state.epoch >= self.total_epochs:
+        if self.resume and self.state.epoch >= self.stages.total_epochs:
             return f"finishing {self.run.path}: every epoch was trained; writing the summary"
         if self.resume:
             return (
@@ -939,7 +718,7 @@ class Trainer:
             f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
             f"{self.stage_recipe.freeze.policy}), device {self.device.type}{amp}{self._job_message()}"
-            + (f"\n{self._stage_message()}" if self.recipe.stages else "")
+            + (f"\n{self.stages.message(self.state.stage, p)}" if self.recipe.stages else "")
         ) + (f"\nclassifier: {p.head}" if p.head else "")
 
     def _job_message(self) -> str:
@@ -975,7 +754,7 @@ class Trainer:
             "classes": self.class_names,
             "num_classes": len(self.class_names),
             "split_sizes": {name: len(s) for name, s in self.splits.items()},
-            "epochs": self.total_epochs,
+            "epochs": self.stages.total_epochs,
             "steps": state.global_step,
             "best_epoch": state.best_epoch,
             "select_by": recipe.train.select_by,
@@ -987,11 +766,13 @@ class Trainer:
             "val_accuracy": best["splits"]["val"]["accuracy"] if "val" in best["splits"] else None,
             "best": best["splits"],
             "final": state.history[-1]["splits"],
-            "freeze_policy": self.stages[-1].freeze.policy,  # the stage the exported epoch is from
+            "freeze_policy": self.stages.recipes[-1].freeze.policy,  # the stage the exported epoch is from
             **self.prepared.freeze_report(),
-            "optimizer": self.stages[-1].optim.name,
-            "lr": self.stages[-1].optim.lr,
-            **({"stages": self._stage_summaries()} if recipe.stages else {}),
+            "optimizer": self.stages.recipes[-1].optim.name,
+            "lr": self.stages.recipes[-1].optim.lr,
+            **(
+                {"stages": self.stages.summaries(state.history, self.selected_value)} if recipe.stages else {}
+            ),
             "device": str(self.device),
             "processes": self.world.size,
             "sharded": self.sharded,
@@ -999,7 +780,7 @@ class Trainer:
             "input_size": list(self.prepared.data_config["input_size"]),
             "train_time_s": state.train_seconds,
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in state.history),
-            "model_file": WEIGHTS_NAME,
+            "model_file": self.run.weights.name,
             "command": shlex.join(["ftsgd", *self.argv[1:]]),  # as typed, whether via `python -m ftsgd`
             "versions": versions(),
             "skipped_images": len(self.skipped),
@@ -1008,62 +789,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------ errors
 
     @contextmanager
-    def _catch_signals(self) -> Iterator[None]:
-        """Turn the first SIGINT/SIGTERM into a request to stop at the next step boundary.
-
-        The loop then saves a checkpoint and exits cleanly; a second SIGINT falls back to Python's
-        default handling (KeyboardInterrupt) for a user who really wants out now. Handlers can only be
-        installed from the main thread; elsewhere (an embedding application) signals are left alone.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, _frame: object) -> None:
-            self._signal = signum
-            if not self.world.distributed:  # torchrun and Slurm may deliver a job's signal twice
-                signal.signal(
-                    signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-                )
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                # a job that is stopping ignores torchrun's forwarded copy of the signal, so every
-                # process ends with 128 + the signal instead of dying of it half-way through its exit
-                stopping = self.world.distributed and self._signal
-                signal.signal(sig, signal.SIG_IGN if stopping else old)
-
-    @contextmanager
     def _run_errors(self) -> Iterator[None]:
-        """The one place where failures of a running fine-tune become user-facing errors."""
+        """The one place where failures of a running fine-tune become user-facing errors (:mod:`.exits`)."""
         try:
             yield
         except FtsgdError:
             raise
         except torch.OutOfMemoryError as exc:
-            raise self._oom_error(exc) from None
+            raise oom_error(exc, self.recipe, self.run.checkpoint) from None
         except Exception as exc:
+            name = self.recipe.model.name
             if self.world.distributed:
-                self._raise_job_error(exc)
-            elif self._signal:  # e.g. a DataLoader worker killed by the same Ctrl-C
+                error = job_error(exc, name, self.run.checkpoint, self.resume_command())
+                if error is not None:
+                    raise error from exc
+            elif self.signals.received:  # e.g. a DataLoader worker killed by the same Ctrl-C
                 raise self._interrupted() from None
-            if self.recipe.train.compile and _is_compile_error(exc):
-                raise RunError(
-                    f"torch.compile failed for {self.recipe.model.name} ({type(exc).__name__}: "
-                    f"{first_line(exc) if str(exc).strip() else 'no message'}); set train.compile = false "
-                    "to train without it (same results, slower steps). torch.compile needs a working C++ "
-                    "compiler on CPU and Triton on CUDA."
-                ) from exc
+            if self.recipe.train.compile and (error := compile_error(exc, name)) is not None:
+                raise error from exc
             raise
 
     def _interrupted(self) -> Interrupted:
         """Save a checkpoint and describe how to continue, for the first SIGINT/SIGTERM."""
         self.save_checkpoint()
         barrier()  # no process of a job exits (and makes torchrun stop the others) before the file is written
-        signum = self._stop_signal() or self._signal
+        signum = self.signals.pending() or self.signals.received
         name = signal.Signals(signum).name
         state = self.state
         self._progress_or_quiet().message(
@@ -1080,78 +830,6 @@ class Trainer:
             return command
         return f"torchrun <the same torchrun options> -m {command}"
 
-    def _raise_job_error(self, exc: Exception) -> None:
-        """Failures only a multi-process job has, as user-facing errors (returns for any other error).
-
-        No checkpoint is attempted on any error of a job: it needs every process, and the others may be
-        gone or somewhere else in the step.
-        """
-        if is_peer_failure(exc):
-            raise self._peer_error(exc) from exc
-        if "not used in producing loss" in str(exc):
-            raise RunError(
-                f"{self.recipe.model.name} has trainable parameters that take no part in the forward pass, and "
-                "DDP waits for a gradient of every trainable parameter; freeze them (freeze.patterns) or train "
-                "on one process"
-            ) from exc
-
-    def _peer_error(self, exc: BaseException) -> RunError:
-        """A collective failed: another process of the job died, failed, or stopped answering.
-
-        Nothing is saved here: the other processes are gone or in an unknown state, and a checkpoint needs
-        all of them. The last checkpoint on disk is consistent (every process agreed on it).
-        """
-        return RunError(
-            f"lost contact with the other processes of the job ({first_line(exc)}): one of them failed or was "
-            f"killed (its own message, if any, comes first; torchrun names its rank), or none answered within "
-            f"{TIMEOUT_ENV} seconds. The last checkpoint, if any, is in {self.run.checkpoint}; continue with:\n  "
-            f"{self.resume_command()}"
-        )
-
-    def _oom_error(self, exc: BaseException) -> RunError:
-        t = self.recipe.train
-        return RunError(
-            f"out of GPU memory while training {self.recipe.model.name} at train.batch_size = "
-            f"{t.batch_size} ({first_line(exc)}). Options that help: a smaller micro-batch "
-            "(--set train.micro_batch_size=8: same batch, less memory), --set train.grad_checkpointing=true, "
-            "--set optim.step_in_backward=true, SGD without momentum, or the low-memory recipe "
-            f"(--recipe sgd-freeze-embed-lowmem). The last checkpoint, if any, is in {self.run.checkpoint}."
-        )
-
     def _diverged_error(self, what: str, where: str) -> RunError:
         """The message for a run whose loss or weights stopped being finite."""
-        if self._saved_step is not None and self.run.checkpoint.is_file():
-            kept = (
-                f"the last good checkpoint (global step {self._saved_step}) is kept in {self.run.checkpoint}, "
-                "but --resume would diverge the same way"
-            )
-        else:
-            kept = "no checkpoint was written before it"
-        return RunError(
-            f"{what} {where}; {kept}. Start a new run with a lower optim.lr, train.grad_clip > 0, "
-            'or train.amp = "bf16"/"none"'
-        )
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def _is_compile_error(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from torch.compile (Dynamo tracing or a backend compiler)."""
-    module = type(exc).__module__ or ""
-    return (
-        module.startswith(("torch._dynamo", "torch._inductor"))
-        or "BackendCompilerFailed" in type(exc).__name__
-    )
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced a run (ftsgd, torch, timm, Python), for ``summary.json``."""
-    import timm
-
-    return {
-        "ftsgd": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
+        return diverged_error(what, where, self._saved_step, self.run.checkpoint)

@@ -66,12 +66,14 @@ def summaries(root: Path) -> dict[str, dict]:
 
 def test_report_reads_the_files_train_writes(sweep: Path) -> None:
     """The run directory's files are named in one place, and a real run has them."""
-    from ftsgd.run import rundir
+    from ftsgd.run import files, rundir
 
-    assert rundir.SUMMARY is collect.SUMMARY and rundir.RECIPE_FILE is collect.RECIPE_FILE
+    assert rundir.SUMMARY is collect.SUMMARY is files.SUMMARY
+    assert rundir.RECIPE_FILE is collect.RECIPE_FILE is files.RECIPE_FILE
     run = next(sweep.rglob("summary.json")).parent
-    for name in (collect.RECIPE_FILE, collect.METRICS, collect.SUMMARY, collect.CHECKPOINT):
+    for name in (files.RECIPE_FILE, files.METRICS, files.SUMMARY, files.CHECKPOINT):
         assert (run / name).is_file(), name
+    assert {p.name for p in run.iterdir()} <= {*rundir.RUN_FILES, files.LOCK}  # every file is named
 
 
 def test_json_matches_the_summaries_and_selects_by_mean_val(sweep: Path) -> None:

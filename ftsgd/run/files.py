@@ -1,0 +1,49 @@
+"""The names of the files in a run directory, in one place that imports nothing.
+
+A run directory is recognised by its files and read by commands that never load torch (``ftsgd
+report`` through :mod:`ftsgd.run.collect`), and written by :mod:`ftsgd.run.rundir`; both take the names
+from here, so a file is never renamed in one and not the other. The exported model's two files
+(``model.safetensors`` and ``config.json``) are the export format's own names, used outside run
+directories too: they stay in :mod:`ftsgd.infer.export`, and :data:`ftsgd.run.rundir.RUN_FILES` lists
+them with these.
+
+Layout::
+
+    recipe.toml        the resolved recipe (written first)
+    checkpoint.pt      last resumable state (model, optimizer, scaler, RNG, counters, history)
+    metrics.jsonl      one JSON object per finished epoch
+    model.safetensors  best weights by train.select_by, with metadata, + config.json (ftsgd.infer.export)
+    summary.json       best epoch, each split's metrics at it, frozen parameters, command, versions
+    skipped.txt        images left out by data.on_bad_image = "skip" (only when there were any)
+    dataset.json       the data's fingerprint: classes, and every file with its size and mtime
+    .ftsgd.lock        held (flock) by the one process writing the run; the OS releases it when that dies
+    events.out.tfevents.*  TensorBoard's event files (train.tensorboard = true), named by TensorBoard
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BEFORE_FIRST_CHECKPOINT",
+    "CHECKPOINT",
+    "DATASET",
+    "LOCK",
+    "METRICS",
+    "RECIPE_FILE",
+    "RUN_MARKERS",
+    "SKIPPED_FILE",
+    "SUMMARY",
+]
+
+RECIPE_FILE = "recipe.toml"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+SKIPPED_FILE = "skipped.txt"
+"""The images ``data.on_bad_image = "skip"`` left out, one ``path<TAB>split<TAB>reason`` line each."""
+DATASET = "dataset.json"
+LOCK = ".ftsgd.lock"
+
+RUN_MARKERS = (SUMMARY, RECIPE_FILE, METRICS, CHECKPOINT)
+"""Any of these files makes a folder a run directory (a run killed early may hold only recipe.toml)."""
+BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE)
+"""What a run may have written before its first checkpoint: nothing of value, so it may start over."""
