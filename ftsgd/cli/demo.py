@@ -7,12 +7,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ftsgd.cli.compare import FULL, QUICK, print_comparison, run_comparison
+from ftsgd.cli.compare import print_comparison
 from ftsgd.cli.train import print_train_results
 from ftsgd.data.synthetic import make_image_folder
 from ftsgd.errors import UsageError
 from ftsgd.recipe.schema import DEFAULT_RECIPE
 from ftsgd.run.checks import load_checked_recipe
+from ftsgd.sweep.compare import FULL, QUICK, run_comparison
 from ftsgd.train.trainer import Trainer
 from ftsgd.utils import console
 
@@ -28,14 +29,14 @@ def demo_command(
 ) -> dict[str, Any] | None:
     """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``.
 
-    With ``compare``, :func:`ftsgd.compare.run_comparison` instead (``quick``: its tiny configuration).
+    With ``compare``, :func:`ftsgd.sweep.compare.run_comparison` instead (``quick``: its tiny configuration).
     """
     if compare and epochs is not None:
         raise UsageError(
             "--epochs is for the plain demo; --compare has its own settings (--quick for a tiny one)"
         )
     if compare:
-        return compare_command(out=out or Path("runs/demo-compare"), force=force, quick=quick)
+        return compare_command(out=out or Path("runs/demo-compare"), force=force, quick=quick, argv=argv)
     if quick:
         raise UsageError("--quick belongs to --compare: ftsgd demo --compare --quick")
     out, epochs = out or Path("runs/demo"), epochs or 8
@@ -68,9 +69,9 @@ def demo_command(
     return summary
 
 
-def compare_command(*, out: Path, force: bool, quick: bool) -> dict[str, Any]:
+def compare_command(*, out: Path, force: bool, quick: bool, argv: list[str]) -> dict[str, Any]:
     """``ftsgd demo --compare``: run the comparison and print it; returns ``comparison.json``'s data."""
-    result = run_comparison(out, QUICK if quick else FULL, force=force)
+    result = run_comparison(out, QUICK if quick else FULL, force=force, argv=argv)
     print_comparison(result)
     return result.to_dict()
 

@@ -6,6 +6,9 @@ __all__, __getattr__ = lazy_exports(
     __name__,
     {
         "SweepOptions": "plan",
+        "plan_sweep": "plan",
         "sweep_command": "command",
+        "execute_in_process": "inprocess",
+        "run_comparison": "compare",
     },
 )

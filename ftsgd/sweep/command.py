@@ -1,4 +1,9 @@
-"""``ftsgd sweep``: plan, check, run and conclude."""
+"""``ftsgd sweep``: plan, check, run and conclude.
+
+The steps are separate modules: :mod:`~ftsgd.sweep.plan` (the grid points, resolved), :mod:`~ftsgd.sweep.record`
+(the ``--out`` folder and ``sweep.json``), :mod:`~ftsgd.sweep.jobs` (training them as subprocesses) or
+:mod:`~ftsgd.sweep.inprocess` (in this process), :mod:`~ftsgd.sweep.output` (what is printed).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,7 @@ from ftsgd.sweep.record import (
     Sweep,
     check_out_dir,
     collect_sweep_report,
-    initial_records,
-    outside_grid,
+    open_sweep,
     read_previous,
     status_counts,
     sweep_document,
@@ -45,18 +49,18 @@ def sweep_command(opts: SweepOptions) -> dict[str, Any]:
         check_out_dir(plan, read_previous(plan.out), opts.allow_changed_grid)
         return print_pending_commands(plan, opts.as_json)
     with locked(plan.out, "sweep directory"):
-        previous = read_previous(plan.out)
-        check_out_dir(plan, previous, opts.allow_changed_grid)
-        sweep = Sweep(plan, opts, initial_records(plan, previous, opts.retry_failed), outside_grid(plan))
-        sweep.report = collect_sweep_report(plan, sweep.records)
-        sweep.write()
+        sweep = open_sweep(plan, opts)
         announce(sweep)
         stop = execute(sweep, make_slots(opts))
         return conclude(sweep, stop)
 
 
-def conclude(sweep: Sweep, stop: Stop) -> dict[str, Any]:
-    """Write the final ``sweep.json`` and plots, print the report, and raise for failures or a stop."""
+def conclude(sweep: Sweep, stop: Stop, *, show: bool = True) -> dict[str, Any]:
+    """Write the final ``sweep.json`` and plots, print the report (``show``), and raise for failures or a stop.
+
+    Returns:
+        ``sweep.json``'s content.
+    """
     counts = status_counts(sweep)
     left = counts[PENDING] + counts[INTERRUPTED]
     sweep.state = (
@@ -69,9 +73,9 @@ def conclude(sweep: Sweep, stop: Stop) -> dict[str, Any]:
         sweep.plots = write_plots(sweep.report, sweep.opts.png)
     sweep.write()
     document = sweep_document(sweep)
-    if sweep.opts.as_json:
+    if show and sweep.opts.as_json:
         console.print_json(document)
-    else:
+    elif show:
         print_sweep_report(sweep)
     if stop.count:
         name = signal.Signals(stop.signum).name

@@ -32,9 +32,12 @@ def say(text: str, as_json: bool) -> None:
         console.info(text)
 
 
-def progress_line(run: PlannedRun, record: RunRecord, total: int, log: Path) -> str:
-    """``[3/12] finished sgd optim.lr=0.001,train.seed=0: val 81.25%, ood 60.00% (best epoch 4/5, 2.1 min)``."""
-    head = f"[{run.index}/{total}] {record.status} {run.label}"
+def progress_line(run: PlannedRun, record: RunRecord, total: int, log: Path, *, before: bool = False) -> str:
+    """``[3/12] finished sgd optim.lr=0.001,train.seed=0: val 81.25%, ood 60.00% (best epoch 4/5, 2.1 min)``.
+
+    ``before``: the run was finished when the sweep started (``[3/12] finished before sgd ...``).
+    """
+    head = f"[{run.index}/{total}] {record.status}{' before' if before else ''} {run.label}"
     if record.status == FINISHED and record.metrics:
         m = record.metrics
         accuracy = ", ".join(f"{k} {100 * v:.2f}%" for k, v in m["accuracy"].items())
@@ -94,7 +97,11 @@ def failure_summary(sweep: Sweep) -> str:
     return (
         f"{len(failed)} of {len(sweep.plan.runs)} runs failed (the others were trained):\n"
         + "\n".join(lines)
-        + "\nRerunning the same command skips them; add --retry-failed to train them again."
+        + (
+            "\nRerunning the same command trains them again."
+            if sweep.opts.retry_failed
+            else "\nRerunning the same command skips them; add --retry-failed to train them again."
+        )
     )
 
 

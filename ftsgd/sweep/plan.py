@@ -52,6 +52,10 @@ class SweepOptions:
     as_json: bool = False
     png: Path | None = None
     argv: list[str] = field(default_factory=list)
+    recipe_grids: dict[str, list[str]] = field(default_factory=dict)
+    """Not a flag: ``--grid``-style values for one recipe only (keyed by its ``--recipe`` value), on top of
+    ``grids``, as if that recipe's ``[sweep]`` grid said them. For callers that give each recipe its own
+    grid, e.g. ``ftsgd demo --compare`` (SGD and AdamW learning rates)."""
 
 
 @dataclass
@@ -107,6 +111,10 @@ def plan_sweep(opts: SweepOptions) -> Plan:
     """
     check_options(opts)
     cli_grid, problems = parse_cli_grid(opts.grids)
+    own = {}
+    for source, texts in opts.recipe_grids.items():
+        own[source], more = parse_cli_grid(texts)
+        problems += [f"--recipe {source}: {p}" for p in more]
     data = opts.data.expanduser().resolve()
     out = opts.out.expanduser().resolve()
     recipes, runs, grid_ok = [], [], not problems
@@ -115,7 +123,7 @@ def plan_sweep(opts: SweepOptions) -> Plan:
             if not grid_ok:  # without a usable grid there are no points; still say which recipes are unusable
                 recipe_grid(source)
                 continue
-            planned, points = plan_recipe(source, cli_grid, opts, data, out)
+            planned, points = plan_recipe(source, {**cli_grid, **own.get(source, {})}, opts, data, out)
         except RecipeError as exc:
             problems += [f"--recipe {source}: {p}" for p in exc.problems]
             continue

@@ -1,4 +1,5 @@
-"""The sweep's ``--out`` folder: what it was asked before, each run's status, ``sweep.json``."""
+"""The sweep's record: its ``--out`` folder checked against what it was asked before, each run's status, and
+``sweep.json`` written from them (atomically, at every run's start and end) with the selection so far."""
 
 from __future__ import annotations
 
@@ -22,20 +23,14 @@ from ftsgd.sweep.plan import Plan, PlannedRun, SweepOptions, parse_devices
 from ftsgd.utils.fileio import atomic_write_text, jsonable
 
 SWEEP_FILE = "sweep.json"
-
-
 LOG_DIR = "logs"
-
-
+"""``OUT/logs/<recipe>/<point>.log``: each run's output."""
 FORMAT = 1
-
+"""``sweep.json``'s format version; a record of another version is refused, never misread."""
 
 PENDING, RUNNING, FINISHED, FAILED, INTERRUPTED = "pending", "running", "finished", "failed", "interrupted"
-
-
 STATUSES = (PENDING, RUNNING, FINISHED, FAILED, INTERRUPTED)
-
-
+"""A run's status in ``sweep.json`` (and, but for ``pending``, the sweep's ``state``)."""
 INCOMPLETE = "incomplete"
 """A sweep's state when runs are left that another process was training (they were not started twice)."""
 
@@ -214,7 +209,25 @@ def initial_records(plan: Plan, previous: dict[str, Any] | None, retry_failed: b
     return records
 
 
+def open_sweep(plan: Plan, opts: SweepOptions) -> Sweep:
+    """Check ``--out`` against what an earlier sweep recorded there, take each run's status, write ``sweep.json``.
+
+    The caller holds the folder's lock.
+
+    Raises:
+        UsageError: ``--out`` is a run directory, records another sweep (unless allowed) or holds runs of
+            other recipes; see :func:`check_out_dir`.
+    """
+    previous = read_previous(plan.out)
+    check_out_dir(plan, previous, opts.allow_changed_grid)
+    sweep = Sweep(plan, opts, initial_records(plan, previous, opts.retry_failed), outside_grid(plan))
+    sweep.report = collect_sweep_report(plan, sweep.records)
+    sweep.write()
+    return sweep
+
+
 def status_counts(sweep: Sweep) -> dict[str, int]:
+    """How many runs have each status (every status listed, zeros too)."""
     counts = dict.fromkeys(STATUSES, 0)
     for record in sweep.records.values():
         counts[record.status] += 1
@@ -301,6 +314,7 @@ def log_path(out: Path, run: PlannedRun) -> Path:
 
 
 def now() -> str:
+    """The time as ``sweep.json`` records it: UTC, ISO 8601, to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 

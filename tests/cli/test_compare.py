@@ -1,15 +1,17 @@
-"""``ftsgd demo --compare --quick``: the comparison table's rows and columns, caching and safe reruns."""
+"""``ftsgd demo --compare --quick``: the comparison table's rows and columns, its sweep folder, caching and safe reruns."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ftsgd.cli.app import app
-from ftsgd.cli.compare import METHODS, QUICK
+from ftsgd.sweep.compare import METHODS, QUICK
 
 COLUMNS = ["method", "best lr", "seeds", "ID val %", "OOD %", "train-state memory", "bytes/param", "vs adamw"]
 
@@ -62,10 +64,48 @@ def test_the_comparison_table_has_a_row_per_method_and_its_columns(first: tuple[
         assert f"{row['lr']:g}" == shown[1]
         assert f"{100 * row['val']['mean']:.1f}" == shown[3] and f"{100 * row['ood']['mean']:.1f}" == shown[4]
     assert saved["diagnostic"]["groups"][0]["kind"] == "embedding"
-    runs = sorted(p.parent.relative_to(out / "runs").as_posix() for p in (out / "runs").rglob("summary.json"))
+    runs = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json"))
     assert runs == sorted(
-        f"{m}/lr{lr:g}-seed{s}" for m in METHODS for lr in QUICK.lrs[m] for s in range(QUICK.seeds)
+        f"{m}/optim.lr={lr!r},train.seed={s}"
+        for m in METHODS
+        for lr in QUICK.lrs[m]
+        for s in range(QUICK.seeds)
     )
+
+
+def test_the_output_folder_is_a_sweep_folder(first: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """``sweep.json`` records every run as ``ftsgd sweep`` does; ``ftsgd report`` and ``ftsgd sweep`` read it."""
+    out, _, _ = first
+    saved = json.loads((out / "comparison.json").read_text())
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["state"] == "finished" and record["counts"]["finished"] == len(record["runs"]) == 4
+    assert {r["name"]: r["grid"]["optim.lr"] for r in record["recipes"]} == {
+        m: list(QUICK.lrs[m]) for m in METHODS
+    }
+    assert all(
+        r["command"].startswith("ftsgd train --data ") and r["command"].endswith(" --resume --quiet")
+        for r in record["runs"]
+    )
+    assert record["selection"] == saved["report"]
+
+    report = CliRunner().invoke(app, ["report", str(out), "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output)["selections"] == saved["report"]["selections"]
+
+    # `ftsgd sweep` continues the folder (a copy) with one run's own flags: it trains nothing, selects
+    shutil.copytree(out, tmp_path / "copy")
+    sgd = next(r for r in record["runs"] if r["recipe"] == "sgd")
+    words = shlex.split(sgd["command"])[2:-2]  # train's flags, without --resume --quiet
+    flags = []
+    for flag, value in zip(words[::2], words[1::2], strict=True):
+        value = str(tmp_path / "copy") if flag == "--out" else value
+        flag = "--grid" if flag == "--set" and value.split("=")[0] in sgd["grid"] else flag
+        flags += [flag, value]
+    swept = CliRunner().invoke(app, ["sweep", *flags, "--allow-changed-grid", "--json"])
+    assert swept.exit_code == 0, swept.output
+    document = json.loads(swept.stdout)
+    assert document["counts"]["finished"] == 1 and len(document["outside_grid"]) == 3
+    assert document["runs"][0]["path"] == str(tmp_path / "copy" / Path(sgd["path"]).relative_to(out))
 
 
 def test_a_rerun_reuses_the_cached_backbone_and_the_finished_runs(first: tuple[Path, Path, str]) -> None:
@@ -75,6 +115,7 @@ def test_a_rerun_reuses_the_cached_backbone_and_the_finished_runs(first: tuple[P
     assert again.exit_code == 0, again.output
     assert "pre-training the backbone" not in again.output and "cached:" in again.output
     assert again.output.count("finished before") == sum(len(v) for v in QUICK.lrs.values()) * QUICK.seeds
+    assert "0 to train" in again.output
     assert _table(again.output, "Comparison: per method") == _table(output, "Comparison: per method")
 
 

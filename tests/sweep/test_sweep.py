@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from ftsgd.cli.app import app
 from ftsgd.data.synthetic import make_image_folder
-from ftsgd.errors import RecipeError
+from ftsgd.errors import RecipeError, RunError
 from ftsgd.recipe.build import recipe_from_dict
 from ftsgd.recipe.dump import recipe_to_toml
 from ftsgd.recipe.grid import grid_problems, parse_grid_option
@@ -36,6 +36,10 @@ from ftsgd.recipe.schema import SweepConfig
 from ftsgd.report.selection import collect_report
 from ftsgd.run.resume import resolve_train_recipe
 from ftsgd.run.rundir import locked
+from ftsgd.sweep.command import conclude
+from ftsgd.sweep.inprocess import execute_in_process
+from ftsgd.sweep.plan import SweepOptions, plan_sweep
+from ftsgd.sweep.record import open_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -495,6 +499,34 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on_then_exits_1(
     result = sweep(data, out, *grid, "--retry-failed")
     assert result.exit_code == 1 and "[1/2] start" in result.stdout
     assert Path(failed["log"]).read_text().count("=== ") == 2
+
+
+def test_in_process_runs_train_as_the_subprocesses_do_and_a_failure_is_recorded(
+    swept: tuple[Path, Any], one_torch_thread: None, data: Path, tmp_path: Path
+) -> None:
+    """``ftsgd demo --compare``'s executor: the run directories ``ftsgd sweep``'s subprocesses write, bitwise;
+    a failed run recorded with its error and log while the sweep goes on, then RunError (exit 1)."""
+    out = tmp_path / "inprocess"
+    opts = SweepOptions(
+        data=data,
+        out=out,
+        recipes=["sgd-freeze-embed"],
+        grids=["train.seed=0"],
+        recipe_grids={"sgd-freeze-embed": ["optim.lr=1e30,1e-4"]},
+        sets=FLAGS[3::2],
+        model="test_vit",
+    )
+    with locked(out, "sweep directory"), pytest.raises(RunError, match="1 of 2 runs failed"):
+        sweep = open_sweep(plan_sweep(opts), opts)
+        conclude(sweep, execute_in_process(sweep), show=False)
+    record = json.loads((out / "sweep.json").read_text())
+    failed, finished = record["runs"]
+    assert record["state"] == "failed" and failed["status"] == "failed" and failed["exit_code"] == 1
+    assert failed["error"].startswith("training loss became nan") and finished["status"] == "finished"
+    assert "error: training loss became nan" in Path(failed["log"]).read_text()
+    assert record["recipes"][0]["grid"] == {"optim.lr": [1e30, 1e-4], "train.seed": [0]}
+    assert record["selection"]["selections"][0]["selected"]["grid"] == {"optim.lr": 1e-4}
+    same_results(point_dir(out, 1e-4, 0), point_dir(swept[0], 1e-4, 0))
 
 
 def wait_for(condition: Any, what: str, timeout: float = 600) -> None:

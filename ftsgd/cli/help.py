@@ -1,0 +1,34 @@
+"""How ``--help`` looks: the exit-code epilog and the Typer classes every command and group is built with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 the run failed; 2 bad usage, recipe, data or weights (nothing was started); "
+    "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved); 141 the reader of the output went away."
+)
+"""The epilog of every ``--help`` page."""
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+"""Typer ``context_settings``: ``-h`` as well as ``--help``."""
+
+
+class ValuelessHelp:
+    """Lists the ``-h`` flag without a value type, like every other flag (mixed into commands and groups)."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(ValuelessHelp, typer.core.TyperCommand):
+    """A command whose ``-h`` flag is listed without a value type."""
+
+
+class Group(ValuelessHelp, typer.core.TyperGroup):
+    """A command group whose ``-h`` flag is listed without a value type."""
