@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import _zygote as zygote
 import numpy as np
 import pytest
 import torch
@@ -111,7 +111,7 @@ def test_a_killed_and_resumed_run_logs_each_step_once_with_the_uninterrupted_val
         "FTSGD_FAULT": "kill_in_write=checkpoint.pt:4:partial",
         "OMP_NUM_THREADS": "1",
     }
-    proc = subprocess.run([sys.executable, str(DRIVER), *args], env=env, capture_output=True, timeout=300)
+    proc = zygote.run([sys.executable, str(DRIVER), *args], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["global_step"] == 6
     (first,) = out.glob("events.out.tfevents.*")
