@@ -5,7 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-fast lint format clean
+
+# pytest's exit code 5 means "no tests collected": not a failure for these targets.
+PYTEST = $(BIN)/python -m pytest -q -n auto --durations=15
+define run_pytest
+	$(PYTEST) $(1); rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
+endef
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/ftsgd demo --out runs/demo --force
 
+# The whole suite (what CI runs), spread over every core by pytest-xdist.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
+	$(call run_pytest,)
+
+# The inner loop: everything but the tests marked slow (real torchrun jobs, kill -9 loops, sweeps).
+test-fast: $(STAMP)
+	$(call run_pytest,-m 'not slow')
 
 lint: $(STAMP)
 	$(BIN)/ruff check ftsgd tests benchmarks

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable  # the real interpreter, whatever a test later sets sys.executable to
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 _PRELOAD = (
@@ -65,7 +67,6 @@ def _serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
-    children: dict[int, socket.socket] = {}
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -75,21 +76,38 @@ def _serve(path: str) -> None:
     sel.register(listener, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
     print("ready", flush=True)
+    children: dict[int, socket.socket] = {}
+    watched: dict[Any, int] = {}
     while os.path.exists(path) or children:
         for key, _ in sel.select(timeout=1.0):
             if key.fileobj is listener:
                 conn, _ = listener.accept()
-                pid = _spawn(
-                    conn, [listener.fileno(), wake_r, wake_w, *(c.fileno() for c in children.values())]
-                )
-                if pid:
-                    children[pid] = conn
+                inherited = [listener.fileno(), wake_r, wake_w, *(c.fileno() for c in children.values())]
+                pid, watch = _spawn(conn, inherited)
+                children[pid] = conn
+                if watch:
+                    watched[conn] = pid
+                    sel.register(conn, selectors.EVENT_READ)
+            elif key.fileobj in watched:
+                _orphaned(key.fileobj, watched, children, sel)
             else:
                 os.read(wake_r, 4096)
-        _reap(children)
+        _reap(children, watched, sel)
 
 
-def _reap(children: dict[int, socket.socket]) -> None:
+def _orphaned(conn: Any, watched: dict, children: dict, sel: selectors.BaseSelector) -> None:
+    """A stand-in (:mod:`_zygote_client`) went away before its process ended: it was killed, so kill that too."""
+    with contextlib.suppress(OSError):
+        if conn.recv(1, socket.MSG_PEEK):
+            return
+    pid = watched.pop(conn)
+    sel.unregister(conn)
+    if pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _reap(children: dict[int, socket.socket], watched: dict, sel: selectors.BaseSelector) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -98,6 +116,9 @@ def _reap(children: dict[int, socket.socket]) -> None:
         if pid == 0:
             return
         conn = children.pop(pid, None)
+        if conn in watched:
+            del watched[conn]
+            sel.unregister(conn)
         if conn is not None:
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             with contextlib.suppress(OSError):
@@ -105,10 +126,10 @@ def _reap(children: dict[int, socket.socket]) -> None:
             conn.close()
 
 
-def _spawn(conn: socket.socket, inherited: list[int]) -> int:
+def _spawn(conn: socket.socket, inherited: list[int]) -> tuple[int, bool]:
     """Read one request from ``conn`` and fork its child, which closes the zygote's ``inherited`` descriptors.
 
-    Returns the child's PID in the zygote.
+    Returns the child's PID in the zygote, and whether the caller is a stand-in whose end means "kill it".
     """
     msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     request = json.loads(msg)
@@ -117,7 +138,7 @@ def _spawn(conn: socket.socket, inherited: list[int]) -> int:
         for fd in fds:
             os.close(fd)
         conn.sendall(struct.pack("!i", pid))
-        return pid
+        return pid, bool(request.get("watch"))
     try:
         signal.set_wakeup_fd(-1)
         conn.close()
@@ -147,6 +168,8 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    # What the process would see as its interpreter: the stand-in, where a test runs commands through it.
+    sys.executable = request["env"].get("FTSGD_TEST_EXECUTABLE", PYTHON)
     if "OMP_NUM_THREADS" in request["env"]:
         import torch
 
@@ -200,16 +223,34 @@ def _socket_path() -> str:
     path = str(Path("/tmp") / f"ftsgd-zygote-{os.getpid()}-{time.monotonic_ns()}.sock")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        [sys.executable, __file__, path], stdout=subprocess.PIPE, env=env, start_new_session=True
-    )
+    proc = subprocess.Popen([PYTHON, __file__, path], stdout=subprocess.PIPE, env=env, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n", "the test zygote did not start"
     _zygote.update(pid=os.getpid(), path=path, proc=proc)
     atexit.register(_stop, path, proc)
     return path
 
 
+def launcher() -> str:
+    """An executable that stands in for ``python`` and runs its arguments in this worker's zygote.
+
+    For command lines built by code under test (``ftsgd sweep``'s runs, ``torchrun --no-python`` workers).
+    Beside it lies ``ftsgd``, the same for the console script. It also puts the zygote's socket into
+    ``os.environ`` (``FTSGD_TEST_ZYGOTE``) for the processes they start.
+    """
+    folder = Path(_socket_path() + ".bin")
+    if not folder.exists():
+        client = (REPO / "tests" / "_zygote_client.py").read_text()
+        folder.mkdir()
+        for name, prefix in (("python", "[]"), ("ftsgd", '["-m", "ftsgd"]')):
+            text = client.replace("ARGV_PREFIX: list[str] = []", f"ARGV_PREFIX: list[str] = {prefix}")
+            (folder / name).write_text(f"#!{PYTHON} -SE\n{text}")
+            (folder / name).chmod(0o755)
+    os.environ["FTSGD_TEST_ZYGOTE"] = _socket_path()
+    return str(folder / "python")
+
+
 def _stop(path: str, proc: subprocess.Popen) -> None:
+    shutil.rmtree(path + ".bin", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     try:
@@ -219,7 +260,10 @@ def _stop(path: str, proc: subprocess.Popen) -> None:
 
 
 def _ours(args: Sequence[str]) -> bool:
-    return len(args) > 1 and os.path.realpath(args[0]) == os.path.realpath(sys.executable)
+    return len(args) > 1 and os.path.realpath(args[0]) in {
+        os.path.realpath(sys.executable),
+        os.path.realpath(PYTHON),
+    }
 
 
 def _fd_for(spec: Any, default: int, mode: str) -> tuple[int, BinaryIO | None, bool]:

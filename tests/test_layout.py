@@ -1,6 +1,6 @@
 """The package's shape: one folder per stage of the flow, imports pointing down, short functions and files.
 
-The folders are the README's "How the code is laid out", lowest first. A module may import from its
+The folders are docs/architecture.md, lowest first. A module may import from its
 own folder and from lower folders only (imports inside functions count too); within a folder there is
 no cycle. So each stage can be read and tested without the ones above it, and ``ftsgd --help`` or
 ``ftsgd report`` never pay for torch: no folder's ``__init__.py`` imports it.

@@ -218,7 +218,7 @@ def export_model(
         architecture: timm model name to rebuild with (``cfg.model.name``).
         class_names: Label of each output index, in order; must match the classifier size.
         data_config: Preprocessing used in training (``input_size``, ``mean``, ``std``, ...); missing
-            entries come from :func:`ftsgd.models.model_data_config`.
+            entries come from :func:`ftsgd.model.data_config.model_data_config`.
         recipe_name: Recipe the model was trained with, for provenance.
         model_kwargs: ``timm.create_model`` keyword arguments (``cfg.model.kwargs``), JSON-serialisable.
         extra: More string metadata (e.g. run id, best epoch); may not override the standard keys.
@@ -332,7 +332,7 @@ def load_exported_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild an exported model with timm and load its weights, ready for inference.
 
     The model's ``pretrained_cfg`` is overlaid with the exported preprocessing, so
-    :func:`ftsgd.models.model_data_config` on the result returns what the model was trained with.
+    :func:`ftsgd.model.data_config.model_data_config` on the result returns what the model was trained with.
 
     Args:
         path: The ``.safetensors`` file or the directory holding ``model.safetensors``.

@@ -224,7 +224,7 @@ def gradient_diagnostic(
             with ``requires_grad=False`` are left out and listed in ``not_measured``).
         batches: ``(images, labels)`` pairs; each is one gradient (see the module docstring).
         embedding: Module names of the embedding (``Embedding.modules``).
-        classifier: Module names of the classifier (``ftsgd.models.classifier_modules``).
+        classifier: Module names of the classifier (``ftsgd.model.build.classifier_modules``).
         loss_fn: Loss on ``(logits, labels)``; cross-entropy (batch mean) by default.
         micro_batch_size: Split each batch into micro-batches of this size (0 = whole batches).
         seed: Seeds dropout and stochastic depth for the measurement (the global RNG is restored).

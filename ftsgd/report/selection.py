@@ -4,7 +4,7 @@ Kumar et al. never report a single run. Within a run the best epoch is the one w
 ID-validation accuracy; runs that differ only in ``train.seed`` form a *grid point*; per recipe the grid
 point with the highest mean over seeds of that best-epoch ID-val accuracy is selected, and its ID-val
 and every other (OOD) split's accuracy are reported as mean ± std over the seeds, with the 90% interval
-1.645·std/√n. This module does exactly that over :class:`ftsgd.collect.Run` records and returns plain
+1.645·std/√n. This module does exactly that over :class:`ftsgd.run.collect.Run` records and returns plain
 dataclasses (and :meth:`Report.to_dict`, the form ``sweep.json`` can embed), without printing.
 
 Choices the paper leaves open, made explicit here so a result never depends on directory order:

@@ -1,6 +1,6 @@
-"""Every kind of export loads exactly through each form the README documents.
+"""Every kind of export loads exactly through each form the docs (docs/training.md) document.
 
-The README's code blocks under "Using the exported weights in timm" are run as they are written (with
+The code blocks under "Using the exported weights in timm" are run as they are written (with
 ``RUN`` replaced by a real run directory), for exports at the default input size, with
 ``model.kwargs.img_size``, with ``data.img_size`` and with custom ``data.mean``/``std``/``crop_pct``/
 ``interpolation``. Each must give exactly the logits of ``ftsgd eval``'s model and a transform that
@@ -25,7 +25,7 @@ from ftsgd.infer.export import export_data_config, load_exported_model
 from ftsgd.recipe.load import load_recipe
 from ftsgd.train.trainer import Trainer
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+TRAINING_DOC = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
 
 KINDS = {
     "default_size": ("test_vit", []),
@@ -45,10 +45,10 @@ KINDS = {
 
 
 def readme_forms() -> list[str]:
-    """The python blocks of the README's section on loading exports in timm."""
-    section = README.split("### Using the exported weights in timm", 1)[1].split("\n## ", 1)[0]
+    """The python blocks of the docs' section on loading exports in timm (docs/training.md)."""
+    section = TRAINING_DOC.split("### Using the exported weights in timm", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 2, "the README documents two forms"
+    assert len(blocks) == 2, "the docs document two forms"
     return blocks
 
 

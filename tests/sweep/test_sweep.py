@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import _zygote as zygote
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -35,7 +36,7 @@ from ftsgd.recipe.load import load_recipe, recipe_grid
 from ftsgd.recipe.schema import SweepConfig
 from ftsgd.report.selection import collect_report
 from ftsgd.run.resume import resolve_train_recipe
-from ftsgd.run.rundir import locked
+from ftsgd.run.rundir import lock_holder, locked
 from ftsgd.sweep.command import conclude
 from ftsgd.sweep.inprocess import execute_in_process
 from ftsgd.sweep.plan import SweepOptions, plan_sweep
@@ -67,8 +68,14 @@ def point_dir(out: Path, lr: float, seed: int, recipe: str = "sgd-freeze-embed")
 
 @pytest.fixture(scope="module")
 def env() -> Any:
-    """One thread per run (the same arithmetic at any --jobs) and this checkout's ftsgd in every child."""
+    """One thread per run (the same arithmetic at any --jobs) and this checkout's ftsgd in every child.
+
+    Each run's ``sys.executable -m ftsgd train ...`` is started by the stand-in of :mod:`_zygote`: a real
+    process, without 6 s of importing torch and timm.
+    """
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "executable", zygote.launcher())
+        mp.setenv("FTSGD_TEST_EXECUTABLE", sys.executable)
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         mp.delenv("FTSGD_FORCE_TTY", raising=False)
@@ -408,7 +415,7 @@ def test_print_commands_run_as_is_and_report_collects_them(
     commands = result.stdout.splitlines()
     assert len(commands) == 4 and not out.exists()
     assert all(c.startswith(f"ftsgd train --data {data.resolve()} --out ") for c in commands)
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # the stand-in ftsgd
     for pair in (commands[:2], commands[2:]):  # two at a time, as GNU parallel -j 2 would
         procs = [subprocess.Popen(["bash", "-c", c], env={**os.environ, "PATH": path}) for c in pair]
         assert [p.wait(timeout=600) for p in procs] == [0, 0]
@@ -579,6 +586,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(
     proc.kill()  # kill -9: the run is told by the kernel (SIGTERM) and stops on its own
     proc.wait()
     wait_for(lambda: gone(child), "the orphaned run to stop")
+    wait_for(lambda: lock_holder(point_dir(out, 1e-4, 1)) is None, "the orphaned run to release its lock")
 
     result = sweep(data, out, "--grid", "optim.lr=1e-4", "--grid", "train.seed=0,1")
     assert result.exit_code == 0, result.output

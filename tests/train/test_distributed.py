@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 import torch
 import torch.distributed as dist
@@ -90,8 +91,12 @@ class Job:
             f"--nproc_per_node={nproc}",
         ]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [*launcher, str(DRIVER), *args], stdout=out, stderr=err, env=env, start_new_session=True
+            self.proc = zygote.Popen(
+                [*launcher, "--no-python", zygote.launcher(), str(DRIVER), *args],
+                stdout=out,
+                stderr=err,
+                env={**env, "FTSGD_TEST_ZYGOTE": os.environ["FTSGD_TEST_ZYGOTE"]},
+                start_new_session=True,
             )
         self.started = time.monotonic()
 

@@ -434,10 +434,17 @@ def test_a_staged_run_on_two_processes_trains_the_weights_of_one(tmp_path: Path)
     assert _driver([*args, "--out", str(tmp_path / "one")]).returncode == 0
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    job = subprocess.run(
-        [*launcher, "-m", "ftsgd", *args, "--out", str(tmp_path / "two")],
-        env=env,
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--no-python",
+    ]
+    job = zygote.run(
+        [*launcher, zygote.launcher(), "-m", "ftsgd", *args, "--out", str(tmp_path / "two")],
+        env={**env, "FTSGD_TEST_ZYGOTE": os.environ["FTSGD_TEST_ZYGOTE"]},
         capture_output=True,
         text=True,
         timeout=300,
