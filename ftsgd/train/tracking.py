@@ -1,6 +1,7 @@
 """Experiment tracking: what a run logs to TensorBoard, MLflow and Weights & Biases (``train.tracking``).
 
-One small :class:`Tracker` protocol, one implementation per tracker (:mod:`.tracking_tensorboard`,
+Torch-free (``ftsgd sweep`` reads :data:`GROUP_ENV` and :data:`TAGS_ENV` from here). One small
+:class:`Tracker` protocol, one implementation per tracker (:mod:`.tracking_tensorboard`,
 :mod:`.tracking_mlflow`, :mod:`.tracking_wandb`), and :class:`Trackers`, which the Trainer talks to and which
 fans each call out. Every tracker is fed from the same records, so what one shows the others show too:
 
@@ -34,7 +35,6 @@ from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
 from ftsgd.errors import Interrupted
-from ftsgd.infer.export import CONFIG_NAME, WEIGHTS_NAME
 from ftsgd.recipe.dump import flatten_recipe, recipe_to_dict, recipe_to_toml
 from ftsgd.recipe.schema import Recipe, TrainConfig
 from ftsgd.run.files import RECIPE_FILE, SUMMARY, TRACKING
@@ -286,6 +286,8 @@ class Trackers:
 
     def _files(self) -> list[Path]:
         """The run's files a tracker keeps: the exported model, its config, summary, recipe, any plots."""
+        from ftsgd.infer.export import CONFIG_NAME, WEIGHTS_NAME  # here: this module stays torch-free
+
         if self._path is None:
             return []
         names = (WEIGHTS_NAME, CONFIG_NAME, SUMMARY, RECIPE_FILE)
