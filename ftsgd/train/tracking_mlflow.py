@@ -78,7 +78,10 @@ class MlflowTracker:
 
         from ftsgd.recipe.values import toml_value
 
-        items = [Param(k, toml_value(v)[:_PARAM_LENGTH]) for k, v in params.items()]
+        text = {
+            k: v if isinstance(v, str) else toml_value(v) for k, v in params.items()
+        }  # TOML, strings bare
+        items = [Param(k, v[:_PARAM_LENGTH]) for k, v in text.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 parameters per request
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
