@@ -1,4 +1,4 @@
-"""The README documents what the code offers (keys, recipes, commands), so the docs cannot drift silently."""
+"""The README (and its docs/ pages) documents what the code offers (keys, recipes, commands), so the docs cannot drift silently."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from ftsgd.recipe.dump import describe_keys
 from ftsgd.recipe.load import builtin_recipes
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+"""The README and the pages under docs/ it links to."""
 
 
 @pytest.mark.parametrize("key", [row[0] for row in describe_keys()])
