@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ftsgd.train.tracking import TrackedRun
+    from ftsgd.train.tracking_base import TrackedRun
 
 __all__ = ["MlflowTracker"]
 
@@ -35,7 +35,7 @@ _PARAM_LENGTH = 6000
 
 
 class MlflowTracker:
-    """One MLflow run (a :class:`ftsgd.train.tracking.Tracker`)."""
+    """One MLflow run (a :class:`ftsgd.train.tracking_base.Tracker`)."""
 
     name: ClassVar[str] = "mlflow"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ftsgd.train.tracking import TrackedRun
+    from ftsgd.train.tracking_base import TrackedRun
 
 __all__ = ["EVENTS_GLOB", "TensorBoardLog"]
 
@@ -33,7 +33,7 @@ EVENTS_GLOB = "events.out.tfevents.*"
 
 
 class TensorBoardLog:
-    """A SummaryWriter for one run (a :class:`ftsgd.train.tracking.Tracker`).
+    """A SummaryWriter for one run (a :class:`ftsgd.train.tracking_base.Tracker`).
 
     Args:
         every: Log the per-step scalars every this many optimizer steps.

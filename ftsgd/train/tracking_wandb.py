@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ftsgd.train.tracking import TrackedRun
+    from ftsgd.train.tracking_base import TrackedRun
 
 __all__ = ["WandbTracker"]
 
@@ -30,7 +30,7 @@ INIT_TIMEOUT_S = 30.0
 
 
 class WandbTracker:
-    """One W&B run (a :class:`ftsgd.train.tracking.Tracker`)."""
+    """One W&B run (a :class:`ftsgd.train.tracking_base.Tracker`)."""
 
     name: ClassVar[str] = "wandb"
 
