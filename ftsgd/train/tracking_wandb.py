@@ -49,7 +49,7 @@ class WandbTracker:
         run_id = str(run.saved.get("run_id") or os.environ.get("WANDB_RUN_ID") or _new_id())
         timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
         self.run = wandb.init(
-            project=None if os.environ.get("WANDB_PROJECT") else run.project,
+            project=None if os.environ.get("WANDB_PROJECT") else (run.saved.get("project") or run.project),
             name=None if os.environ.get("WANDB_NAME") else run.name,
             group=None if os.environ.get("WANDB_RUN_GROUP") else (run.group or None),
             tags=[f"{k}={v}"[:64] for k, v in run.tags.items()] or None,  # W&B: <= 64 characters
