@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 from typer.testing import CliRunner
 
@@ -442,7 +443,7 @@ def test_help_lists_exit_codes_and_shows_no_type_for_flags() -> None:
 
 
 def test_a_closed_pipe_stops_quietly_with_141() -> None:
-    proc = subprocess.Popen(
+    proc = zygote.Popen(
         [sys.executable, "-m", "ftsgd", "recipes", "keys"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -207,7 +208,7 @@ def test_a_held_lock_refuses_a_second_writer_naming_the_holder(data: Path, tmp_p
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     with locked(out):
-        proc = subprocess.run(
+        proc = zygote.run(
             [
                 sys.executable,
                 "-m",

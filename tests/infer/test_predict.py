@@ -13,6 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 from typer.testing import CliRunner
 
@@ -207,7 +208,7 @@ def _cli(run: Path, *args: str) -> list[str]:
 
 def test_results_stream_before_stdin_closes(trained_run: Path, image_folder: Path) -> None:
     first, second = images(image_folder / "val")[:2]
-    proc = subprocess.Popen(
+    proc = zygote.Popen(
         _cli(trained_run, "-"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
@@ -233,7 +234,7 @@ def test_a_closed_stdout_stops_quietly(trained_run: Path, image_folder: Path, tm
     listing = tmp_path / "paths.txt"
     listing.write_text(f"{image_folder / 'val'}\n" * 300)  # 7,200 images: far more than one pipe buffer
     with listing.open("rb") as stdin:
-        proc = subprocess.Popen(
+        proc = zygote.Popen(
             _cli(trained_run, "-"), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         try:
@@ -254,11 +255,11 @@ def test_file_names_that_are_not_utf8(trained_run: Path, image_folder: Path, tmp
     raw = os.fsencode(folder / "caf") + b"\xe9.png"  # Latin-1 e-acute: not UTF-8
     with open(raw, "wb") as fh:
         fh.write(Path(images(image_folder / "val")[0]).read_bytes())
-    ran = subprocess.run(_cli(trained_run, str(folder)), capture_output=True, check=False, timeout=GUARD_S)
+    ran = zygote.run(_cli(trained_run, str(folder)), capture_output=True, check=False, timeout=GUARD_S)
     assert ran.returncode == 0, ran.stderr
     (record,) = [json.loads(line) for line in ran.stdout.decode("utf-8").splitlines()]  # valid UTF-8 JSON
     assert os.fsencode(record["path"]) == raw and record["class"]
-    as_csv = subprocess.run(_cli(trained_run, str(folder), "--csv"), capture_output=True, check=False)
+    as_csv = zygote.run(_cli(trained_run, str(folder), "--csv"), capture_output=True, check=False)
     assert as_csv.returncode == 0, as_csv.stderr
     assert len(as_csv.stdout.splitlines()) == 2 and b"caf" in as_csv.stdout
 

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import _zygote as zygote
 import numpy as np
 import pytest
 import timm
@@ -323,13 +324,12 @@ def test_train_and_eval_say_which_files_they_ignored(image_folder: Path, tmp_pat
 @pytest.mark.slow
 def test_image_over_pil_pixel_limit_is_reported_by_ftsgd_not_pil(make_folder, tmp_path: Path) -> None:
     """A real process with PIL's real limit (89,478,485 pixels) and nothing between it and stderr."""
-    import subprocess
     import sys
 
     root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
     Image.new("1", (9500, 9500)).save(root / "train" / "a" / "pano.png")  # 90.25 M pixels, 11 kB
     out = tmp_path / "run"
-    proc = subprocess.run(
+    proc = zygote.run(
         [sys.executable, "-m", "ftsgd", *_tiny_train_args(root, out)],
         capture_output=True,
         text=True,

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,7 +95,7 @@ class Proc:
         env.pop("FTSGD_DEBUG", None)
         # Files, not pipes: DataLoader workers inherit them and may outlive a SIGKILLed parent.
         with open(workdir / f"{tag}.stdout", "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
+            self.proc = zygote.Popen(
                 [sys.executable, str(DRIVER), *args], stdout=out, stderr=err, env=env, start_new_session=True
             )
 
@@ -277,7 +278,7 @@ while True:
     }
     seen = set()
     for delay in (0.3, 0.47, 0.61):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+        proc = zygote.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

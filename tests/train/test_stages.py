@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 import timm
 import torch
@@ -347,7 +348,7 @@ def _driver(args: list[str], fault: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "FTSGD_FAULT": fault, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     env.pop("FTSGD_DEBUG", None)
     driver = [sys.executable, str(repo / "tests" / "_fault_driver.py")]
-    return subprocess.run([*driver, *args], env=env, capture_output=True, text=True, timeout=300)
+    return zygote.run([*driver, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _zygote as zygote
 import numpy as np
 import pytest
 import torch
@@ -199,9 +199,7 @@ def test_mlflow_holds_the_recipe_the_epochs_the_summary_and_the_files(reference:
     assert MlflowClient().get_experiment(run.info.experiment_id).name == "ftsgd"  # train.tracking_project
     params = run.data.params
     assert (
-        params["optim.lr"] == "0.02"
-        and params["model.name"] == "test_vit"
-        and params["train.epochs"] == "2"
+        params["optim.lr"] == "0.02" and params["model.name"] == "test_vit" and params["train.epochs"] == "2"
     )
     assert params["model.kwargs"] == "{ img_size = 32 }"
     assert run.data.tags["ftsgd.group"] == GROUP and run.data.tags["grid.optim.lr"] == "0.02"
@@ -258,7 +256,7 @@ def test_a_killed_and_resumed_run_logs_each_step_once_with_the_uninterrupted_val
         "FTSGD_FAULT": "kill_in_write=checkpoint.pt:3:partial",
         "OMP_NUM_THREADS": "1",
     }
-    proc = subprocess.run([sys.executable, str(DRIVER), *args], env=env, capture_output=True, timeout=300)
+    proc = zygote.run([sys.executable, str(DRIVER), *args], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["global_step"] == 4
     (first,) = out.glob("events.out.tfevents.*")

@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import _zygote as zygote
 import pytest
 import torch
 
@@ -167,7 +168,7 @@ def test_sigkill_mid_write_leaves_old_or_new_file(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for delay in (0.05, 0.13, 0.21):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+        proc = zygote.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
