@@ -239,6 +239,7 @@ def test_wandb_offline_holds_the_recipe_the_epochs_the_summary_and_the_files(
     assert {"model.safetensors", "config.json", "summary.json", "recipe.toml"} <= seg["files"]
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_logs_each_step_once_with_the_uninterrupted_values(
     data: Path, reference: Path, tmp_path: Path, trackers_offline: Path
 ) -> None:
