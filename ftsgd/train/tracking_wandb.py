@@ -4,7 +4,8 @@ W&B's environment variables work as they always do and win over what ftsgd would
 (else ``train.tracking_project``), ``WANDB_ENTITY``, ``WANDB_NAME`` (else the run directory's name),
 ``WANDB_RUN_GROUP`` (else the sweep's group), ``WANDB_MODE`` (``offline`` logs to local files that
 ``wandb sync`` uploads later), ``WANDB_DIR`` (where those files go; W&B's default is ``./wandb``),
-``WANDB_API_KEY``, ``WANDB_INIT_TIMEOUT`` (ftsgd's default: 30 s).
+``WANDB_API_KEY``, ``WANDB_INIT_TIMEOUT`` (ftsgd's default: 30 s, also the most a login prompt waits on a
+terminal without an API key).
 
 The run's W&B id is kept in ``tracking.json``; a resumed run continues it (``resume="allow"``). W&B itself
 keeps each step once: a step below the run's current one is dropped, so what a killed process logged and
@@ -56,7 +57,9 @@ class WandbTracker:
             config=run.params,
             id=run_id,
             resume="allow",
-            settings=wandb.Settings(init_timeout=timeout, console="off", **self._silent(run)),
+            settings=wandb.Settings(
+                init_timeout=timeout, login_timeout=timeout, console="off", **self._silent(run)
+            ),
         )
         if not run.saved.get("run_id"):
             run.remember({"run_id": run_id, "project": self.run.project})
