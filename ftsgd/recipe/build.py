@@ -87,6 +87,27 @@ def _build_stage(raw: dict[str, Any], path: str, base: Recipe, problems: list[st
     )
 
 
+def _legacy_train_keys(raw: Any, problems: list[str]) -> Any:
+    """``train.tensorboard = true``, the spelling before ``train.tracking``: "tensorboard" in the list.
+
+    Recipes and the ``recipe.toml`` of runs written before ``train.tracking`` keep loading (and resuming)
+    unchanged; ``false`` adds nothing. The key is gone once read, so a recipe is dumped in one spelling.
+    """
+    if not isinstance(raw, dict) or "tensorboard" not in raw:
+        return raw
+    raw = dict(raw)
+    on = raw.pop("tensorboard")
+    if not isinstance(on, bool):
+        problems.append(
+            f'train.tensorboard: expected a boolean (the older spelling of train.tracking = ["tensorboard"]), '
+            f"got {on!r}"
+        )
+    elif on:
+        tracking = raw.get("tracking", [])
+        raw["tracking"] = [*(tracking if isinstance(tracking, list) else [tracking]), "tensorboard"]
+    return raw
+
+
 def recipe_from_dict(raw: dict[str, Any], extra_checks: Checks | None = None) -> Recipe:
     """Validate a raw (merged) recipe dict into a :class:`Recipe`, reporting all problems at once.
 
@@ -103,6 +124,7 @@ def recipe_from_dict(raw: dict[str, Any], extra_checks: Checks | None = None) ->
         if key == STAGE_KEY:
             continue  # built below, on top of the finished sections
         if key in SECTIONS:
+            value = _legacy_train_keys(value, problems) if key == "train" else value
             sections[key] = _build_section(SECTIONS[key], value, key, problems)
         elif key in TOP_LEVEL_KEYS:
             if isinstance(value, str):

@@ -21,6 +21,7 @@ from ftsgd.recipe.schema import (
     SCHEDULES,
     SELECT_METRICS,
     STAGE_KEY,
+    TRACKERS,
     DataConfig,
     FreezeConfig,
     ModelConfig,
@@ -269,6 +270,8 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing!r}")
     _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0, " (0 = every epoch end)")
+    for name in t.tracking if isinstance(t.tracking, list) else []:
+        _choice(p, "train.tracking", name, TRACKERS)
     if t.shard and t.amp == "fp16":
         p.append(
             'train.shard: cannot be combined with train.amp = "fp16": the gradient scaler would see only this '

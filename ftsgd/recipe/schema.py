@@ -46,6 +46,10 @@ MIXUP_MODES = ("batch", "pair", "elem")
 SELECT_METRICS = ("accuracy", "loss")
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+"""``train.tracking`` values: the experiment trackers a run can log to (each an optional extra of ftsgd)."""
+
+
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 """``data.interpolation`` values (PIL's resampling filters, as timm names them)."""
 
@@ -254,13 +258,22 @@ class TrainConfig:
     ema_warmup: bool = False
     """ModelEmaV3's decay warmup: the decay is min(ema_decay, 1 - (1 + step)^(-2/3)), i.e. 0.9 at step 31,
     0.99 at step 999, so early weights fade out faster."""
-    tensorboard: bool = False
-    """Write TensorBoard event files into the run directory (needs the ``tensorboard`` package)."""
+    tracking: list[str] | str = field(default_factory=list)
+    """Experiment trackers to log to: any of "tensorboard", "mlflow", "wandb" (extras ftsgd[NAME]); [] or
+    "none" = metrics.jsonl only. A string is one name or several joined by commas. The older
+    ``train.tensorboard = true`` still means "tensorboard"."""
+    tracking_project: str = "ftsgd"
+    """MLflow experiment / W&B project of the run; MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID and
+    WANDB_PROJECT win when set."""
     tensorboard_every: int = 10
     """Log the per-step TensorBoard scalars (train loss/accuracy, lr) every this many optimizer steps."""
     shard: bool = False
     """Under torchrun: shard weights, gradients and optimizer state over the processes with FSDP2
     (``fully_shard``) instead of replicating them with DDP; for models that don't fit one GPU."""
+
+    def __post_init__(self) -> None:
+        # one spelling from here on: "none", "tensorboard" or "mlflow,wandb" become lists of names
+        object.__setattr__(self, "tracking", tracking_names(self.tracking))
 
 
 @dataclass(frozen=True)
@@ -380,3 +393,16 @@ def flatten_grid(grid: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[str(key)] = value
     return flat
+
+
+def tracking_names(value: Any) -> Any:
+    """``train.tracking`` as a list of names: a string is split at commas, "none" and repeats dropped.
+
+    Anything else (a value of the wrong type, still to be reported by the recipe checks) is returned as is.
+    """
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        return value
+    names = [v.strip() for v in value]
+    return list(dict.fromkeys(n for n in names if n and n != "none"))

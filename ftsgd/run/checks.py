@@ -119,14 +119,24 @@ _PACKAGE_HINTS = {
 """How to install the optional packages timm's optimizer registry names."""
 
 
+_TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "wandb": ("wandb", "wandb"),
+}
+"""Each ``train.tracking`` name: the module it imports, and the smallest package that provides it."""
+
+
 def _missing_packages(recipe: Recipe) -> list[str]:
     """Optional packages the recipe needs that are not installed (found before any work is done)."""
     problems = []
-    if recipe.train.tensorboard and not _importable("tensorboard"):
-        problems.append(
-            "train.tensorboard: needs the tensorboard package, which is not installed: "
-            "pip install 'ftsgd[tensorboard]' (or pip install tensorboard), or set train.tensorboard = false"
-        )
+    for name in recipe.train.tracking:
+        module, package = _TRACKER_PACKAGES.get(name, ("", ""))  # an unknown name is check_values' problem
+        if module and not _importable(module):
+            problems.append(
+                f"train.tracking: {name!r} needs the {package} package, which is not installed: "
+                f"pip install 'ftsgd[{name}]' (or pip install {package}), or remove {name!r} from train.tracking"
+            )
     package = optimizer_package(recipe.optim.name)
     if package is not None and not _importable(package):
         hint = _PACKAGE_HINTS.get(package, f"pip install {package}")

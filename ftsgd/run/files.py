@@ -17,7 +17,8 @@ Layout::
     skipped.txt        images left out by data.on_bad_image = "skip" (only when there were any)
     dataset.json       the data's fingerprint: classes, and every file with its size and mtime
     .ftsgd.lock        held (flock) by the one process writing the run; the OS releases it when that dies
-    events.out.tfevents.*  TensorBoard's event files (train.tensorboard = true), named by TensorBoard
+    tracking.json      the MLflow/W&B run ids of this run (train.tracking), so a resumed run continues them
+    events.out.tfevents.*  TensorBoard's event files (train.tracking has "tensorboard"), named by TensorBoard
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "RUN_MARKERS",
     "SKIPPED_FILE",
     "SUMMARY",
+    "TRACKING",
 ]
 
 RECIPE_FILE = "recipe.toml"
@@ -42,8 +44,10 @@ SKIPPED_FILE = "skipped.txt"
 """The images ``data.on_bad_image = "skip"`` left out, one ``path<TAB>split<TAB>reason`` line each."""
 DATASET = "dataset.json"
 LOCK = ".ftsgd.lock"
+TRACKING = "tracking.json"
+"""The run's ids in its experiment trackers (MLflow, W&B), so that a resumed run continues the same ones."""
 
 RUN_MARKERS = (SUMMARY, RECIPE_FILE, METRICS, CHECKPOINT)
 """Any of these files makes a folder a run directory (a run killed early may hold only recipe.toml)."""
-BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE)
+BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE, TRACKING)
 """What a run may have written before its first checkpoint: nothing of value, so it may start over."""

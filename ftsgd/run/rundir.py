@@ -41,13 +41,24 @@ from ftsgd.run.files import (
     RECIPE_FILE,
     SKIPPED_FILE,
     SUMMARY,
+    TRACKING,
 )
 from ftsgd.utils.fileio import atomic_torch_save, atomic_write_text, jsonable, remove_stale_temps
 
 __all__ = ["CHECKPOINT_FORMAT", "RUN_FILES", "RunDir", "lock_holder", "locked"]
 
 CHECKPOINT_FORMAT = 1
-RUN_FILES = (CHECKPOINT, WEIGHTS_NAME, METRICS, SUMMARY, SKIPPED_FILE, CONFIG_NAME, DATASET, RECIPE_FILE)
+RUN_FILES = (
+    CHECKPOINT,
+    WEIGHTS_NAME,
+    METRICS,
+    SUMMARY,
+    SKIPPED_FILE,
+    CONFIG_NAME,
+    DATASET,
+    RECIPE_FILE,
+    TRACKING,
+)
 """Every file ftsgd writes into a run directory (its lock aside): the run's own and the exported model's."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from ftsgd.sweep.record import (
     now,
     run_metrics,
 )
+from ftsgd.train.tracking import GROUP_ENV, TAGS_ENV
 
 POLL_S = 0.2
 
@@ -179,7 +181,7 @@ def launch(run: PlannedRun, slot: Slot, out: Path) -> Active:
     handle = open(log, "ab")  # noqa: SIM115 - closed by run_result when the child exits
     handle.write(f"=== {now()} {run.command}\n".encode())
     handle.flush()
-    env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads), **tracking_env(run, out))
     if slot.device is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.device
     try:
@@ -196,6 +198,13 @@ def launch(run: PlannedRun, slot: Slot, out: Path) -> Active:
         handle.close()
         raise
     return Active(run, slot, process, log, handle, handle.tell())
+
+
+def tracking_env(run: PlannedRun, out: Path) -> dict[str, str]:
+    """What the run's experiment trackers group it by (the sweep's folder name: a W&B group, an MLflow tag)
+    and tag it with (its recipe and grid point), as environment variables for its process."""
+    point = {"recipe": run.recipe, **run.values}
+    return {GROUP_ENV: out.name, TAGS_ENV: json.dumps(point, default=str)}
 
 
 def parent_death_signal() -> Any:

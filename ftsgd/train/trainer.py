@@ -50,7 +50,6 @@ from ftsgd.model.freeze import train_mode
 from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
 from ftsgd.model.prepare import PreparedModel, prepare_model, refreeze
 from ftsgd.recipe.checks import select_metric
-from ftsgd.recipe.dump import recipe_to_toml
 from ftsgd.recipe.schema import Recipe
 from ftsgd.run.checks import (
     check_device,
@@ -73,7 +72,7 @@ from ftsgd.train.parallel import (
 from ftsgd.train.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
 from ftsgd.train.stages import Stages
 from ftsgd.train.state import RunState, checkpoint_payload, restore_rng, restore_weights, versions
-from ftsgd.train.tracking import TensorBoardLog
+from ftsgd.train.tracking import Trackers
 from ftsgd.utils.console import TrainingProgress, training_progress, warn
 from ftsgd.utils.device import (
     amp_name,
@@ -130,7 +129,7 @@ class Trainer:
         self.stages = Stages.plan(recipe)
         self.state = RunState()
         self.signals = StopSignals(self.world.distributed)
-        self.tracker = TensorBoardLog(recipe.train.tensorboard_every)
+        self.tracker = Trackers(recipe.train, quiet=self.quiet)
         self._saved_step: int | None = None
         self._data_changed = False
         self._progress: TrainingProgress | None = None
@@ -309,7 +308,7 @@ class Trainer:
         if self._saved_step == self.state.global_step:
             return
         self.check_finite()
-        self.tracker.flush()  # the event files hold at least what the checkpoint has seen
+        self.tracker.flush()  # the trackers hold at least what the checkpoint has seen
         payload = checkpoint_payload(
             self.model,
             self.optimizer,
@@ -358,9 +357,14 @@ class Trainer:
                     return None
             if self.stopped_early():
                 progress.message(self._stop_message())
+            return self._write_summary()
+
+    def _write_summary(self) -> dict[str, Any]:
+        """``summary.json``, then the same summary and the run's files to the trackers (rank 0 writes)."""
         summary = self.summary()
         if self.world.is_main:
             self.run.write_summary(summary)
+            self.tracker.finish(summary)
         return summary
 
     def _start_run(self) -> None:
@@ -375,9 +379,8 @@ class Trainer:
             self.run.start(self.recipe)
         if self._data_changed or not self.resume:
             self.run.write_dataset(self.fingerprint)
-        if self.recipe.train.tensorboard:
-            resume_step = self.state.global_step if self.resume else None
-            self.tracker.open(self.run.path, recipe_to_toml(self.recipe), resume_step=resume_step)
+        resume_step = self.state.global_step if self.resume else None
+        self.tracker.open(self.run.path, self.recipe, resume_step=resume_step, history=self.state.history)
         self.run.write_skipped(self.skipped)
         if self.skipped:
             warn(

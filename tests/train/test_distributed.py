@@ -8,6 +8,7 @@ evaluation splits do not divide evenly: the paths where a process has nothing to
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -190,10 +191,19 @@ def single_vit(data: Path) -> Path:
     return out
 
 
+MLFLOW = importlib.util.find_spec("mlflow") is not None
+"""The job logs to MLflow (a local file store) when it is installed: only rank 0 may."""
+
+
 @pytest.fixture(scope="module")
 def job_vit(data: Path) -> Job:
-    """The ViT recipe as a 2-process job (DDP), with --json."""
-    job = Job(_train_args(data, data.parent / "job-vit", VIT, "--json"), data.parent, "job-vit")
+    """The ViT recipe as a 2-process job (DDP), with --json (and MLflow tracking, see :data:`MLFLOW`)."""
+    tracking = ["train.tracking=mlflow"] if MLFLOW else []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", (data.parent / "mlruns").as_uri())
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        args = _train_args(data, data.parent / "job-vit", [*VIT, *tracking], "--json")
+        job = Job(args, data.parent, "job-vit")
     assert job.wait() == 0, job.stderr()
     return job
 
@@ -239,7 +249,9 @@ def test_two_processes_train_the_same_weights_as_one(data: Path, single_vit: Pat
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
 
 
-def test_only_rank_0_writes_the_run_directory(data: Path, job_vit: Job) -> None:
+def test_only_rank_0_writes_the_run_directory(
+    data: Path, job_vit: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = data.parent / "job-vit"
     writes = [line.split() for line in job_vit.writes.read_text().splitlines()]
     assert writes and {rank for rank, _ in writes} == {"0"}
@@ -253,9 +265,19 @@ def test_only_rank_0_writes_the_run_directory(data: Path, job_vit: Job) -> None:
             "model.safetensors",
             "recipe.toml",
             "summary.json",
+            *(["tracking.json"] if MLFLOW else []),
         ]
     )
     assert "[rank 1]" not in job_vit.stderr()
+    if MLFLOW:  # one MLflow run, each epoch logged once
+        from mlflow import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient((data.parent / "mlruns").as_uri())
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert run.info.run_name == "job-vit" and run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")]
+        assert steps == [r["step"] for r in _metrics(out)]
 
 
 def test_distributed_evaluation_counts_every_image_once(data: Path, job_vit: Job) -> None:
