@@ -27,7 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ftsgd.data.fingerprint import compare_fingerprints
+from ftsgd.data.fingerprint import compare_fingerprints, fingerprint
+from ftsgd.data.folders import discover_splits
 from ftsgd.errors import DataError, UsageError
 from ftsgd.recipe.dump import recipe_differences
 from ftsgd.recipe.grid import SWEEP_KEYS
@@ -116,8 +117,20 @@ def _resume_plan(run: RunDir, wanted: Recipe | None, data: Path) -> tuple[Recipe
     if wanted is not None:
         _refuse_other_recipe(run, run.read_recipe(data, for_resume=False), wanted)
     if status == "finished":
+        _check_finished_data(run, data)
         return None, False
     return run.read_recipe(data), True
+
+
+def _check_finished_data(run: RunDir, data: Path) -> None:
+    """A finished run is "nothing to do" only on the data it was trained on.
+
+    A cron job that points ``--resume`` at a refreshed snapshot must hear that the run did not see it,
+    exactly as an interrupted run would (a stat per file, nothing decoded).
+    """
+    recipe = run.read_recipe(data, for_resume=False)
+    classes, splits = discover_splits(recipe.data)
+    check_same_data(run, fingerprint(classes, splits), str(data), allow_new_images=False, finished=True)
 
 
 def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
@@ -132,14 +145,17 @@ def _refuse_other_recipe(run: RunDir, own: Recipe, wanted: Recipe) -> None:
         )
 
 
-def check_same_data(run: RunDir, fingerprint: dict[str, Any], root: str, *, allow_new_images: bool) -> bool:
+def check_same_data(
+    run: RunDir, found: dict[str, Any], root: str, *, allow_new_images: bool, finished: bool = False
+) -> bool:
     """Refuse to resume ``run`` on data other than its own (before anything is decoded or built).
 
     Args:
         run: The run being resumed.
-        fingerprint: The data found under ``root`` now (:func:`ftsgd.data.fingerprint.fingerprint`).
+        found: The data found under ``root`` now (:func:`ftsgd.data.fingerprint.fingerprint`).
         root: ``data.root``, for the message.
         allow_new_images: ``--allow-new-images``: data that only gained images is accepted.
+        finished: The run is finished: nothing would be trained, so the hint is a new ``--out``.
 
     Returns:
         Whether the run's record of its data must be written anew (it grew, or none was recorded).
@@ -151,14 +167,16 @@ def check_same_data(run: RunDir, fingerprint: dict[str, Any], root: str, *, allo
     if recorded is None:
         warn(f"{run.path} records no data fingerprint (made by an older ftsgd): the data is not checked")
         return True
-    changes = compare_fingerprints(recorded, fingerprint)
+    changes = compare_fingerprints(recorded, found)
     if not changes.any or (allow_new_images and changes.only_grew):
         if changes.any:
             warn(f"continuing {run.path} on a grown dataset: {'; '.join(changes.lines())}")
         return changes.any
     lines = "\n".join(f"  - {line}" for line in changes.lines())
     hint = (
-        "pass --allow-new-images to continue on the grown dataset (the rest of the run then sees a "
+        "start a new run with another --out to train on this data (the finished run keeps its results)"
+        if finished
+        else "pass --allow-new-images to continue on the grown dataset (the rest of the run then sees a "
         "different sample order than an uninterrupted run would)"
         if changes.only_grew
         else "point --data at the dataset the run started with, or start a new run with another --out"

@@ -182,6 +182,30 @@ def test_resume_on_other_data_is_refused_saying_what_changed(
     assert step_of(partial) == 2
 
 
+@pytest.mark.parametrize("change", ["file_changed", "file_added"])
+def test_resume_of_a_finished_run_on_other_data_is_refused_too(
+    partial: Path, data: Path, tmp_path: Path, change: str
+) -> None:
+    """A cron job pointed at a refreshed snapshot must not hear "nothing to do" from a finished run."""
+    assert train(data, partial, "--resume").exit_code == 0
+    summary = (partial / "summary.json").read_bytes()
+    copy = _copy(data, tmp_path)
+    first = sorted((copy / "train" / "circle").iterdir())[0]
+    if change == "file_changed":
+        first.write_bytes(first.read_bytes() + b"\0")
+    else:
+        shutil.copy(first, first.with_name("new.png"))
+    for extra in ([], ["--allow-new-images"]):
+        result = train(copy, partial, "--resume", *extra)
+        assert result.exit_code == 2, result.output
+        assert f"cannot resume {partial}: the data under {copy} is not what the run was trained on" in (
+            result.output
+        )
+        assert "start a new run with another --out" in result.output and "is finished" not in result.output
+    assert (partial / "summary.json").read_bytes() == summary
+    assert train(data, partial, "--resume").exit_code == 0  # its own data: nothing to do, as before
+
+
 def test_a_grown_dataset_is_accepted_when_asked(partial: Path, data: Path, tmp_path: Path) -> None:
     copy = _copy(data, tmp_path)
     first = sorted((copy / "train" / "circle").iterdir())[0]
