@@ -166,6 +166,8 @@ class DataConfig:
     """ID-validation split used to pick the best epoch."""
     eval_splits: list[str] = field(default_factory=list)
     """Extra evaluation splits; empty = every other split folder found under ``root``."""
+    allow_split_overlap: bool = False
+    """Train even when an evaluation split shares images with the training split (warned; off: refused)."""
     augment: str = "rrc_flip"
     """rrc_flip (random-resized-crop + flip) | flip | none."""
     img_size: int = 0

@@ -40,6 +40,7 @@ from ftsgd.data.fingerprint import fingerprint
 from ftsgd.data.folders import Split, discover_splits
 from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import RunLoader, epoch_steps, resolve_num_workers
+from ftsgd.data.overlap import check_split_overlap
 from ftsgd.data.scan import preflight_scan
 from ftsgd.data.transforms import build_transform, small_image_warnings
 from ftsgd.errors import FtsgdError, Interrupted, RunError
@@ -177,6 +178,7 @@ class Trainer:
         for message in ignored_warnings(splits, recipe.data.root):
             warn(message)
         check_evaluated(recipe, [name for name in splits if name != "train"])
+        check_split_overlap(splits, allowed=recipe.data.allow_split_overlap)
         self.fingerprint = fingerprint(self.class_names, splits)
         if self.resume:
             root, grown = recipe.data.root, self.allow_new_images
