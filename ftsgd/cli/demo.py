@@ -13,7 +13,14 @@ from ftsgd.data.synthetic import make_image_folder
 from ftsgd.errors import UsageError
 from ftsgd.recipe.schema import DEFAULT_RECIPE
 from ftsgd.run.checks import load_checked_recipe
-from ftsgd.sweep.compare import FULL, QUICK, run_comparison
+from ftsgd.sweep.compare import (
+    DEMO_MARKER,
+    FULL,
+    QUICK,
+    not_written_by_demo,
+    run_comparison,
+    write_demo_marker,
+)
 from ftsgd.train.trainer import Trainer
 from ftsgd.utils import console
 
@@ -77,17 +84,18 @@ def compare_command(*, out: Path, force: bool, quick: bool, argv: list[str]) -> 
 
 
 def _clear_demo_dir(out: Path, force: bool) -> None:
-    """Make ``out`` empty for a new demo; ``--force`` deletes only what an earlier demo wrote."""
+    """Make ``out`` empty for a new demo and mark it as the demo's.
+
+    ``--force`` deletes a folder only when an earlier demo marked it (:data:`DEMO_MARKER`): folder names
+    alone (``data``, ``run``) prove nothing, and a user's folder of those names must survive a typo'd --out.
+    """
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
-    if not (out.is_dir() and any(out.iterdir())):
-        return
-    if not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
-    entries = {p.name for p in out.iterdir()}
-    if not entries <= {"data", "run", "run-adamw"} or not (out / "data" / "train").is_dir():
-        raise UsageError(
-            f"{out} is not a demo directory (it holds {', '.join(sorted(entries)[:5])}); --force only "
-            "replaces an earlier `ftsgd demo` output. Choose another --out"
-        )
-    shutil.rmtree(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+        if not (out / DEMO_MARKER).is_file():
+            raise UsageError(not_written_by_demo(out))
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_demo_marker(out)

@@ -82,7 +82,11 @@ METHODS = ("sgd", "sgd-freeze-embed", "adamw")
 """The recipes compared, in table order: the paper's baseline, its method, and the AdamW baseline."""
 SETTINGS_FILE = "settings.json"
 RESULT_FILE = "comparison.json"
-OWN_ENTRIES = frozenset({"data", SETTINGS_FILE, RESULT_FILE, SWEEP_FILE, LOG_DIR, *METHODS, "runs"})
+DEMO_MARKER = ".ftsgd-demo"
+"""Written first into every ``ftsgd demo`` output folder: ``--force`` deletes only a folder that holds it."""
+OWN_ENTRIES = frozenset(
+    {"data", SETTINGS_FILE, RESULT_FILE, SWEEP_FILE, LOG_DIR, *METHODS, "runs", DEMO_MARKER}
+)
 """What a comparison writes into its ``--out`` (``runs``: where comparisons put their runs before they were
 sweeps); ``--force`` deletes a folder holding only these."""
 
@@ -298,13 +302,32 @@ def _prepare_out(out: Path, config: CompareConfig, force: bool) -> None:
             f"{out} holds a comparison with other settings (e.g. --quick); pass --force to start over "
             "or choose another --out"
         )
+    if force and entries and not (out / DEMO_MARKER).is_file():
+        raise UsageError(not_written_by_demo(out))
     if force:
         for name in entries:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
             else:
                 (out / name).unlink()
+    write_demo_marker(out)
     atomic_write_text(recorded, settings)
+
+
+def write_demo_marker(out: Path) -> None:
+    """Mark ``out`` as written by ``ftsgd demo``, before anything else is written into it."""
+    if not (out / DEMO_MARKER).is_file():
+        atomic_write_text(
+            out / DEMO_MARKER, "written by `ftsgd demo`: `ftsgd demo --force` may delete this folder\n"
+        )
+
+
+def not_written_by_demo(out: Path) -> str:
+    """Why ``--force`` refuses ``out``: only what ``ftsgd demo`` itself wrote is ever deleted."""
+    return (
+        f"{out} was not written by `ftsgd demo` (it has no {DEMO_MARKER} marker), so --force will not delete "
+        "anything in it. Choose another --out (or delete the folder yourself if it really is an old demo)"
+    )
 
 
 def _generated(folder: Path, task: str, config: CompareConfig) -> Path:

@@ -318,6 +318,7 @@ def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (out / "run" / "model.safetensors").is_file()
     again = run("demo", "--out", str(out), "--epochs", "1")
     assert again.exit_code == 2 and "--force" in again.stderr
+    assert (out / ".ftsgd-demo").is_file()
     assert run("demo", "--out", str(out), "--epochs", "1", "--force").exit_code == 0
 
 
@@ -326,8 +327,22 @@ def test_demo_force_never_deletes_a_foreign_directory(tmp_path: Path) -> None:
     precious.mkdir()
     (precious / "thesis.tex").write_text("keep")
     result = run("demo", "--out", str(precious), "--force")
-    assert result.exit_code == 2 and "not a demo directory" in result.stderr
+    assert result.exit_code == 2 and "was not written by `ftsgd demo`" in result.stderr
     assert (precious / "thesis.tex").read_text() == "keep"
+
+
+def test_demo_force_needs_the_demo_s_marker_not_just_its_folder_names(tmp_path: Path) -> None:
+    """A user's project with a data/ and a run/ of its own is not an old demo."""
+    project = tmp_path / "proj"
+    (project / "data" / "train" / "cat").mkdir(parents=True)
+    (project / "data" / "train" / "cat" / "1.png").write_bytes(b"mine")
+    (project / "run").mkdir()
+    (project / "run" / "checkpoint.pt").write_bytes(b"weeks of training")
+    result = run("demo", "--out", str(project), "--force")
+    assert result.exit_code == 2 and ".ftsgd-demo marker" in result.stderr
+    assert (project / "run" / "checkpoint.pt").read_bytes() == b"weeks of training"
+    assert (project / "data" / "train" / "cat" / "1.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in project.iterdir()) == ["data", "run"]
 
 
 def test_unknown_device_is_a_usage_error(image_folder: Path, tmp_path: Path) -> None:

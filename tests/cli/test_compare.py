@@ -131,6 +131,13 @@ def test_other_settings_or_other_files_in_out_are_refused(
     refused = compare(tmp_path, cache, "--force")
     assert refused.exit_code == 2 and "not a comparison folder" in refused.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # not even a lock file was left
+    (tmp_path / "mine.txt").unlink()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "sgd").mkdir()  # a comparison's names, but no marker: not a comparison's folder
+    (tmp_path / "data" / "mine.txt").write_text("keep me")
+    refused = compare(tmp_path, cache, "--force")
+    assert refused.exit_code == 2 and ".ftsgd-demo marker" in refused.output
+    assert (tmp_path / "data" / "mine.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize(
