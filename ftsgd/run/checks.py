@@ -83,11 +83,42 @@ def environment_problems(recipe: Recipe) -> list[str]:
 
         if not timm.is_model(name):
             problems.append(f"model.name: {unknown_model_error(name)}")
+        else:
+            problems.extend(_input_size_problems(recipe))
     problems.extend(_optimizer_problems(recipe))
     problems.extend(_data_path_problems(recipe.data))
     problems.extend(_missing_packages(recipe))
     problems.extend(_auto_augment_problems(recipe.data))
     return problems
+
+
+def _input_size_problems(recipe: Recipe) -> list[str]:
+    """``data.img_size`` the model cannot take (a ViT built for 224 px fed 40 px), found before the data scan.
+
+    The model is built on the ``meta`` device (no memory, no weights) and run on a ``meta`` input of the
+    recipe's size, so only the shape checks of its forward pass run. Errors that do not speak of sizes or
+    shapes are left to the real run, where they say more.
+    """
+    size = recipe.data.img_size
+    if not size:
+        return []
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(recipe.model.name, pretrained=False, **recipe.model.kwargs)
+            model.eval()(torch.empty(1, 3, size, size))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        text = str(exc)
+        if any(word in text.lower() for word in ("size", "shape", "divisible", "match")):
+            return [
+                f"data.img_size: {recipe.model.name} cannot take {size}x{size} px input ({text.strip()}); "
+                "pick a size the model takes (0 = the model's own; a ViT needs a multiple of its patch size "
+                "and is built for one size: set model.kwargs = {img_size = N} to the same N)"
+            ]
+    except Exception:  # anything else is for the real run to report
+        return []
+    return []
 
 
 def _optimizer_problems(recipe: Recipe) -> list[str]:

@@ -63,3 +63,23 @@ def test_a_cumulative_batchnorm_cannot_be_trained_by_a_job() -> None:
         ModelError, match=r"^m: BatchNorm layer\(s\) 1 use momentum=None \(a cumulative average\)"
     ):
         check_parallel_model(model, "m")
+
+
+def test_an_input_size_a_fixed_size_vit_cannot_take_is_refused_before_the_data_scan(
+    image_folder, tmp_path
+) -> None:
+    from typer.testing import CliRunner
+
+    from ftsgd.cli.app import app
+    from ftsgd.run.checks import environment_problems
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_folder), "--out", str(out), "--model", "test_vit", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--set", "data.img_size=40"])
+    assert result.exit_code == 2, result.output
+    assert "data.img_size: test_vit cannot take 40x40 px input" in result.output
+    assert "divisible by patch size" in result.output and not out.exists()
+    ok = load_recipe("sgd", ['model.name="test_vit"', "data.img_size=48", "model.kwargs={img_size=48}"])
+    assert [p for p in environment_problems(ok) if "img_size" in p] == []
+    cnn = load_recipe("sgd", ['model.name="test_resnet"', "data.img_size=40"])
+    assert [p for p in environment_problems(cnn) if "img_size" in p] == []
