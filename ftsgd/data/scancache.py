@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ftsgd.errors import FtsgdError
+from ftsgd.utils.cachedir import user_cache_dir
 from ftsgd.utils.fileio import atomic_write_text
 
 FORMAT = "ftsgd-scan-cache"
@@ -57,15 +58,13 @@ def scan_cache_dir() -> Path | None:
     """The folder holding the scan cache, or ``None`` when ``FTSGD_SCAN_CACHE`` turns it off.
 
     Returns:
-        ``$FTSGD_CACHE_DIR/scan``, else ``$XDG_CACHE_HOME/ftsgd/scan``, else ``~/.cache/ftsgd/scan``.
+        ``$FTSGD_CACHE_DIR/scan``, else ``$XDG_CACHE_HOME/ftsgd/scan``, else ``~/.cache/ftsgd/scan``;
+        None too when that would be under a home directory that does not exist (never created).
     """
     if os.environ.get("FTSGD_SCAN_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    base = os.environ.get("FTSGD_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = str(Path(xdg) / "ftsgd") if xdg else str(Path("~/.cache/ftsgd").expanduser())
-    return Path(base).expanduser() / "scan"
+    base = user_cache_dir()
+    return None if base is None else base / "scan"
 
 
 def cache_file(directory: Path, root: Path | str) -> Path:

@@ -36,7 +36,7 @@ from ftsgd.data.transforms import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.model.build import classifier_modules, unwrap_model
 from ftsgd.model.data_config import model_data_config
-from ftsgd.utils.fileio import atomic_save_safetensors, atomic_write_text, jsonable
+from ftsgd.utils.fileio import atomic_save_safetensors, atomic_write_text, jsonable, remove_stale_temps
 
 __all__ = [
     "CONFIG_NAME",
@@ -265,6 +265,7 @@ def export_model(
 
     weights_path = _weights_path(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
     atomic_save_safetensors(_export_tensors(target, state_dict), weights_path, metadata=metadata)
     atomic_write_text(

@@ -29,7 +29,7 @@ from ftsgd.data.images import load_image
 from ftsgd.errors import DataError, RunError, UsageError, first_line
 from ftsgd.infer.evaluate import logits_of
 from ftsgd.infer.export import PREPROCESSING_KEYS, inference_transform
-from ftsgd.utils.fileio import atomic_write_with
+from ftsgd.utils.fileio import atomic_write_with, remove_stale_temps
 
 __all__ = ["ATOL", "ONNX_PACKAGES", "OPSET", "RTOL", "export_onnx", "require_onnx_packages"]
 
@@ -188,6 +188,7 @@ def export_onnx(
     inputs, source = check_inputs(meta, data)  # a bad --data fails before minutes of tracing
     program = to_onnx(model.cpu(), meta, opset=opset)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, [out.name])  # a model-sized file left by a killed export
     writer = _CheckedWrite(program, model, inputs)
     atomic_write_with(out, writer)
     return {

@@ -98,7 +98,7 @@ def parse_grid_option(text: str) -> tuple[str, list[Any]]:
     """
     key, sep, rhs = text.partition("=")
     key = key.strip()
-    if not sep or not key or not rhs.strip():
+    if not sep or not key or not rhs.strip() or any(c in text for c in "\n\r\x00"):
         raise RecipeError(
             [f"--grid {text!r}: expected KEY.PATH=V1,V2,..., e.g. --grid optim.lr=1e-4,3e-4"], "--grid"
         )

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ from ftsgd.sweep.plan import SweepOptions, plan_sweep
 from ftsgd.sweep.record import LOG_DIR, SWEEP_FILE, open_sweep
 from ftsgd.train.trainer import Trainer
 from ftsgd.utils import console
+from ftsgd.utils.cachedir import user_cache_dir
 from ftsgd.utils.fileio import atomic_write_text, jsonable
 
 __all__ = [
@@ -274,9 +276,11 @@ def one_thread() -> Iterator[None]:
 
 
 def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/ftsgd`` (default ``~/.cache/ftsgd``): where the pre-trained backbone is kept."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "ftsgd"
+    """``$XDG_CACHE_HOME/ftsgd`` (default ``~/.cache/ftsgd``): where the pre-trained backbone is kept.
+
+    Without a home directory (never created), a temporary folder: the backbone is trained again next time.
+    """
+    return user_cache_dir(ftsgd_variable=False) or Path(tempfile.mkdtemp(prefix="ftsgd-cache-"))
 
 
 def _foreign_entries(out: Path) -> set[str]:

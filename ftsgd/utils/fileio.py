@@ -15,6 +15,7 @@ not also lose the last good one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import math
 import os
@@ -124,16 +125,18 @@ def _atomic_write(path: Path | str, write: Callable[[IO[bytes], Path], None]) ->
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
         tmp = Path(tmp_name)
         with os.fdopen(fd, "r+b") as fh:
+            # Held until the rename: remove_stale_temps leaves a temporary alone while its writer lives.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             recorder = _RecordingFile(fh)
             write(recorder, tmp)  # type: ignore[arg-type]
             fh.flush()
             # A writer that used the path wrote through its own descriptor; fsync covers the inode
             # either way, so syncing ours is enough.
             os.fsync(fh.fileno())
-        mode = (path.stat().st_mode & 0o7777) if existed else _NEW_FILE_MODE
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
+            mode = (path.stat().st_mode & 0o7777) if existed else _NEW_FILE_MODE
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+            tmp = None
         _fsync_dir(directory)
     except BaseException as exc:
         if tmp is not None:
@@ -246,8 +249,9 @@ def remove_stale_temps(directory: Path | str, names: list[str] | tuple[str, ...]
     """Delete temporaries a killed writer left next to ``names`` in ``directory`` (``.NAME.*.tmp``).
 
     A ``kill -9`` during an atomic write leaves its temporary behind (never the target); for a
-    checkpoint that is a model-sized file, so a resumed run removes them. Only names this module
-    would have created for the given targets are touched.
+    checkpoint or an export that is a model-sized file, so a resumed run and every export remove them.
+    Only names this module would have created for the given targets are touched, and only when no live
+    writer holds them (each writer keeps an ``flock`` on its temporary until the rename).
 
     Returns:
         The files removed.
@@ -257,6 +261,11 @@ def remove_stale_temps(directory: Path | str, names: list[str] | tuple[str, ...]
     for name in names:
         for tmp in directory.glob(f".{glob.escape(name)}.*.tmp"):
             with contextlib.suppress(OSError):
-                tmp.unlink()
-                removed.append(tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a writer is at work
+                    tmp.unlink()
+                    removed.append(tmp)
+                finally:
+                    os.close(fd)
     return removed

@@ -251,3 +251,24 @@ def test_concurrent_writers_never_leave_a_partial_file(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     raw = json.loads(scancache.cache_file(tmp_path, "/data/x").read_text())
     assert raw["root"] == "/data/x" and len(raw["files"]) in (1, 20000)
+
+
+def test_without_a_home_directory_there_is_no_cache_and_no_home_is_created(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ftsgd.sweep.compare import cache_root
+    from ftsgd.utils import cachedir
+
+    home = tmp_path / "nonexistent"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("FTSGD_CACHE_DIR", raising=False)
+    monkeypatch.setattr(cachedir, "_noted", set())
+    assert scancache.scan_cache_dir() is None
+    assert scancache.scan_cache_dir() is None
+    err = capsys.readouterr().err
+    assert err.count(f"the home directory {home} does not exist, so ftsgd keeps no cache") == 1
+    assert not cache_root().is_relative_to(home)
+    assert not home.exists()
+    home.mkdir()
+    assert scancache.scan_cache_dir() == home / ".cache" / "ftsgd" / "scan"

@@ -10,6 +10,7 @@ import pytest
 from ftsgd.errors import RecipeError
 from ftsgd.recipe.build import recipe_from_dict
 from ftsgd.recipe.dump import describe_keys, recipe_to_toml
+from ftsgd.recipe.grid import parse_grid_option
 from ftsgd.recipe.load import builtin_recipes, list_recipes, load_recipe
 from ftsgd.recipe.schema import Recipe
 from ftsgd.recipe.values import parse_override
@@ -241,3 +242,10 @@ def test_bf16_is_a_cpu_precision_and_fp16_is_not() -> None:
     assert recipe.train.amp == "bf16"
     with pytest.raises(RecipeError, match="'fp16' mixed precision needs a CUDA GPU"):
         load_recipe("sgd", ['train.device="cpu"', 'train.amp="fp16"'])
+
+
+def test_a_set_spanning_lines_is_refused_instead_of_dropping_the_rest() -> None:
+    with pytest.raises(RecipeError, match=r"one KEY\.PATH=VALUE per --set, on one line"):
+        load_recipe("sgd", ["optim.lr=0.1\ntrain.epochs=3"])
+    with pytest.raises(RecipeError, match=r"expected KEY\.PATH=V1,V2"):
+        parse_grid_option("optim.lr=0.1\ntrain.epochs=3")

@@ -182,3 +182,22 @@ def test_sigkill_mid_write_leaves_old_or_new_file(tmp_path: Path) -> None:
 def test_jsonable_makes_strict_json() -> None:
     data = {"a": (1, 2), "b": {3}, "c": Path("/x"), "d": float("nan"), "e": [float("inf"), 1.5], 4: "k"}
     assert fileio.jsonable(data) == {"a": [1, 2], "b": [3], "c": "/x", "d": None, "e": [None, 1.5], "4": "k"}
+
+
+def test_a_temporary_in_use_survives_the_cleanup_and_a_dead_writer_s_does_not(tmp_path: Path) -> None:
+    """Every export removes what a killed export left, never what a live writer is writing."""
+    from ftsgd.utils.fileio import _atomic_write, remove_stale_temps
+
+    dead = tmp_path / ".model.onnx.dead1.tmp"
+    dead.write_bytes(b"half a model")
+    seen: list[list[Path]] = []
+
+    def write(fh, tmp: Path) -> None:
+        fh.write(b"new")
+        seen.append(remove_stale_temps(tmp_path, ["model.onnx"]))  # another export starting meanwhile
+        assert tmp.exists()
+
+    _atomic_write(tmp_path / "model.onnx", write)
+    assert seen == [[dead]] and not dead.exists()
+    assert (tmp_path / "model.onnx").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
