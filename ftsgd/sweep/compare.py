@@ -130,6 +130,8 @@ class CompareConfig:
     )
     seeds: int = 3
     diagnostic_batches: int = 8
+    device: str = "cpu"
+    """``train.device`` of every run: the demo's is the CPU; ``benchmarks/precision_parity.py`` measures on CUDA."""
     amp: str = "auto"
     """``train.amp`` of the fine-tuning runs (``ftsgd demo --compare --amp``); the backbone is pre-trained in
     fp32 whatever it is, so an fp32 and a bf16 comparison fine-tune the same weights."""
@@ -144,7 +146,7 @@ class CompareConfig:
             'data.augment="flip"',
             "data.num_workers=0",
             "train.batch_size=32",
-            'train.device="cpu"',
+            f"train.device={json.dumps(self.device)}",
         ]
 
 
@@ -262,7 +264,7 @@ def run_comparison(
         rows = [_method_row(report, method, config) for method in METHODS]
         end = time.perf_counter()
         seconds = {"pretrain": pretrain.pop("seconds"), "finetune": end - tuned, "total": end - start}
-        precision = amp_name(resolve_amp(config.amp, torch.device("cpu")))
+        precision = amp_name(resolve_amp(config.amp, torch.device(config.device)))
         result = Comparison(out, config, rows, report, diagnostic, pretrain, seconds, precision)
         atomic_write_text(out / RESULT_FILE, json.dumps(jsonable(result.to_dict()), indent=2) + "\n")
     return result
