@@ -256,12 +256,9 @@ def test_amp_and_device_resolution_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
     assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
-    assert [resolve_amp(mode, cpu) for mode in ("auto", "bf16", "fp16", "none")] == [
-        None,  # fp32 whatever the CPU's bf16 hardware: bf16 moved SGD freeze-embed's results (docs/precision.md)
-        torch.bfloat16,
-        None,
-        None,
-    ]
+    # "auto" is fp32 whatever the CPU's bf16 hardware: bf16 moved SGD freeze-embed's results (docs/precision.md)
+    modes = ("auto", "bf16", "fp16", "none")
+    assert [resolve_amp(mode, cpu) for mode in modes] == [None, torch.bfloat16, None, None]
     # what "auto" meant before: how a checkpoint that records no precision is continued
     assert legacy_auto_amp(cpu) == (torch.bfloat16 if cpu_has_native_bf16() else None)
     if not torch.cuda.is_available():
