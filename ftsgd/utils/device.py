@@ -48,10 +48,10 @@ def resolve_device(name: str) -> torch.device:
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``train.amp`` (None: fp32, no autocast).
 
-    ``auto`` is each device's *measured* default, and that is fp32 on every device: bf16 autocast changed
-    what SGD freeze-embed learns on a CPU (its OOD accuracy and the learning rate selection moved beyond
-    the seed spread; benchmarks/RESULTS.md, docs/precision.md), and on CUDA parity has not been measured
-    yet (``benchmarks/gpu_check.sh`` measures it). ``bf16`` is honoured on any device, opted into;
+    ``auto`` is each device's *measured* default, and that is fp32 on every device: on a CPU, bf16 autocast
+    changed what SGD freeze-embed learns on a held-out task (its OOD accuracy and the learning rate selection
+    moved beyond the seed spread; ``demo --compare`` is too small to show it: docs/precision.md), and on
+    CUDA parity has not been measured yet (``benchmarks/gpu_check.sh`` measures it). ``bf16`` is honoured on any device, opted into;
     ``fp16`` is for CUDA only (validation refuses it with ``train.device = "cpu"``; on a machine without
     CUDA under ``train.device = "auto"`` it means fp32).
     """
