@@ -27,7 +27,7 @@
 # pytorch-image-models checkout for the timm column), OUT (also write the table to $OUT/gpu_check.md,
 # raw JSON and logs next to it), BUDGET_S (total seconds, default 540: checks that would start with
 # less time left than they need are reported as SKIP, a running check is stopped at the budget and
-# reported as TIMEOUT; 900 with CPU_SMOKE=1), KEEP=1 keeps the work folder. TIMM_SRC only needs
+# reported as TIMEOUT; 1200 with CPU_SMOKE=1), KEEP=1 keeps the work folder. TIMM_SRC only needs
 # train.py (it is copied and run against the installed timm), so a folder with just that file works.
 #
 # Stopping mid-run: uses `ftsgd train --max-steps N` (stop after N optimizer steps with a checkpoint,
@@ -44,7 +44,7 @@ export REPO
 export PY=${PYTHON:-python3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export CPU_SMOKE=${CPU_SMOKE:-0}
-BUDGET_S=${BUDGET_S:-$([[ "$CPU_SMOKE" == 1 ]] && echo 900 || echo 540)}
+BUDGET_S=${BUDGET_S:-$([[ "$CPU_SMOKE" == 1 ]] && echo 1200 || echo 540)}
 export TIMM_SRC=${TIMM_SRC:-}
 OUT=${OUT:-}
 KEEP=${KEEP:-0}
