@@ -145,7 +145,7 @@ export -f make_data
 
 check_resume() {  # AMP: bf16 | fp16
   local amp=$1 d="$WORK/resume-$1"
-  [[ "$DEVICE" == cpu ]] && amp=none  # autocast dtypes are CUDA-only in ftsgd; the flow is the same
+  [[ "$DEVICE" == cpu && "$amp" == fp16 ]] && amp=none # fp16 autocast is CUDA-only; bf16 runs on a CPU too
   local sets=(--set train.amp="\"$amp\"" --set train.epochs=2 --set train.batch_size=16)
   make_data
   train_run "$d/a" "${sets[@]}" >"$d-a.json"
