@@ -37,7 +37,7 @@ def train(recipe, out: Path, **kwargs):
 
 
 FP32 = 'train.amp="none"'
-"""For tests that compare a step with a direct fp32 computation (``auto`` is bf16 on CPUs that have it)."""
+"""For tests that compare a step with a direct fp32 computation (pinned, whatever ``auto`` means by then)."""
 
 
 def recipe_for(data: Path, model: str, *extra: str, base: str = "sgd-freeze-embed"):
