@@ -4,8 +4,8 @@ Usage::
 
     python benchmarks/cpu_step.py [MODEL] [--batch-size 32] [--steps 4] [--rounds 2]
 
-What ``train.amp = "auto"`` gains on a CPU with hardware bf16: forward, backward and an SGD-momentum
-step at batch 32 and 224 px, random init, the patch embedding frozen as ``sgd-freeze-embed`` does. Prints
+What ``train.amp = "bf16"`` (opt-in; ``auto`` is fp32, docs/precision.md) gains on a CPU with hardware
+bf16: forward, backward and an SGD-momentum step at batch 32 and 224 px, random init, the patch embedding frozen as ``sgd-freeze-embed`` does. Prints
 each step's seconds per precision and round; the first step of each round includes warm-up.
 """
 

@@ -4,6 +4,11 @@
 #   resume-bf16 / resume-fp16  train.amp = bf16 / fp16 (+ GradScaler): two uninterrupted runs and one
 #                              run stopped mid-epoch (after an epoch end) and resumed; PASS when the
 #                              resumed run's final weights equal the uninterrupted run's bit for bit.
+#   precision                  ftsgd demo --compare (sgd, sgd-freeze-embed, adamw; LR grid; 3 seeds) in fp32
+#                              and in bf16 autocast on the GPU, on one backbone (benchmarks/precision_parity.py);
+#                              INFO row with the verdict (parity, or which recipe moved beyond its seed spread
+#                              or how the ranking changed), the table in $OUT/gpu_check_logs/precision.md. It
+#                              decides CUDA's train.amp = "auto" (fp32 until parity is measured; docs/precision.md).
 #   memory-<model>             torch.cuda.max_memory_allocated of adamw, sgd-freeze-embed and
 #                              sgd-freeze-embed-lowmem, ViT-B/16 and ViT-L/16, batch 32, random init
 #                              (benchmarks/memory.py: one process per recipe, 3 steps + eval + export).
@@ -22,7 +27,7 @@
 # pytorch-image-models checkout for the timm column), OUT (also write the table to $OUT/gpu_check.md,
 # raw JSON and logs next to it), BUDGET_S (total seconds, default 540: checks that would start with
 # less time left than they need are reported as SKIP, a running check is stopped at the budget and
-# reported as TIMEOUT; 900 with CPU_SMOKE=1), KEEP=1 keeps the work folder. TIMM_SRC only needs
+# reported as TIMEOUT; 1200 with CPU_SMOKE=1), KEEP=1 keeps the work folder. TIMM_SRC only needs
 # train.py (it is copied and run against the installed timm), so a folder with just that file works.
 #
 # Stopping mid-run: uses `ftsgd train --max-steps N` (stop after N optimizer steps with a checkpoint,
@@ -39,7 +44,7 @@ export REPO
 export PY=${PYTHON:-python3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export CPU_SMOKE=${CPU_SMOKE:-0}
-BUDGET_S=${BUDGET_S:-$([[ "$CPU_SMOKE" == 1 ]] && echo 900 || echo 540)}
+BUDGET_S=${BUDGET_S:-$([[ "$CPU_SMOKE" == 1 ]] && echo 1200 || echo 540)}
 export TIMM_SRC=${TIMM_SRC:-}
 OUT=${OUT:-}
 KEEP=${KEEP:-0}
@@ -140,7 +145,7 @@ export -f make_data
 
 check_resume() {  # AMP: bf16 | fp16
   local amp=$1 d="$WORK/resume-$1"
-  [[ "$DEVICE" == cpu ]] && amp=none  # autocast dtypes are CUDA-only in ftsgd; the flow is the same
+  [[ "$DEVICE" == cpu && "$amp" == fp16 ]] && amp=none # fp16 autocast is CUDA-only; bf16 runs on a CPU too
   local sets=(--set train.amp="\"$amp\"" --set train.epochs=2 --set train.batch_size=16)
   make_data
   train_run "$d/a" "${sets[@]}" >"$d-a.json"
@@ -233,6 +238,17 @@ EOF
 }
 export -f check_compile
 
+check_precision() {
+  local args=(--measure --device "$DEVICE" --out "$WORK/precision" --markdown-out "$WORK/precision.md") rc=0
+  [[ "$CPU_SMOKE" == 1 ]] && args+=(--quick)
+  "$PY" "$REPO/benchmarks/precision_parity.py" "${args[@]}" || rc=$?
+  ((rc == 0 || rc == 3)) || return "$rc" # 3: bf16 moved the comparison, a finding, not a failure
+  local verdict
+  verdict=$(grep -m 1 -E '^\*\*' "$WORK/precision.md" | tr '|' ' ' | cut -c1-400)
+  result INFO "fp32 vs bf16, demo --compare on $DEVICE: $verdict"
+}
+export -f check_precision
+
 # --------------------------------------------------------------------------- runner
 
 declare -a ROWS=()
@@ -279,6 +295,7 @@ if ((env_ok)); then
   ROWS+=("environment|INFO|$env_detail|0")
   run_check resume-bf16 60 check_resume bf16
   run_check resume-fp16 60 check_resume fp16
+  run_check precision 240 check_precision
   for model in $MEM_MODELS; do
     run_check "memory-$model" 90 check_memory "$model"
   done
@@ -302,6 +319,6 @@ if [[ -n "$OUT" ]]; then
   mkdir -p "$OUT/gpu_check_logs"
   echo "$table" >"$OUT/gpu_check.md"
   cp "$WORK"/logs/*.log "$OUT/gpu_check_logs/" 2>/dev/null || true
-  cp "$WORK"/*.json "$OUT/gpu_check_logs/" 2>/dev/null || true
+  cp "$WORK"/*.json "$WORK"/*.md "$OUT/gpu_check_logs/" 2>/dev/null || true
 fi
 exit "$FAILED"

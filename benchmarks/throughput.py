@@ -41,13 +41,19 @@ Usage::
 Cases: ``small`` is 3 classes x 32 training images (+ 8 validation images per class), batch 32, 2
 epochs; ``large`` is 4 classes x 504 training images (+ 8 per class), batch 32, 5 epochs; ``gpu``
 is 4 x 256 (+ 16 per class), batch 32, 3 epochs (for ``--device cuda``, where timm also gets
-``--pin-mem`` and, like ftsgd's ``--amp``, ``--amp --amp-dtype bfloat16``). Images are
+``--pin-mem``). Images are
 224 px JPEGs (quality 95) written by :func:`ftsgd.synthetic.make_image_folder`. Models: ``vit`` is
 ``vit_tiny_patch16_224``, ``cnn`` is ``resnet18`` (the smallest ImageNet CNN people fine-tune; its
 convolutions at 224 px cost about as much per image as the ViT-Ti's attention blocks, so the data
 pipeline's share of the time is similar and realistic). The scan cache of ftsgd is pointed at an
 empty folder for every run (``FTSGD_CACHE_DIR``), so each ftsgd run decodes its whole dataset once
 in its pre-flight scan, as a first run would; ``--warm-scan-cache`` keeps one cache for all runs.
+
+Precision: the two sides always compute in the same precision, and every setting is measured in each of
+``--amp``'s precisions (default ``none bf16``: fp32 against fp32, then bf16 autocast against bf16 autocast,
+timm ``--amp --amp-dtype bfloat16``), so a ratio never mixes a precision gain into the tools' speed. ftsgd gets
+an explicit ``train.amp`` (its default, ``auto``, is fp32 since precision became a measured choice); under bf16
+both sides also evaluate in bf16 (ftsgd evaluates in the run's precision).
 """
 
 from __future__ import annotations
@@ -143,6 +149,8 @@ class Result:
     epochs: int
     batch_size: int
     pairs: list[Pair] = field(default_factory=list)
+    amp: str = "none"
+    """The precision of both sides: ``none`` (fp32), ``bf16`` or ``fp16`` autocast."""
 
 
 def _cpu_seconds() -> float:
@@ -194,8 +202,7 @@ def run_ftsgd(case: Case, model: str, data: Path, out: Path, opts: argparse.Name
         f"train.device={json.dumps(opts.device)}",
         f"data.num_workers={opts.workers}",
     ]
-    if opts.amp != "default":  # else ftsgd's own default, train.amp = "auto"
-        sets.append(f"train.amp={json.dumps(opts.amp)}")
+    sets.append(f"train.amp={json.dumps(opts.amp)}")  # the same precision as timm's side, never a default
     cmd = [opts.python, "-m", "ftsgd", "train", "--data", str(data), "--out", str(out)]
     cmd += ["--recipe", "sgd-freeze-embed", "--model", model, *[a for s in sets for a in ("--set", s)]]
     cmd += ["--quiet", "--json"]
@@ -256,7 +263,7 @@ def timm_command(case: Case, model: str, data: Path, out: Path, opts: argparse.N
         cmd.append("--no-prefetcher")
     else:
         cmd.append("--pin-mem")  # ftsgd pins batches on CUDA (data.pin_memory = true)
-    if opts.amp not in ("none", "default"):  # "default": train.py's own, fp32
+    if opts.amp != "none":  # train.py's own default is fp32
         cmd += ["--amp", "--amp-dtype", {"bf16": "bfloat16", "fp16": "float16"}[opts.amp]]
     return cmd
 
@@ -284,10 +291,17 @@ def run_timm(case: Case, model: str, data: Path, out: Path, opts: argparse.Names
 def bench(case: Case, model: str, opts: argparse.Namespace, log=print) -> Result:
     data = make_data(case, opts.workdir)
     result = Result(
-        case.name, model, opts.device, opts.workers, case.train_images, case.epochs, case.batch_size
+        case.name,
+        model,
+        opts.device,
+        opts.workers,
+        case.train_images,
+        case.epochs,
+        case.batch_size,
+        amp=opts.amp,
     )
     for i in range(opts.pairs):
-        tag = f"{case.name}-{model}-{i}"
+        tag = f"{case.name}-{model}-{opts.amp}-{i}"
         ftsgd_first = i % 2 == 0
         runs: dict[str, Run] = {}
         for tool in ("ftsgd", "timm") if ftsgd_first else ("timm", "ftsgd"):
@@ -323,7 +337,8 @@ def table(res: Result) -> str:
     """Markdown table: one row per pair, then the medians."""
     head = (
         f"**{res.model}**, case `{res.case}`: {res.train_images} train images, batch {res.batch_size}, "
-        f"{res.epochs} epochs, {res.workers} workers, {res.device}"
+        f"{res.epochs} epochs, {res.workers} workers, {res.device}, "
+        + ("fp32 on both sides" if res.amp == "none" else f"{res.amp} autocast on both sides")
     )
     cols = ["pair", "order", "ftsgd wall", "timm wall", "**wall ratio**", "ftsgd img/s", "timm img/s"]
     cols += ["**img/s ratio**", "ftsgd CPU", "timm CPU", "load"]
@@ -392,18 +407,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--amp",
-        default=None,
-        choices=["default", "none", "bf16", "fp16"],
-        help="autocast on both sides; default: each tool's own default on cpu (ftsgd train.amp = auto: "
-        "bf16 on CPUs with hardware bf16, timm: fp32), bf16 on both on cuda",
+        nargs="+",
+        default=["none", "bf16"],
+        choices=["none", "bf16", "fp16"],
+        help="precisions to measure, each on both sides alike (none: fp32; bf16/fp16: autocast, timm "
+        "--amp --amp-dtype); default: none bf16, i.e. fp32 against fp32, then bf16 against bf16",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter for both tools")
     parser.add_argument("--warm-scan-cache", action="store_true", help="share ftsgd's scan cache across runs")
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and logs here (default: temp)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the raw results as JSON")
     opts = parser.parse_args(argv)
-    if opts.amp is None:
-        opts.amp = "bf16" if opts.device == "cuda" else "default"
+    amps = list(dict.fromkeys(opts.amp))
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # the ftsgd of this checkout, as the ftsgd runs get through PYTHONPATH
 
@@ -418,11 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         _setup_timm(opts)
         for case_name in opts.cases:
             for key in opts.models:
-                model = MODELS.get(key, key)
-                print(f"# {case_name} / {model}", flush=True)
-                res = bench(CASES[case_name], model, opts, log=lambda s: print(s, flush=True))
-                results.append(res)
-                print("\n" + table(res) + "\n", flush=True)
+                for amp in amps:  # a comparison is only ever at equal precision
+                    opts.amp = amp
+                    model = MODELS.get(key, key)
+                    print(f"# {case_name} / {model} / {amp}", flush=True)
+                    res = bench(CASES[case_name], model, opts, log=lambda s: print(s, flush=True))
+                    results.append(res)
+                    print("\n" + table(res) + "\n", flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -24,6 +24,7 @@ from ftsgd.cli.options import (
     CompareOpt,
     ConfusionPngOpt,
     CsvOpt,
+    DemoAmpOpt,
     DemoOutOpt,
     DeviceOpt,
     DevicesOpt,
@@ -419,6 +420,7 @@ def demo(
     force: ForceOpt = False,
     compare: CompareOpt = False,
     quick: QuickOpt = False,
+    amp: DemoAmpOpt = None,
 ) -> None:
     """Fine-tune a tiny ViT on a generated dataset with train/, val/ and a shifted ood/ split.
 
@@ -434,11 +436,15 @@ def demo(
         ftsgd demo --out /tmp/demo --epochs 2 --force
 
         ftsgd demo --compare
+
+        ftsgd demo --compare --amp bf16 --out runs/demo-compare-bf16
     """
     from ftsgd.cli.demo import demo_command
 
     with user_errors():
-        demo_command(out=out, epochs=epochs, force=force, argv=sys.argv, compare=compare, quick=quick)
+        demo_command(
+            out=out, epochs=epochs, force=force, argv=sys.argv, compare=compare, quick=quick, amp=amp
+        )
 
 
 @app.command(cls=Command, epilog=EXIT_CODES)

@@ -48,6 +48,8 @@ def print_comparison(c: Comparison) -> None:
         f"backbone: {c.config.model} {c.config.model_kwargs}, pre-trained {p['epochs']} epoch(s) on the source task "
         f"(val {100 * p['val_accuracy']:.1f}%; {how}: {p['path']})"
     )
+    how_precise = "bf16 autocast" if c.precision == "bf16" else "fp32"
+    console.info(f"fine-tuning precision: {how_precise} (train.amp = {c.config.amp!r}; demo --compare --amp)")
     console.info(
         f"time: {s['total']:.0f} s in all, fine-tuning {s['finetune']:.0f} s; results: {c.out / RESULT_FILE}"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from ftsgd.sweep.compare import (
     DEMO_MARKER,
     FULL,
     QUICK,
+    CompareConfig,
+    check_compare_amp,
     not_written_by_demo,
     run_comparison,
     write_demo_marker,
@@ -33,19 +36,23 @@ def demo_command(
     argv: list[str],
     compare: bool = False,
     quick: bool = False,
+    amp: str | None = None,
 ) -> dict[str, Any] | None:
     """Generate a small shifted dataset and fine-tune a tiny ViT on it with ``sgd-freeze-embed``.
 
-    With ``compare``, :func:`ftsgd.sweep.compare.run_comparison` instead (``quick``: its tiny configuration).
+    With ``compare``, :func:`ftsgd.sweep.compare.run_comparison` instead (``quick``: its tiny configuration;
+    ``amp``: the fine-tuning runs' ``train.amp``, so fp32 and bf16 can be compared on one backbone).
     """
     if compare and epochs is not None:
         raise UsageError(
             "--epochs is for the plain demo; --compare has its own settings (--quick for a tiny one)"
         )
     if compare:
-        return compare_command(out=out or Path("runs/demo-compare"), force=force, quick=quick, argv=argv)
-    if quick:
-        raise UsageError("--quick belongs to --compare: ftsgd demo --compare --quick")
+        config = replace(QUICK if quick else FULL, amp=check_compare_amp(amp or "auto"))
+        return compare_command(out=out or Path("runs/demo-compare"), force=force, config=config, argv=argv)
+    if quick or amp is not None:
+        flag = "--quick" if quick else "--amp"
+        raise UsageError(f"{flag} belongs to --compare: ftsgd demo --compare {flag} ...")
     out, epochs = out or Path("runs/demo"), epochs or 8
     _clear_demo_dir(out, force)
     data = make_image_folder(
@@ -76,9 +83,9 @@ def demo_command(
     return summary
 
 
-def compare_command(*, out: Path, force: bool, quick: bool, argv: list[str]) -> dict[str, Any]:
+def compare_command(*, out: Path, force: bool, config: CompareConfig, argv: list[str]) -> dict[str, Any]:
     """``ftsgd demo --compare``: run the comparison and print it; returns ``comparison.json``'s data."""
-    result = run_comparison(out, QUICK if quick else FULL, force=force, argv=argv)
+    result = run_comparison(out, config, force=force, argv=argv)
     print_comparison(result)
     return result.to_dict()
 

@@ -13,7 +13,7 @@ from ftsgd.data.loader import build_loader, resolve_num_workers
 from ftsgd.data.scan import preflight_scan
 from ftsgd.errors import DataError, UsageError
 from ftsgd.infer.evaluate import CONFUSION_MAX_CLASSES, evaluate
-from ftsgd.infer.export import inference_transform, load_exported_model
+from ftsgd.infer.export import export_precision, inference_transform, load_exported_model
 from ftsgd.recipe.schema import DataConfig
 from ftsgd.report.plots import CONFUSION, check_plot_dir, write_confusion_plots
 from ftsgd.utils import console
@@ -34,7 +34,9 @@ def eval_command(
     """``ftsgd eval``: evaluate an export (or a run directory's) on image-folder splits.
 
     Classes are matched by folder **name** against the class list stored in the export, so a split
-    whose folders are ordered differently, or that lacks some classes, is still scored correctly.
+    whose folders are ordered differently, or that lacks some classes, is still scored correctly. The model
+    computes in the precision its run trained and evaluated in (the export's ``amp``, see
+    :func:`ftsgd.infer.export.export_precision`), so the selected epoch's numbers repeat exactly.
 
     Args:
         weights: ``model.safetensors`` written by ftsgd, or the run directory holding it.
@@ -59,6 +61,7 @@ def eval_command(
     found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image)
     dev = resolve_device(device)
     model.to(dev)
+    amp = export_precision(meta, dev)
     transform = inference_transform(meta)
     workers = resolve_num_workers(num_workers)
     results = {}
@@ -72,7 +75,7 @@ def eval_command(
             num_workers=workers,
             pin_memory=dev.type == "cuda",
         )
-        results[name] = evaluate(model, loader, device=dev, class_names=class_names)
+        results[name] = evaluate(model, loader, device=dev, class_names=class_names, amp_dtype=amp)
     if png_dir is not None:
         write_confusion_plots(results, png_dir)
     return results

@@ -268,6 +268,16 @@ QuickOpt = Annotated[
     bool,
     typer.Option("--quick", metavar="", help="With --compare: a tiny configuration (seconds; shape only)."),
 ]
+DemoAmpOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--amp",
+        metavar="auto|none|bf16",
+        help='With --compare: train.amp of the fine-tuning runs (default: the recipes\' own, "auto", i.e. fp32 '
+        "on a CPU); bf16 measures autocast against fp32 on the same backbone.",
+        show_default=False,
+    ),
+]
 
 # --------------------------------------------------------------------------- report
 

@@ -36,6 +36,8 @@ from ftsgd.data.transforms import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.model.build import classifier_modules, unwrap_model
 from ftsgd.model.data_config import model_data_config
+from ftsgd.utils.console import warn
+from ftsgd.utils.device import AMP_DTYPES, amp_dtype
 from ftsgd.utils.fileio import atomic_save_safetensors, atomic_write_text, jsonable, remove_stale_temps
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "export_data_config",
     "export_model",
+    "export_precision",
     "inference_transform",
     "load_exported_model",
     "read_export",
@@ -69,6 +72,7 @@ _RESERVED = (
     "model_kwargs",
     "recipe",
     "ftsgd_version",
+    "amp",
 )
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
 
@@ -208,6 +212,7 @@ def export_model(
     model_kwargs: dict | None = None,
     extra: dict[str, str] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    amp: str = "none",
 ) -> None:
     """Write ``model.safetensors`` (weights + metadata) and ``config.json`` atomically.
 
@@ -224,6 +229,8 @@ def export_model(
         extra: More string metadata (e.g. run id, best epoch); may not override the standard keys.
         state_dict: The tensors to write instead of ``model.state_dict()``: the whole state of a model
             sharded by FSDP, gathered on this process (its own ``state_dict`` holds only slices).
+        amp: The precision the run computed and evaluated in (``none``: fp32, ``bf16``, ``fp16``), so that
+            ``ftsgd eval`` evaluates in it and repeats the run's numbers (the weights are float32 either way).
 
     Raises:
         ValueError: ``class_names`` does not match the classifier, ``model_kwargs`` is not JSON
@@ -260,6 +267,7 @@ def export_model(
         "model_kwargs": kwargs_json,
         "recipe": recipe_name,
         "ftsgd_version": __version__,
+        "amp": amp,
     }
     metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
 
@@ -299,7 +307,8 @@ def read_export(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, An
         ``(tensors, metadata)``; metadata has ``architecture`` (str), ``num_classes`` (int),
         ``class_names`` (list), ``input_size``/``mean``/``std`` (tuples), ``interpolation``,
         ``crop_pct`` (float), ``crop_mode``, ``model_kwargs`` (dict), ``recipe``, ``ftsgd_version``,
-        ``format`` and any extra keys as strings.
+        ``format``, ``amp`` (absent in exports that predate it: those were evaluated in fp32) and any extra
+        keys as strings.
 
     Raises:
         WeightsError: Missing, truncated or corrupt file, or a safetensors file that is not an ftsgd
@@ -384,6 +393,23 @@ def _rebuild_args(meta: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     overlay.pop("file", None)  # the export's own weights are loaded below, never the source's
     overlay.update({key: meta[key] for key in PREPROCESSING_KEYS if key in meta})
     return kwargs, overlay
+
+
+def export_precision(meta: Mapping[str, Any], device: torch.device) -> torch.dtype | None:
+    """The autocast dtype an export's run evaluated in (None: fp32), as ``ftsgd eval`` uses it on ``device``.
+
+    Exports that predate the record were evaluated in fp32 by ``ftsgd eval`` and stay so. A run trained in
+    fp16 autocast (CUDA only) is evaluated in fp32 elsewhere, with a note that the numbers may then differ.
+    """
+    name = str(meta.get("amp") or "none")
+    if name not in AMP_DTYPES:
+        warn(f"the export records an unknown precision {name!r}; evaluating in fp32")
+        return None
+    dtype = amp_dtype(name)
+    if dtype == torch.float16 and device.type != "cuda":
+        warn("the run trained in fp16 autocast, which needs CUDA: evaluating in fp32 (numbers may differ)")
+        return None
+    return dtype
 
 
 def export_data_config(meta: Mapping[str, Any]) -> dict[str, Any]:

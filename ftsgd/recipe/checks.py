@@ -264,7 +264,7 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
     if t.device == "cpu" and t.amp == "fp16":
         p.append(
             f'train.amp: {t.amp!r} mixed precision needs a CUDA GPU, but train.device = "cpu"; use train.amp '
-            '= "bf16" or "none" (or "auto": bf16/fp16 on a GPU; bf16 on a CPU with hardware bf16, else fp32)'
+            '= "none" (fp32, also what "auto" means) or "bf16" (autocast, see docs/precision.md)'
         )
     _at_least(p, "train.grad_clip", t.grad_clip, 0, " (0 = off)")
     if not 0 <= t.label_smoothing < 1:
@@ -275,7 +275,7 @@ def _check_train(t: TrainConfig, p: list[str]) -> None:
     if t.shard and t.amp == "fp16":
         p.append(
             'train.shard: cannot be combined with train.amp = "fp16": the gradient scaler would see only this '
-            'process\'s slice of the gradients; use train.amp = "bf16" (or "auto")'
+            'process\'s slice of the gradients; use train.amp = "none" (or "auto", also fp32) or "bf16"'
         )
 
 
@@ -350,5 +350,5 @@ def _check_step_in_backward(r: Recipe, p: list[str]) -> None:
     if t.amp == "fp16":
         p.append(
             'optim.step_in_backward: cannot be combined with train.amp = "fp16": an overflow is only '
-            'known after some parameters were already updated; use train.amp = "bf16" (or "auto")'
+            'known after some parameters were already updated; use train.amp = "none" (or "auto", also fp32) or "bf16"'
         )

@@ -235,8 +235,11 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda."""
     amp: str = "auto"
-    """auto (CUDA: bf16 where supported, else fp16; CPU: bf16 where the CPU has it in hardware, else fp32) |
-    bf16 | fp16 (CUDA only) | none (fp32)."""
+    """auto (the measured default: fp32 on a CPU and, until benchmarks/gpu_check.sh measures parity, on CUDA) |
+    none (fp32) | bf16 (autocast; opt-in, faster where bf16 is in hardware; caveat: on a held-out task on a CPU it
+    moved SGD freeze-embed's OOD accuracy and selected learning rate beyond the seed spread: compare it with fp32
+    on your task, docs/precision.md) | fp16 (CUDA only). --resume keeps the precision the run started in;
+    evaluation and ftsgd eval use it too."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
     label_smoothing: float = 0.0

@@ -104,7 +104,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError([f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=3e-4"], "--set")
     if any(c in text for c in "\n\r\x00"):  # TOML would read the first line and drop the rest unseen
         raise RecipeError(
-            [f"--set {text!r}: one KEY.PATH=VALUE per --set, on one line (give each key its own --set)"], "--set"
+            [f"--set {text!r}: one KEY.PATH=VALUE per --set, on one line (give each key its own --set)"],
+            "--set",
         )
     key, _, value = text.partition("=")
     key = key.strip()

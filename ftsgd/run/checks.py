@@ -258,15 +258,17 @@ def check_job(recipe: Recipe, world_size: int) -> None:
 def check_device(recipe: Recipe, amp_dtype: torch.dtype | None, sharded: bool) -> None:
     """What the autocast dtype ``train.amp`` resolved to on this device, or FSDP, cannot do with ``recipe``.
 
-    ``train.amp = "auto"`` means fp16 on a GPU without bf16, which only the device can tell; the
-    recipe's own checks already refuse an explicit ``"fp16"`` with these options.
+    The recipe's own checks already refuse an explicit ``"fp16"`` with these options; fp16 can still come
+    from a resumed run that an older ftsgd started with ``"auto"`` on a GPU without bf16
+    (:mod:`ftsgd.train.precision`), which only the checkpoint tells.
     """
     problems = []
     fp16 = amp_dtype == torch.float16
     if fp16 and any(s.optim.step_in_backward for s in stage_recipes(recipe)):
         problems.append(
-            'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot '
-            'use: an overflow is only known after some parameters were updated; set train.amp = "none"'
+            'train.amp: the run computes in fp16 autocast (what an older ftsgd\'s "auto" chose on a GPU '
+            "without bf16), which optim.step_in_backward cannot use: an overflow is only known after some "
+            'parameters were updated; set train.amp = "none"'
         )
     if sharded and recipe.train.ema_decay > 0:
         problems.append(
@@ -276,8 +278,9 @@ def check_device(recipe: Recipe, amp_dtype: torch.dtype | None, sharded: bool) -
         )
     if sharded and fp16:
         problems.append(
-            'train.amp: "auto" picked fp16 on this GPU (no bf16), which train.shard cannot use (the '
-            'gradient scaler does not see the other processes\' slices); set train.amp = "none"'
+            'train.amp: the run computes in fp16 autocast (what an older ftsgd\'s "auto" chose on a GPU '
+            "without bf16), which train.shard cannot use (the gradient scaler does not see the other "
+            'processes\' slices); set train.amp = "none"'
         )
     if problems:
         raise RecipeError(problems)

@@ -67,6 +67,7 @@ from ftsgd.sweep.record import LOG_DIR, SWEEP_FILE, open_sweep
 from ftsgd.train.trainer import Trainer
 from ftsgd.utils import console
 from ftsgd.utils.cachedir import user_cache_dir
+from ftsgd.utils.device import amp_name, resolve_amp
 from ftsgd.utils.fileio import atomic_write_text, jsonable
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "Comparison",
     "MethodRow",
     "cache_root",
+    "check_compare_amp",
     "run_comparison",
 ]
 
@@ -117,6 +119,7 @@ class CompareConfig:
         "optim.weight_decay=1.0",
         "train.epochs=15",
         "schedule.warmup_epochs=2",
+        'train.amp="none"',
     )
     """``--set`` values of the pre-training run (recipe ``adamw``, random init). The strong weight decay
     stands in for CLIP's long pre-training: the patch embedding feeds a LayerNorm (``norm_pre``), so the
@@ -133,6 +136,11 @@ class CompareConfig:
     )
     seeds: int = 3
     diagnostic_batches: int = 8
+    device: str = "cpu"
+    """``train.device`` of every run: the demo's is the CPU; ``benchmarks/precision_parity.py`` measures on CUDA."""
+    amp: str = "auto"
+    """``train.amp`` of the fine-tuning runs (``ftsgd demo --compare --amp``); the backbone is pre-trained in
+    fp32 whatever it is, so an fp32 and a bf16 comparison fine-tune the same weights."""
 
     def common(self) -> list[str]:
         """``--set`` values every run of the comparison shares (model, input, loading, batch)."""
@@ -144,7 +152,7 @@ class CompareConfig:
             'data.augment="flip"',
             "data.num_workers=0",
             "train.batch_size=32",
-            'train.device="cpu"',
+            f"train.device={json.dumps(self.device)}",
         ]
 
 
@@ -152,7 +160,7 @@ FULL = CompareConfig()
 QUICK = CompareConfig(
     source_per_class={"train": 16, "val": 4},
     target_per_class={"train": 8, "val": 4, "ood": 4},
-    pretrain=("optim.lr=2e-3", "train.epochs=1"),
+    pretrain=("optim.lr=2e-3", "train.epochs=1", 'train.amp="none"'),
     finetune_epochs=1,
     lrs={"sgd": (1e-2,), "sgd-freeze-embed": (1e-2,), "adamw": (1e-3, 3e-3)},
     seeds=1,
@@ -199,6 +207,8 @@ class Comparison:
     """The backbone: ``path`` (its run directory), ``cached``, ``val_accuracy`` on the source task."""
     seconds: dict[str, float]
     """Wall-clock time of ``pretrain`` (0 when cached), ``finetune`` and ``total``."""
+    precision: str = "none"
+    """What the fine-tuning runs computed in, as ``train.amp`` spells it (``none``: fp32; ``bf16``: autocast)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -209,6 +219,7 @@ class Comparison:
             "diagnostic": diagnostic_to_dict(self.diagnostic),
             "pretrain": self.pretrain,
             "seconds": self.seconds,
+            "precision": self.precision,
             "report": self.report.to_dict(),
         }
 
@@ -259,7 +270,8 @@ def run_comparison(
         rows = [_method_row(report, method, config) for method in METHODS]
         end = time.perf_counter()
         seconds = {"pretrain": pretrain.pop("seconds"), "finetune": end - tuned, "total": end - start}
-        result = Comparison(out, config, rows, report, diagnostic, pretrain, seconds)
+        precision = amp_name(resolve_amp(config.amp, torch.device(config.device)))
+        result = Comparison(out, config, rows, report, diagnostic, pretrain, seconds, precision)
         atomic_write_text(out / RESULT_FILE, json.dumps(jsonable(result.to_dict()), indent=2) + "\n")
     return result
 
@@ -273,6 +285,19 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+COMPARE_AMP = ("auto", "none", "bf16")
+"""What ``demo --compare --amp`` takes: the CPU's precisions (``fp16`` autocast is for CUDA)."""
+
+
+def check_compare_amp(amp: str) -> str:
+    """``amp`` when the comparison can fine-tune in it (a usage error otherwise, before any work)."""
+    if amp not in COMPARE_AMP:
+        raise UsageError(
+            f"--amp must be one of {', '.join(COMPARE_AMP)} (the comparison runs on a CPU), got {amp!r}"
+        )
+    return amp
 
 
 def cache_root() -> Path:
@@ -431,7 +456,11 @@ def sweep_options(
         recipes=list(METHODS),
         grids=[f"train.seed={','.join(str(s) for s in range(config.seeds))}"],
         recipe_grids={m: [f"optim.lr={','.join(repr(lr) for lr in config.lrs[m])}"] for m in METHODS},
-        sets=[*config.common(), f"train.epochs={config.finetune_epochs}"],
+        sets=[
+            *config.common(),
+            f"train.epochs={config.finetune_epochs}",
+            f"train.amp={json.dumps(config.amp)}",
+        ],
         weights=weights,
         allow_changed_grid=True,
         retry_failed=True,

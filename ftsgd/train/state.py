@@ -26,6 +26,7 @@ from ftsgd.train.parallel import (
     load_model_state,
     load_optimizer_state,
 )
+from ftsgd.train.precision import CHECKPOINT_KEY
 from ftsgd.utils.device import get_rng_state, set_rng_state
 from ftsgd.utils.distributed import gather_objects, seed_rank
 
@@ -74,8 +75,12 @@ def checkpoint_payload(
     *,
     sharded: bool,
     distributed: bool,
+    amp: str,
 ) -> dict[str, Any]:
     """What ``checkpoint.pt`` holds, in the one-process format whatever the number of processes.
+
+    ``amp`` is the precision the run computes in (``none``/``bf16``/``fp16``), recorded so that ``--resume``
+    continues in it whatever ``train.amp = "auto"`` means by then (:mod:`ftsgd.train.precision`).
 
     Every process of a job takes part (FSDP gathers the whole model and optimizer state on rank 0).
     Each process draws its own dropout masks, so ``rng_ranks`` keeps every process's RNG states:
@@ -87,6 +92,7 @@ def checkpoint_payload(
         "scaler": scaler.state_dict(),
         "state": asdict(state),
         "rng": get_rng_state(),
+        CHECKPOINT_KEY: amp,
     }
     if distributed:
         payload["rng_ranks"] = gather_objects(payload["rng"])

@@ -70,6 +70,7 @@ from ftsgd.train.parallel import (
     snapshot_running_stats,
     wrap_ddp,
 )
+from ftsgd.train.precision import precision_words, started_amp
 from ftsgd.train.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
 from ftsgd.train.stages import Stages
 from ftsgd.train.state import RunState, checkpoint_payload, restore_rng, restore_weights, versions
@@ -149,9 +150,8 @@ class Trainer:
         self.world: World = join_job_with(self.recipe)
         self.sharded = t.shard and self.world.distributed
         self.device = self.world.device
+        # evaluation, the export and the checkpoint use it too; a resumed run continues in its own (setup)
         self.amp_dtype = resolve_amp(t.amp, self.device)
-        # fp32 evaluation on a CPU: what picks the exported epoch must not depend on the CPU's bf16 flags
-        self.eval_amp_dtype = self.amp_dtype if self.device.type == "cuda" else None
         check_device(self.recipe, self.amp_dtype, self.sharded)
 
     def setup(self) -> None:
@@ -161,6 +161,9 @@ class Trainer:
         missing checkpoint or a bad file fails in seconds, not after minutes of model building.
         """
         ckpt = self.run.read_checkpoint() if self.resume else None
+        if ckpt is not None:  # the precision the run started with, before anything computes or scales
+            self.amp_dtype = started_amp(ckpt, self.recipe.train.amp, self.device, self.run.checkpoint)
+            check_device(self.recipe, self.amp_dtype, self.sharded)
         self.state.stage = int(ckpt["state"].get("stage", 0)) if ckpt is not None else 0
         self._setup_data()
         self._setup_model(from_checkpoint=ckpt is not None)
@@ -319,6 +322,7 @@ class Trainer:
             self.ema,
             sharded=self.sharded,
             distributed=self.world.distributed,
+            amp=amp_name(self.amp_dtype),
         )
         if self.world.is_main:  # the other processes write nothing
             self.run.save_checkpoint(payload)
@@ -495,13 +499,13 @@ class Trainer:
         return {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
 
     def evaluate_split(self, split: Split) -> dict[str, Any]:
-        """:func:`ftsgd.evaluate.evaluate` on one split, on the run's device (in fp32 on a CPU, see ``eval_amp_dtype``)."""
+        """:func:`ftsgd.evaluate.evaluate` on one split, on the run's device in the run's precision (as ``ftsgd eval``)."""
         return evaluate(
             self.ema.module if self.ema is not None else self.forward,
             self.eval_loader(split),
             device=self.device,
             class_names=self.class_names,
-            amp_dtype=self.eval_amp_dtype,
+            amp_dtype=self.amp_dtype,
             channels_last=self.recipe.train.channels_last,
         )
 
@@ -542,6 +546,7 @@ class Trainer:
             data_config=self.prepared.data_config,
             recipe_name=self.recipe.name,
             model_kwargs=dict(self.recipe.model.kwargs),
+            amp=amp_name(self.amp_dtype),
         )
 
     # ------------------------------------------------------------------------------------ selection
@@ -718,7 +723,7 @@ class Trainer:
                 f"step {self.state.step_in_epoch}/{self.steps_per_epoch}"
             )
         p = self.prepared
-        amp = f", amp {amp_name(self.amp_dtype)}" if self.amp_dtype else ""
+        amp = f", {precision_words(self.amp_dtype)}"
         return (
             f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "

@@ -19,10 +19,13 @@ import torch
 from ftsgd.errors import UsageError
 
 __all__ = [
+    "AMP_DTYPES",
+    "amp_dtype",
     "amp_name",
     "autocast",
     "cpu_has_native_bf16",
     "get_rng_state",
+    "legacy_auto_amp",
     "peak_memory_bytes",
     "reset_peak_memory",
     "resolve_amp",
@@ -43,30 +46,51 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp``.
+    """Autocast dtype for ``train.amp`` (None: fp32, no autocast).
 
-    ``auto``: on CUDA bf16 where supported, else fp16; on a CPU bf16 when it computes bf16 in hardware
-    (:func:`cpu_has_native_bf16`: there a ViT's step takes ~2/3 of the fp32 time), else fp32. ``bf16``
-    is honoured on any CPU; ``fp16`` is for CUDA only (validation refuses it with ``train.device =
-    "cpu"``; on a machine without CUDA under ``train.device = "auto"`` it means fp32).
+    ``auto`` is each device's *measured* default, and that is fp32 on every device: on a CPU, bf16 autocast
+    changed what SGD freeze-embed learns on a held-out task (its OOD accuracy and the learning rate selection
+    moved beyond the seed spread; ``demo --compare`` is too small to show it: docs/precision.md), and on
+    CUDA parity has not been measured yet (``benchmarks/gpu_check.sh`` measures it). ``bf16`` is honoured on any device, opted into;
+    ``fp16`` is for CUDA only (validation refuses it with ``train.device = "cpu"``; on a machine without
+    CUDA under ``train.device = "auto"`` it means fp32).
     """
-    if mode == "none":
+    if mode in ("none", "auto"):
         return None
-    if device.type == "cuda":
-        if mode == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if mode == "bf16" else torch.float16
-    if device.type == "cpu" and (mode == "bf16" or (mode == "auto" and cpu_has_native_bf16())):
+    if mode == "bf16":
         return torch.bfloat16
-    return None
+    return torch.float16 if device.type == "cuda" else None
+
+
+def legacy_auto_amp(device: torch.device) -> torch.dtype | None:
+    """What ``train.amp = "auto"`` meant before it became fp32 everywhere (before checkpoints recorded the precision).
+
+    CUDA: bf16 where supported, else fp16; a CPU: bf16 when it computes bf16 in hardware. Only for
+    resuming a run whose checkpoint predates recorded precision (:mod:`ftsgd.train.precision`).
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def amp_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype a resolved precision name stands for (:func:`amp_name`'s inverse)."""
+    if name not in AMP_DTYPES:
+        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(AMP_DTYPES)}")
+    return AMP_DTYPES[name]
+
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Resolved precisions as checkpoints, exports and ``summary.json`` record them (``none``: fp32)."""
 
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic in hardware: x86 AVX512-BF16 or AMX, or Arm's BF16 extension.
 
-    Read from ``/proc/cpuinfo`` (Linux); elsewhere False, so the default stays fp32. CPUs that only
-    emulate bf16 (AVX-512 without BF16, AVX2) run autocast slower than fp32, so they keep fp32.
+    Read from ``/proc/cpuinfo`` (Linux); elsewhere False. CPUs that only emulate bf16 (AVX-512 without
+    BF16, AVX2) run autocast slower than fp32. No default depends on it any more (``auto`` is fp32): it
+    tells ``bf16``'s speed apart in messages and benchmarks, and how a checkpoint that predates recorded precision started.
     """
     try:
         return native_bf16_in(Path("/proc/cpuinfo").read_text(errors="replace"))

@@ -57,8 +57,11 @@ def test_the_comparison_table_has_a_row_per_method_and_its_columns(first: tuple[
     assert per_param["adamw"] == 16.0 and per_param["sgd"] == 12.0  # the paper's bytes/parameter
     assert per_param["sgd-freeze-embed"] < 12.0
     assert "recommendation:" in output and "Grid points" in output
+    assert "fine-tuning precision: fp32 (train.amp = 'auto'" in output  # the CPU default, fp32
 
     saved = json.loads((out / "comparison.json").read_text())
+    assert saved["precision"] == "none" and saved["config"]["amp"] == "auto"
+    assert {json.loads(p.read_text())["amp"] for p in out.rglob("summary.json")} == {"none"}
     assert [r["method"] for r in saved["rows"]] == list(METHODS)
     for row, shown in zip(saved["rows"], rows, strict=True):
         assert f"{row['lr']:g}" == shown[1]
@@ -127,6 +130,8 @@ def test_other_settings_or_other_files_in_out_are_refused(
         app, ["demo", "--compare", "--out", str(out)], env={"XDG_CACHE_HOME": str(cache)}
     )
     assert full.exit_code == 2 and "other settings" in full.output and "--force" in full.output
+    bf16 = compare(out, cache, "--amp", "bf16")  # another precision is another comparison
+    assert bf16.exit_code == 2 and "other settings" in bf16.output
     (tmp_path / "mine.txt").write_text("keep me")
     refused = compare(tmp_path, cache, "--force")
     assert refused.exit_code == 2 and "not a comparison folder" in refused.output
@@ -145,6 +150,8 @@ def test_other_settings_or_other_files_in_out_are_refused(
     [
         (["--compare", "--epochs", "3"], "--epochs is for the plain demo"),
         (["--quick"], "--quick belongs to --compare"),
+        (["--amp", "bf16"], "--amp belongs to --compare"),
+        (["--compare", "--amp", "fp16"], "--amp must be one of auto, none, bf16"),
     ],
 )
 def test_demo_options_that_do_not_go_together(args: list[str], message: str, tmp_path: Path) -> None:

@@ -33,15 +33,16 @@ def test_step_in_backward_is_refused_for_a_job_of_several_processes_only() -> No
     check_job(load_recipe("sgd-freeze-embed"), 4)
 
 
-def test_fp16_picked_by_auto_is_refused_for_step_in_backward() -> None:
+def test_fp16_from_an_older_auto_is_refused_for_step_in_backward() -> None:
     recipe = load_recipe("sgd-freeze-embed", IN_BACKWARD)
     check_device(recipe, torch.bfloat16, sharded=False)
     check_device(recipe, None, sharded=False)
     with pytest.raises(RecipeError) as err:
         check_device(recipe, torch.float16, sharded=False)
     assert err.value.problems == [
-        'train.amp: "auto" picked fp16 on this GPU (no bf16), which optim.step_in_backward cannot use: an '
-        'overflow is only known after some parameters were updated; set train.amp = "none"'
+        'train.amp: the run computes in fp16 autocast (what an older ftsgd\'s "auto" chose on a GPU without '
+        "bf16), which optim.step_in_backward cannot use: an overflow is only known after some parameters were "
+        'updated; set train.amp = "none"'
     ]
 
 

@@ -236,11 +236,16 @@ def test_sharded_batches_are_the_one_process_batches_in_pieces() -> None:
 
 
 def test_two_processes_train_the_same_weights_as_one(data: Path, single_vit: Path, job_vit: Job) -> None:
-    """DDP, augmentation and micro-batches on; a last batch without images for rank 0."""
+    """DDP, augmentation and micro-batches on; a last batch without images for rank 0.
+
+    In the default precision (``train.amp = "auto"``: fp32), which is what the 1e-5 of the docs is about;
+    under bf16 autocast the two differ by ~1e-4 (docs/precision.md).
+    """
     out = data.parent / "job-vit"
     _assert_weights_close(single_vit, out)
     summary = json.loads(job_vit.stdout())  # exactly one JSON object: rank 1 prints nothing
     assert summary["processes"] == 2 and summary["steps"] == STEPS
+    assert summary["amp"] == json.loads((single_vit / "summary.json").read_text())["amp"] == "none"
     one, two = _metrics(single_vit), _metrics(out)
     for a, b in zip(one, two, strict=True):
         for split in ("val", "ood"):
