@@ -115,8 +115,30 @@ def find_classes(split_dir: Path) -> list[str]:
 
     Returns:
         Sorted names of the non-hidden sub-folders.
+
+    Raises:
+        DataError: a folder name is not valid UTF-8 (Linux names are bytes). Class and split names label
+            the model's outputs, its metrics and its exported ``config.json``, which are UTF-8 text, so
+            such a folder is refused here, before anything is decoded or trained, not at the first export.
     """
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+    bad = [name for name in names if not _is_utf8(name)]
+    if bad:
+        shown = ", ".join(repr(os.fsencode(name))[1:] for name in bad)
+        raise DataError(
+            f"{split_dir}: folder name(s) {shown} are not valid UTF-8; class and split names label the model's "
+            "outputs and its exported config, so rename them to UTF-8 (e.g. `convmv -f latin1 -t utf-8 -r "
+            f"--notest {split_dir}`)"
+        )
+    return names
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _IMAGE, _OTHER, _REPEAT, _CLASH = "image", "other", "repeat", "clash"

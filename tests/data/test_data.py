@@ -781,3 +781,20 @@ def test_iter_image_files_streams_by_the_class_folder_rules(tmp_path: Path) -> N
     assert len(errors) == 1 and isinstance(errors[0], NotADirectoryError)
     with pytest.raises(NotADirectoryError):
         list(iter_image_files(root / "b.png"))
+
+
+def test_a_class_folder_named_in_another_encoding_is_refused_before_training(make_folder, tmp_path) -> None:
+    """Linux names are bytes: ``caf\\xe9`` (Latin-1) once trained a whole epoch, then crashed at the export."""
+    from typer.testing import CliRunner
+
+    from ftsgd.cli.app import app
+
+    root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    for split in ("train", "val"):
+        os.rename(root / split / "b", os.fsencode(root / split) + b"/caf\xe9")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(root), "--out", str(out), "--model", "test_vit", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--set", "model.kwargs={img_size=32}"])
+    assert result.exit_code == 2, result.output
+    assert "folder name(s) 'caf\\xe9' are not valid UTF-8" in result.output
+    assert "Traceback" not in result.output and not out.exists()
