@@ -13,7 +13,13 @@ from typing import Any
 from ftsgd.errors import Interrupted, RunError
 from ftsgd.run.rundir import locked
 from ftsgd.sweep.jobs import Stop, execute, make_slots
-from ftsgd.sweep.output import announce, failure_summary, print_pending_commands, print_sweep_report
+from ftsgd.sweep.output import (
+    announce,
+    failure_summary,
+    incomplete_summary,
+    print_pending_commands,
+    print_sweep_report,
+)
 from ftsgd.sweep.plan import SweepOptions, plan_sweep
 from ftsgd.sweep.record import (
     FAILED,
@@ -41,7 +47,9 @@ def sweep_command(opts: SweepOptions) -> dict[str, Any]:
     Raises:
         UsageError: Bad usage, any grid point's recipe, a changed grid or a run directory holding another
             recipe; all found before any run starts.
-        RunError: Some runs failed (the others were trained); exit 1.
+        RunError: Some runs failed (the others were trained), or some are left unfinished (stopped from
+            outside, or trained by another process that holds their lock): exit 1 either way, the message
+            says which; the same command continues them.
         Interrupted: SIGINT/SIGTERM stopped the sweep after its running runs stopped (saving checkpoints).
     """
     plan = plan_sweep(opts)
@@ -87,4 +95,6 @@ def conclude(sweep: Sweep, stop: Stop, *, show: bool = True) -> dict[str, Any]:
         )
     if counts[FAILED]:
         raise RunError(failure_summary(sweep))
+    if sweep.state == INCOMPLETE:
+        raise RunError(incomplete_summary(sweep))
     return document

@@ -225,18 +225,47 @@ def child_setup(cpus: tuple[int, ...], prctl: Any) -> None:
         prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
+STOPPED_FROM_OUTSIDE = {
+    128 + signal.SIGINT,
+    128 + signal.SIGTERM,
+    -signal.SIGKILL,
+    -signal.SIGTERM,
+    -signal.SIGINT,
+}
+"""Exit codes of a run that was stopped, not one that failed: SIGINT/SIGTERM after saving its checkpoint
+(130, 143), or killed outright (the OOM killer's SIGKILL, a scheduler's SIGTERM before the handlers ran)."""
+
+
 def run_result(active: Active, before: RunRecord, stopping: bool) -> RunRecord:
-    """The record of a run whose process ended: finished, interrupted (by the sweep's stop) or failed."""
+    """The record of a run whose process ended.
+
+    ``finished``; ``interrupted`` when the sweep stopped it or something else did (a signal: resumable, the
+    same sweep command continues it); ``pending`` when another process took the run directory's lock first
+    (an external ``ftsgd train --resume``: the run is left to it, not failed); else ``failed`` (the run
+    itself failed: divergence, bad data, an error exit), which a rerun skips without ``--retry-failed``.
+    """
     active.handle.close()
     code = active.process.returncode
     record = RunRecord(started=before.started, ended=now(), exit_code=code if code >= 0 else 128 - code)
-    if code == 0 and RunDir(active.run.path).status() == FINISHED:
+    line = failure_line(active.log, active.offset, code) if code else ""
+    if RunDir(active.run.path).status() == FINISHED:  # by this child, or by a process that took it over
         record.status, record.metrics = FINISHED, run_metrics(active.run.path)
-    elif stopping:
+    elif stopping or code in STOPPED_FROM_OUTSIDE:
         record.status = INTERRUPTED
+        if not stopping:
+            record.error = f"stopped from outside ({stop_reason(code)}); the same sweep command continues it"
+    elif code == 2 and (held_elsewhere(active.run.path) or " in use by " in f" {line}"):
+        record.status, record.error = PENDING, f"left to another process: {line}"
     else:
-        record.status, record.error = FAILED, failure_line(active.log, active.offset, code)
+        record.status, record.error = FAILED, line
     return record
+
+
+def stop_reason(code: int) -> str:
+    """``killed by SIGKILL`` / ``SIGTERM, checkpoint saved`` for an exit code in :data:`STOPPED_FROM_OUTSIDE`."""
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"{signal.Signals(code - 128).name}, checkpoint saved"
 
 
 def failure_line(log: Path, offset: int, code: int) -> str:

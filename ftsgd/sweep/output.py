@@ -45,6 +45,8 @@ def progress_line(run: PlannedRun, record: RunRecord, total: int, log: Path, *, 
         return f"{head}: {accuracy} (best epoch {m['best_epoch']}/{m['epochs']}{seconds})"
     if record.status == FAILED:
         return f"{head}: exit {record.exit_code}: {record.error} (log: {log})"
+    if record.error:  # stopped from outside, or left to the process that holds its lock
+        return f"{head}: {record.error}"
     return f"{head}: stopped; the same command continues it"
 
 
@@ -82,6 +84,17 @@ def print_sweep_report(sweep: Sweep) -> None:
         f"{len(sweep.plan.runs)} runs: "
         + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
         + f"; record: {sweep.plan.out / SWEEP_FILE}"
+    )
+
+
+def incomplete_summary(sweep: Sweep) -> str:
+    """The exit-1 message of a sweep that ended with runs neither finished nor failed, and why each is left."""
+    left = [run for run in sweep.plan.runs if sweep.records[run.path].status in (PENDING, INTERRUPTED)]
+    lines = [f"  - {run.label}: {sweep.records[run.path].error or 'not started'}" for run in left]
+    return (
+        f"sweep incomplete: {len(left)} of {len(sweep.plan.runs)} runs are not finished (none failed):\n"
+        + "\n".join(lines)
+        + "\nRun the same command again to continue them (once another process holding one has ended)."
     )
 
 

@@ -596,3 +596,84 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(
         same_results(point_dir(out, 1e-4, seed), point_dir(swept[0], 1e-4, seed))
     log = (out / "logs" / "sgd-freeze-embed" / "optim.lr=0.0001,train.seed=1.log").read_text()
     assert log.count("=== ") == 3 and log.count("--resume --quiet") == 3
+
+
+@pytest.mark.slow
+def test_runs_stopped_from_outside_are_resumable_not_failed(env: Any, data: Path, tmp_path: Path) -> None:
+    """A run's process SIGTERMed (checkpoint saved, 143) or SIGKILLed (the OOM killer) by someone else is
+    "interrupted": the sweep exits 1 saying it is incomplete, and the same command continues both."""
+    out = tmp_path / "stopped"
+    flags = [a if a != "train.epochs=2" else "train.epochs=8" for a in FLAGS]
+    args = ["sweep", "--data", str(data), "--out", str(out), *flags, "--grid", "optim.lr=1e-4,0.01"]
+    args += ["--grid", "train.seed=0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftsgd", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    for index, sig in ((0, signal.SIGTERM), (1, signal.SIGKILL)):
+        wait_for(lambda i=index: running_pid(out, i) is not None, f"run {index} to start")
+        os.kill(running_pid(out, index), sig)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    text = " ".join(err.decode().split())
+    assert "sweep incomplete: 2 of 2 runs are not finished (none failed)" in text
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["state"] == "incomplete"
+    assert [r["status"] for r in record["runs"]] == ["interrupted", "interrupted"]
+    assert record["runs"][1]["error"].startswith("stopped from outside (killed by SIGKILL)")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "0 finished, 2 to train" in result.stdout
+    assert [r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["finished"] * 2
+
+
+def test_a_run_held_by_another_process_leaves_the_sweep_incomplete_not_failed(
+    env: Any, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "held"
+    grid = ["--grid", "optim.lr=1e-4", "--grid", "train.seed=0"]
+    with locked(point_dir(out, 1e-4, 0)):  # e.g. a user's `ftsgd train --resume` of that run
+        result = sweep(data, out, *grid)
+    assert result.exit_code == 1, result.output
+    assert "skipped sgd-freeze-embed optim.lr=0.0001,train.seed=0: in use by PID" in result.stdout
+    assert "sweep incomplete: 1 of 1 runs are not finished (none failed)" in " ".join(result.stderr.split())
+    assert json.loads((out / "sweep.json").read_text())["state"] == "incomplete"
+    again = sweep(data, out, *grid)
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "printed", "status", "error"),
+    [
+        (143, "interrupted by SIGTERM; checkpoint saved.", "interrupted", "stopped from outside (SIGTERM,"),
+        (-9, "", "interrupted", "stopped from outside (killed by SIGKILL)"),
+        (
+            2,
+            "error: the run directory R is in use by PID 7 on h; wait",
+            "pending",
+            "left to another process:",
+        ),
+        (1, "error: training loss became nan at step 3", "failed", "training loss became nan at step 3"),
+        (2, "error: data.val: split folder x does not exist", "failed", "data.val: split folder x"),
+    ],
+)
+def test_how_a_run_s_end_is_recorded(
+    tmp_path: Path, exit_code: int, printed: str, status: str, error: str
+) -> None:
+    """Failed is the run's own failure; a stop from outside or a lock held by another process is not."""
+    from ftsgd.sweep.jobs import Active, Slot, run_result
+    from ftsgd.sweep.record import RunRecord
+
+    log = tmp_path / "run.log"
+    log.write_text(printed + "\n")
+    code = (
+        f"import os, signal; os.kill(os.getpid(), {-exit_code})"
+        if exit_code < 0
+        else f"raise SystemExit({exit_code})"
+    )
+    process = subprocess.Popen([zygote.PYTHON, "-c", code])
+    process.wait()
+    run = type("Run", (), {"path": tmp_path / "run"})()
+    handle = open(log, "ab")  # noqa: SIM115 - run_result closes it, as for a real run
+    active = Active(run, Slot(0, None, (), 1), process, log, handle, 0)  # type: ignore[arg-type]
+    record = run_result(active, RunRecord("running"), stopping=False)
+    assert record.status == status and (record.error or "").startswith(error), record
