@@ -174,6 +174,7 @@ def test_cache_location_from_the_environment(monkeypatch, tmp_path: Path) -> Non
     assert scancache.scan_cache_dir() == tmp_path / "xdg" / "ftsgd" / "scan"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()  # a home that does not exist means no cache (test below)
     assert scancache.scan_cache_dir() == tmp_path / "home" / ".cache" / "ftsgd" / "scan"
     monkeypatch.setenv("FTSGD_CACHE_DIR", str(tmp_path / "mine"))
     assert scancache.scan_cache_dir() == tmp_path / "mine" / "scan"
