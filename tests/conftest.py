@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,21 @@ from PIL import Image
 from ftsgd.data.synthetic import make_image_folder
 
 MakeFolder = Callable[..., Path]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cores_shared_by_the_workers() -> Iterator[None]:
+    """Under pytest-xdist, each worker's torch gets its share of the cores (the runs here are tiny).
+
+    Two workers with torch's default of one intra-op thread per core would each run two threads on a
+    2-core machine: four busy threads on two cores, every training step slower for it.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
