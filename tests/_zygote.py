@@ -370,7 +370,7 @@ class ZygoteProcess:
         readers = [
             threading.Thread(target=lambda n=name, s=stream: results.__setitem__(n, s.read()), daemon=True)
             for name, stream in (("out", self.stdout), ("err", self.stderr))
-            if stream is not None
+            if stream is not None and not stream.closed  # a test may have closed its end (a gone reader)
         ]
         for reader in readers:
             reader.start()
