@@ -292,6 +292,7 @@ def test_corrupt_run_dir_resume_exits_2(image_folder: Path, tmp_path: Path) -> N
     assert result.exit_code == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_console_script_subprocess(image_folder: Path, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("ftsgd")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "ftsgd"])]
@@ -457,6 +458,7 @@ def test_help_lists_exit_codes_and_shows_no_type_for_flags() -> None:
     assert "--quiet -q Print nothing but warnings and errors." in text
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_stops_quietly_with_141() -> None:
     proc = zygote.Popen(
         [sys.executable, "-m", "ftsgd", "recipes", "keys"],

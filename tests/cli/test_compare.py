@@ -43,6 +43,7 @@ def _table(output: str, title: str) -> list[list[str]]:
     return table
 
 
+@pytest.mark.slow
 def test_the_comparison_table_has_a_row_per_method_and_its_columns(first: tuple[Path, Path, str]) -> None:
     out, _, output = first
     header, *rows = _table(output, "Comparison: per method")
@@ -76,6 +77,7 @@ def test_the_comparison_table_has_a_row_per_method_and_its_columns(first: tuple[
     )
 
 
+@pytest.mark.slow
 def test_the_output_folder_is_a_sweep_folder(first: tuple[Path, Path, str], tmp_path: Path) -> None:
     """``sweep.json`` records every run as ``ftsgd sweep`` does; ``ftsgd report`` and ``ftsgd sweep`` read it."""
     out, _, _ = first
@@ -111,6 +113,7 @@ def test_the_output_folder_is_a_sweep_folder(first: tuple[Path, Path, str], tmp_
     assert document["runs"][0]["path"] == str(tmp_path / "copy" / Path(sgd["path"]).relative_to(out))
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_the_cached_backbone_and_the_finished_runs(first: tuple[Path, Path, str]) -> None:
     out, cache, output = first
     assert "pre-training the backbone" in output
@@ -122,6 +125,7 @@ def test_a_rerun_reuses_the_cached_backbone_and_the_finished_runs(first: tuple[P
     assert _table(again.output, "Comparison: per method") == _table(output, "Comparison: per method")
 
 
+@pytest.mark.slow
 def test_other_settings_or_other_files_in_out_are_refused(
     first: tuple[Path, Path, str], tmp_path: Path
 ) -> None:

@@ -8,9 +8,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_builtin_recipes_and_finds_them(tmp_path: Path) -> None:
     built = subprocess.run(
         [

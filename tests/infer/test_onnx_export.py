@@ -34,6 +34,7 @@ def exported(trained_run: Path, image_folder: Path, tmp_path_factory: pytest.Tem
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_onnx_logits_match_pytorch_at_any_batch_size(exported, trained_run: Path, image_folder: Path) -> None:
     import onnxruntime as ort
 
@@ -61,6 +62,7 @@ def test_onnx_logits_match_pytorch_at_any_batch_size(exported, trained_run: Path
     assert json.loads(props["mean"]) == list(meta["mean"]) and props["architecture"] == "test_vit"
 
 
+@pytest.mark.slow
 def test_plain_output_and_random_inputs(exported, trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = runner.invoke(app, ["export", str(trained_run), "--onnx", str(out)])
@@ -70,6 +72,7 @@ def test_plain_output_and_random_inputs(exported, trained_run: Path, tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_a_failed_check_writes_nothing(
     exported, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,6 +86,7 @@ def test_a_failed_check_writes_nothing(
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
+@pytest.mark.slow
 def test_bad_paths_exit_2(trained_run: Path, tmp_path: Path) -> None:
     _require_onnx()
     result = runner.invoke(app, ["export", str(trained_run), "--onnx", str(tmp_path)])

@@ -206,6 +206,7 @@ def _cli(run: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "ftsgd", "predict", str(run), *args]
 
 
+@pytest.mark.slow
 def test_results_stream_before_stdin_closes(trained_run: Path, image_folder: Path) -> None:
     first, second = images(image_folder / "val")[:2]
     proc = zygote.Popen(
@@ -230,6 +231,7 @@ def test_results_stream_before_stdin_closes(trained_run: Path, image_folder: Pat
             proc.wait()
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_stops_quietly(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
     listing = tmp_path / "paths.txt"
     listing.write_text(f"{image_folder / 'val'}\n" * 300)  # 7,200 images: far more than one pipe buffer
@@ -249,6 +251,7 @@ def test_a_closed_stdout_stops_quietly(trained_run: Path, image_folder: Path, tm
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception" not in err
 
 
+@pytest.mark.slow
 def test_file_names_that_are_not_utf8(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
     folder = tmp_path / "odd"
     folder.mkdir()

@@ -521,6 +521,7 @@ def test_image_broken_after_the_scan_is_one_line_even_from_a_worker(make_folder,
     assert "worker" not in message and len(message.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_scans_the_splits_it_evaluates(image_folder: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -64,6 +64,7 @@ def summaries(root: Path) -> dict[str, dict]:
     return {str(p.parent): json.loads(p.read_text()) for p in sorted(root.rglob("summary.json"))}
 
 
+@pytest.mark.slow
 def test_report_reads_the_files_train_writes(sweep: Path) -> None:
     """The run directory's files are named in one place, and a real run has them."""
     from ftsgd.run import files, rundir
@@ -76,6 +77,7 @@ def test_report_reads_the_files_train_writes(sweep: Path) -> None:
     assert {p.name for p in run.iterdir()} <= {*rundir.RUN_FILES, files.LOCK}  # every file is named
 
 
+@pytest.mark.slow
 def test_json_matches_the_summaries_and_selects_by_mean_val(sweep: Path) -> None:
     result = report(str(sweep), "--json")
     assert result.exit_code == 0, result.stderr
@@ -109,6 +111,7 @@ def test_json_matches_the_summaries_and_selects_by_mean_val(sweep: Path) -> None
     assert allowed["selections"][0]["compared"] == 2
 
 
+@pytest.mark.slow
 def test_csv_tables_match_the_summaries(sweep: Path) -> None:
     truth = summaries(sweep)
     rows = list(csv.DictReader(io.StringIO(report(str(sweep), "--csv", "--table", "runs").stdout)))
@@ -132,6 +135,7 @@ def test_csv_tables_match_the_summaries(sweep: Path) -> None:
     assert "1 point(s) with missing seeds left out" in sel["note"]
 
 
+@pytest.mark.slow
 def test_markdown_and_plain_tables(sweep: Path) -> None:
     truth = summaries(sweep)
     md = report(str(sweep), "--markdown").stdout
@@ -150,6 +154,7 @@ def test_markdown_and_plain_tables(sweep: Path) -> None:
     assert "val (ID) %" in plain and "peak memory" in plain and "train time" in plain
 
 
+@pytest.mark.slow
 def test_png_plots_are_valid_nonblank_images(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "plots"
     result = report(str(sweep), "--json", "--png", str(out))
@@ -184,6 +189,7 @@ def test_plots_skip_what_has_no_data(tmp_path: Path) -> None:
     assert "plot:" not in csv_run.stdout and csv_run.stdout.startswith("recipe,seeds,")
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2_before_any_output(sweep: Path, tmp_path: Path) -> None:
     a_file = tmp_path / "file.png"
     a_file.write_bytes(b"x")

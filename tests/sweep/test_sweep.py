@@ -284,6 +284,7 @@ def test_devices_need_a_gpu(env: Any, data: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- one sweep, read many ways
 
 
+@pytest.mark.slow
 def test_sweep_trains_every_point_and_selects_the_best_mean_val(swept: tuple[Path, Any]) -> None:
     out, result = swept
     summaries = {p: json.loads((point_dir(out, *p) / "summary.json").read_text()) for p in POINTS}
@@ -306,6 +307,7 @@ def test_sweep_trains_every_point_and_selects_the_best_mean_val(swept: tuple[Pat
     assert "Selection: per recipe" in result.stdout and "4 runs: 4 finished" in result.stdout
 
 
+@pytest.mark.slow
 def test_sweep_json_is_complete(swept: tuple[Path, Any], data: Path) -> None:
     out, _ = swept
     record = json.loads((out / "sweep.json").read_text())
@@ -329,6 +331,7 @@ def test_sweep_json_is_complete(swept: tuple[Path, Any], data: Path) -> None:
     assert record["outside_grid"] == [] and record["selection"]["problems"] == []
 
 
+@pytest.mark.slow
 def test_each_run_is_the_run_ftsgd_train_makes_with_its_command_line(
     swept: tuple[Path, Any], data: Path
 ) -> None:
@@ -345,6 +348,7 @@ def test_each_run_is_the_run_ftsgd_train_makes_with_its_command_line(
         assert (Path(run["path"]) / "recipe.toml").read_text() == recipe_to_toml(expected)
 
 
+@pytest.mark.slow
 def test_rerunning_the_same_command_trains_nothing(swept: tuple[Path, Any], data: Path) -> None:
     out, _ = swept
     files = sorted(out.glob("*/*/summary.json")) + sorted(out.glob("*/*/model.safetensors"))
@@ -470,6 +474,7 @@ def test_a_run_made_before_sweep_tables_still_resumes_and_pools(
     assert len(report.points) == 1 and report.points[0].seeds == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_second_sweep_on_the_same_out_exits_2(swept: tuple[Path, Any], data: Path) -> None:
     out, _ = swept
     with locked(out, "sweep directory"):  # as a running sweep holds it
@@ -626,6 +631,7 @@ def test_runs_stopped_from_outside_are_resumable_not_failed(env: Any, data: Path
     assert [r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["finished"] * 2
 
 
+@pytest.mark.slow
 def test_a_run_held_by_another_process_leaves_the_sweep_incomplete_not_failed(
     env: Any, data: Path, tmp_path: Path
 ) -> None:

@@ -67,6 +67,7 @@ def test_select_by_another_splits_loss_picks_and_exports_that_epoch(data: Path, 
     assert again["loss"] == pytest.approx(min(losses), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_patience_stops_early_and_a_resumed_run_stops_at_the_same_epoch(data: Path, tmp_path: Path) -> None:
     """Mixup, CutMix and the EMA on too: resumed mid-epoch twice, the run ends bit for bit as the uninterrupted one."""
     extra = (

@@ -268,6 +268,7 @@ def test_linear_probe_trains_only_the_head_then_fine_tuning_moves_the_rest(
     assert best in (3, 4) and set(load_file(str(run / "model.safetensors"))) == set(before)
 
 
+@pytest.mark.slow
 def test_resume_anywhere_in_a_staged_run_is_bitwise_identical(image_folder: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     Trainer(staged(image_folder, "test_vit", "train.checkpoint_every=2"), full, quiet=True).fit()

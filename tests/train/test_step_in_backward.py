@@ -260,6 +260,7 @@ def test_channels_last_trains_to_the_same_weights(image_folder: Path, tmp_path: 
     assert (tmp_path / "cl" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_compile_trains_through_the_compiled_module(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

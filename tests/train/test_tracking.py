@@ -100,6 +100,7 @@ def f32(value: float) -> float:
     return float(np.float32(value))
 
 
+@pytest.mark.slow
 def test_event_files_hold_the_metrics_and_the_recipe(reference: Path) -> None:
     found = scalars(reference)
     steps = list(range(1, 2 * STEPS_PER_EPOCH + 1))
@@ -192,6 +193,7 @@ def wandb_segments(folder: Path, run_id: str) -> list[dict[str, Any]]:
     return segments
 
 
+@pytest.mark.slow
 def test_mlflow_holds_the_recipe_the_epochs_the_summary_and_the_files(reference: Path) -> None:
     run_id = ids(reference, "mlflow")
     run = MlflowClient().get_run(run_id)
@@ -217,6 +219,7 @@ def test_mlflow_holds_the_recipe_the_epochs_the_summary_and_the_files(reference:
     assert {"model.safetensors", "config.json", "summary.json", "recipe.toml"} <= artifacts
 
 
+@pytest.mark.slow
 def test_wandb_offline_holds_the_recipe_the_epochs_the_summary_and_the_files(
     reference: Path, trackers_offline: Path
 ) -> None:

@@ -146,6 +146,7 @@ def test_exported_weights_load_in_timm_with_identical_logits(image_folder: Path,
         assert torch.equal(model(x), reference(x))
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run_bitwise(image_folder: Path, tmp_path: Path) -> None:
     extra = ("train.checkpoint_every=2", "train.epochs=2", 'data.augment="rrc_flip"')
     full = tmp_path / "full"
