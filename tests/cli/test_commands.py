@@ -228,6 +228,7 @@ def test_a_moved_dataset_resumes(partial: Path, data: Path, tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------ the lock
 
 
+@pytest.mark.slow
 def test_a_held_lock_refuses_a_second_writer_naming_the_holder(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -254,6 +254,7 @@ def test_sigterm_sigint_and_kill_9_then_resume_is_bitwise_identical(
     _assert_same_as_reference(out, reference)
 
 
+@pytest.mark.slow
 def test_writers_killed_at_random_moments_never_leave_a_broken_file(tmp_path: Path) -> None:
     """A process rewriting a checkpoint, an export, metrics.jsonl and summary.json in a loop is
     SIGKILLed at arbitrary moments; every file is always a complete old or new version."""

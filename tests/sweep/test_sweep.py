@@ -359,6 +359,7 @@ def test_rerunning_the_same_command_trains_nothing(swept: tuple[Path, Any], data
     assert stats(files) == before
 
 
+@pytest.mark.slow
 def test_a_changed_sweep_into_the_same_out_is_refused_naming_what_changed(
     swept: tuple[Path, Any], data: Path
 ) -> None:

@@ -150,6 +150,7 @@ def test_programming_errors_are_not_disguised_as_io_errors(tmp_path: Path) -> No
     assert not target.exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_old_or_new_file(tmp_path: Path) -> None:
     """A writer killed at arbitrary moments never leaves a mixed or short target file."""
     target = tmp_path / "big.bin"
