@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd.cli.train import EVAL_SKIP_HINT
-from ftsgd.data.folders import discover_splits
 from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import build_loader, resolve_num_workers
 from ftsgd.data.scan import preflight_scan
+from ftsgd.data.split import find_splits, is_one_folder
 from ftsgd.errors import DataError, UsageError
 from ftsgd.infer.evaluate import CONFUSION_MAX_CLASSES, evaluate
 from ftsgd.infer.export import inference_transform, load_exported_model
 from ftsgd.recipe.schema import DataConfig
 from ftsgd.report.plots import CONFUSION, check_plot_dir, write_confusion_plots
+from ftsgd.run.rundir import RunDir
 from ftsgd.utils import console
 from ftsgd.utils.device import resolve_device
 
@@ -56,7 +57,8 @@ def eval_command(
         check_plot_dir(png_dir)  # before minutes of evaluation
     model, meta = load_exported_model(weights)
     class_names = list(meta["class_names"])
-    found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image)
+    recorded = _split_record_of(weights)
+    found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image, recorded)
     dev = resolve_device(device)
     model.to(dev)
     transform = inference_transform(meta)
@@ -78,14 +80,35 @@ def eval_command(
     return results
 
 
+def _split_record_of(weights: Path) -> dict[str, Any] | None:
+    """The split record of the run the weights come from (a run directory, or a file in one), if any."""
+    folder = weights.expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    return RunDir(folder).read_split()
+
+
 def _eval_splits(
-    root: Path, splits: list[str], class_names: list[str], on_bad_image: str
+    root: Path,
+    splits: list[str],
+    class_names: list[str],
+    on_bad_image: str,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The splits to evaluate (named ones looked up directly, else every split but train), scanned."""
+    """The splits to evaluate (named ones looked up directly, else every split but train), scanned.
+
+    On one folder of class folders the splits are the run's recorded ones: exactly the files it held out.
+    """
     named = [str(Path(s).expanduser()) if os.sep in s else s for s in splits if s not in ("train", "val")]
     config = DataConfig(root=str(root), eval_splits=named or (["val"] if splits else []))
+    if is_one_folder(config, strict=False):
+        if recorded is None:
+            raise DataError(
+                f"{root} is one folder of class folders (no train/): which of its images a run held out is "
+                "recorded in the run directory's split.json; pass the run directory (or its model.safetensors)"
+            )
+        config = DataConfig(root=str(root), eval_splits=[n for n in named if os.sep in n])
     try:
-        _, found = discover_splits(config, class_names=class_names)
+        _, found = find_splits(config, class_names=class_names, recorded=recorded)
     except DataError as exc:
         if splits:
             raise

@@ -16,6 +16,8 @@ Layout::
     summary.json       best epoch, each split's metrics at it, frozen parameters, command, versions
     skipped.txt        images left out by data.on_bad_image = "skip" (only when there were any)
     dataset.json       the data's fingerprint: classes, and every file with its size and mtime
+    split.json         the split ftsgd drew from one folder of class folders (ftsgd.data.split): the split
+                       keys, and each split's files with size and mtime; never rewritten
     .ftsgd.lock        held (flock) by the one process writing the run; the OS releases it when that dies
     events.out.tfevents.*  TensorBoard's event files (train.tensorboard = true), named by TensorBoard
 """
@@ -31,6 +33,7 @@ __all__ = [
     "RECIPE_FILE",
     "RUN_MARKERS",
     "SKIPPED_FILE",
+    "SPLIT",
     "SUMMARY",
 ]
 
@@ -41,9 +44,11 @@ SUMMARY = "summary.json"
 SKIPPED_FILE = "skipped.txt"
 """The images ``data.on_bad_image = "skip"`` left out, one ``path<TAB>split<TAB>reason`` line each."""
 DATASET = "dataset.json"
+SPLIT = "split.json"
+"""The split drawn from one folder of class folders: the single truth on which images are val/test."""
 LOCK = ".ftsgd.lock"
 
 RUN_MARKERS = (SUMMARY, RECIPE_FILE, METRICS, CHECKPOINT)
 """Any of these files makes a folder a run directory (a run killed early may hold only recipe.toml)."""
-BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, METRICS, SKIPPED_FILE)
+BEFORE_FIRST_CHECKPOINT = (RECIPE_FILE, DATASET, SPLIT, METRICS, SKIPPED_FILE)
 """What a run may have written before its first checkpoint: nothing of value, so it may start over."""

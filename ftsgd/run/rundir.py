@@ -40,6 +40,7 @@ from ftsgd.run.files import (
     METRICS,
     RECIPE_FILE,
     SKIPPED_FILE,
+    SPLIT,
     SUMMARY,
 )
 from ftsgd.utils.fileio import atomic_torch_save, atomic_write_text, jsonable, remove_stale_temps
@@ -47,7 +48,17 @@ from ftsgd.utils.fileio import atomic_torch_save, atomic_write_text, jsonable, r
 __all__ = ["CHECKPOINT_FORMAT", "RUN_FILES", "RunDir", "lock_holder", "locked"]
 
 CHECKPOINT_FORMAT = 1
-RUN_FILES = (CHECKPOINT, WEIGHTS_NAME, METRICS, SUMMARY, SKIPPED_FILE, CONFIG_NAME, DATASET, RECIPE_FILE)
+RUN_FILES = (
+    CHECKPOINT,
+    WEIGHTS_NAME,
+    METRICS,
+    SUMMARY,
+    SKIPPED_FILE,
+    CONFIG_NAME,
+    DATASET,
+    SPLIT,
+    RECIPE_FILE,
+)
 """Every file ftsgd writes into a run directory (its lock aside): the run's own and the exported model's."""
 
 
@@ -286,6 +297,25 @@ class RunDir:
     def write_dataset(self, fingerprint: dict[str, Any]) -> None:
         """Record the data the run trains on (compact: one row per file)."""
         atomic_write_text(self.path / DATASET, json.dumps(fingerprint, separators=(",", ":")) + "\n")
+
+    def read_split(self) -> dict[str, Any] | None:
+        """The split the run drew from one folder of class folders (None for split folders)."""
+        path = self.path / SPLIT
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"{path} is corrupt ({first_line(exc)}); it records the run's validation images"
+            ) from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path} is corrupt (not a JSON object); it records the run's validation images")
+        return record
+
+    def write_split(self, record: dict[str, Any]) -> None:
+        """Record the drawn split (compact: one row per file), once, when the run starts."""
+        atomic_write_text(self.path / SPLIT, json.dumps(record, separators=(",", ":")) + "\n")
 
     def read_checkpoint(self) -> dict[str, Any]:
         """The checkpoint to resume from, memory-mapped (weights are copied into the model page by page)."""
