@@ -310,9 +310,11 @@ def eval_(
     device: DeviceOpt = "auto",
     on_bad_image: EvalBadImageOpt = "error",
     as_json: JsonOpt = False,
+    as_csv: CsvOpt = False,
     png: ConfusionPngOpt = None,
 ) -> None:
-    """Evaluate exported weights on image-folder splits: top-1/top-5, loss, per-class accuracy, confusion matrix.
+    """Evaluate exported weights on image-folder splits: top-1/top-5, loss, macro-F1, balanced accuracy,
+    per-class precision/recall/F1, confusion matrix.
 
     Examples:
 
@@ -321,10 +323,14 @@ def eval_(
         ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val --split ood --json
 
         ftsgd eval runs/birds --data ~/data/birds --png runs/birds/plots
+
+        ftsgd eval runs/birds --data ~/data/birds --csv > per-class.csv
     """
-    from ftsgd.cli.evaluate import confusion_png_path, eval_command, print_eval_results
+    from ftsgd.cli.evaluate import confusion_png_path, eval_command, eval_csv, print_eval_results
 
     with user_errors():
+        if as_json and as_csv:
+            raise UsageError("--json and --csv exclude each other; pick one")
         results = eval_command(
             weights,
             data,
@@ -336,6 +342,9 @@ def eval_(
         )
     if as_json:
         console.print_json(results)
+        return
+    if as_csv:
+        sys.stdout.write(eval_csv(results))
         return
     print_eval_results(results)
     for name, r in results.items() if png is not None else []:

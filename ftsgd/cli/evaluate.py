@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -136,13 +138,31 @@ def _eval_splits(
 
 
 def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
-    """A table of each split's top-1/top-5/loss, then a per-class table (table or plain lines)."""
+    """A table of each split's top-1/top-5/loss/macro-F1/balanced accuracy, the per-class tables, the confusion."""
     has_top5 = any("top5" in r for r in results.values())
-    columns = ["split", "accuracy", *(["top-5"] if has_top5 else []), "loss", "images"]
+    columns = [
+        "split",
+        "accuracy",
+        *(["top-5"] if has_top5 else []),
+        "macro-F1",
+        "bal. acc.",
+        "loss",
+        "images",
+    ]
     rows = []
     for name, r in results.items():
-        top5 = [f"{100 * r['top5']:.2f}%" if "top5" in r else "-"] if has_top5 else []
-        rows.append([name, f"{100 * r['accuracy']:.2f}%", *top5, f"{r['loss']:.4f}", r["n"]])
+        top5 = [_pct(r.get("top5"))] if has_top5 else []
+        rows.append(
+            [
+                name,
+                _pct(r["accuracy"]),
+                *top5,
+                _pct(r.get("macro_f1")),
+                _pct(r.get("balanced_accuracy")),
+                f"{r['loss']:.4f}",
+                r["n"],
+            ]
+        )
     console.print_table("Evaluation", columns, rows)
     names = list(results)
     classes = list(next(iter(results.values()))["per_class"]) if results else []
@@ -154,7 +174,76 @@ def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
             row.append("-" if pc["accuracy"] is None else f"{100 * pc['accuracy']:.1f}% ({pc['n']})")
         per_class.append(row)
     console.print_table("Per-class accuracy (images)", ["class", *names], per_class)
+    for name in names:
+        table = [
+            [cls, _pct(pc.get("precision")), _pct(pc.get("recall")), _pct(pc.get("f1")), pc["n"]]
+            for cls, pc in results[name]["per_class"].items()
+        ]
+        console.print_table(
+            f"Per-class precision, recall, F1: {name}",
+            ["class", "precision", "recall", "F1", "images"],
+            table,
+        )
     print_confusion(results)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+CSV_COLUMNS = (
+    "split",
+    "class",
+    "support",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "macro_f1",
+    "balanced_accuracy",
+    "loss",
+)
+"""``ftsgd eval --csv``: one row per split (``class`` empty), then one per class of it."""
+
+
+def eval_csv(results: dict[str, dict[str, Any]]) -> str:
+    """``ftsgd eval --csv``: each split's row (class empty) and its classes' rows; fractions, not percents."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    blank = None
+    for name, r in results.items():
+        writer.writerow(
+            [
+                name,
+                "",
+                r["n"],
+                r["accuracy"],
+                blank,
+                blank,
+                blank,
+                r.get("macro_f1"),
+                r.get("balanced_accuracy"),
+                r["loss"],
+            ]
+        )
+    for name, r in results.items():
+        for cls, pc in r["per_class"].items():
+            writer.writerow(
+                [
+                    name,
+                    cls,
+                    pc["n"],
+                    pc["accuracy"],
+                    pc.get("precision"),
+                    pc.get("recall"),
+                    pc.get("f1"),
+                    blank,
+                    blank,
+                    blank,
+                ]
+            )
+    return buffer.getvalue()
 
 
 CONFUSION_TABLE_LIMIT = 20

@@ -131,8 +131,9 @@ class EpochSampler(Sampler[int]):
 def balanced_order(labels: Sequence[int], *, seed: int, epoch: int) -> list[int]:
     """A class-balanced epoch order (``data.sampler = "balanced"``): a pure function of labels, seed and epoch.
 
-    As many draws as there are images; each draw picks a class uniformly, and each class's draws walk
-    through its images in a fresh random order, starting a new one when they run out: a small class's
+    As many draws as there are images, shared equally among the classes (to within one) at random
+    places in the epoch; each class's draws walk through its images in a fresh random order, starting a
+    new one when they run out: a small class's
     images are repeated evenly, a large class's are subsampled without repetition. Like
     :meth:`EpochSampler.order`, every process of a job and a resumed run compute the same order, and
     :func:`plan_batches` cuts it as it cuts a shuffled one.
@@ -150,8 +151,8 @@ def balanced_order(labels: Sequence[int], *, seed: int, epoch: int) -> list[int]
         return []
     g = torch.Generator().manual_seed(seed * 100003 + epoch + 7919)  # not the shuffle's permutation stream
     slots_of: list[list[int]] = [[] for _ in classes]
-    for slot, k in enumerate(torch.randint(len(classes), (len(labels),), generator=g).tolist()):
-        slots_of[k].append(slot)
+    for j, slot in enumerate(torch.randperm(len(labels), generator=g).tolist()):
+        slots_of[j % len(classes)].append(slot)  # classes drawn equally often (to within one), at random places
     order = [0] * len(labels)
     for cls, slots in zip(classes, slots_of, strict=True):
         members = by_class[cls]

@@ -234,8 +234,8 @@ class DataConfig:
     """One folder of class folders: seeds which images are held out (independent of train.seed, so every run
     of a sweep gets the same split)."""
     sampler: str = "shuffle"
-    """shuffle (each image once per epoch) | balanced (each draw picks a class uniformly, then one of its
-    images: small classes are repeated, large ones subsampled; an epoch still has as many images)."""
+    """shuffle (each image once per epoch) | balanced (every class drawn equally often: small classes'
+    images are repeated, large ones subsampled; an epoch keeps its number of images and steps)."""
 
 
 @dataclass(frozen=True)
