@@ -57,8 +57,10 @@ from ftsgd.cli.options import (
     RecipeNameArg,
     RecipeOpt,
     ReportCsvOpt,
+    ReportMetricOpt,
     ReportPathsArg,
     ReportPngOpt,
+    ReportSelectByOpt,
     ResumeOpt,
     RetryFailedOpt,
     RunOutOpt,
@@ -459,6 +461,8 @@ def report(
     as_markdown: MarkdownOpt = False,
     table: TableOpt = None,
     png: ReportPngOpt = None,
+    metric: ReportMetricOpt = "accuracy",
+    select_by: ReportSelectByOpt = "val.accuracy",
 ) -> None:
     """Compare runs: per recipe, the grid point with the best mean ID-val accuracy over seeds (the paper's protocol).
 
@@ -472,12 +476,22 @@ def report(
         ftsgd report runs/sgd-* runs/adamw-* --markdown --png plots/
 
         ftsgd report runs/ --csv --table runs > runs.csv
+
+        ftsgd report runs/ --select-by worst.accuracy --metric macro_f1
     """
     from ftsgd.report.tables import output_format, run_report
 
     with user_errors():
         fmt = output_format(as_json=as_json, as_csv=as_csv, as_markdown=as_markdown)
-        run_report(paths, allow_missing=allow_missing, fmt=fmt, table=table, png=png)
+        run_report(
+            paths,
+            allow_missing=allow_missing,
+            fmt=fmt,
+            table=table,
+            png=png,
+            metric=metric,
+            select_by=select_by,
+        )
 
 
 @app.command(cls=Command, epilog=EXIT_CODES)

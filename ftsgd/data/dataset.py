@@ -151,8 +151,9 @@ def balanced_order(labels: Sequence[int], *, seed: int, epoch: int) -> list[int]
         return []
     g = torch.Generator().manual_seed(seed * 100003 + epoch + 7919)  # not the shuffle's permutation stream
     slots_of: list[list[int]] = [[] for _ in classes]
+    # classes drawn equally often (to within one), at random places in the epoch
     for j, slot in enumerate(torch.randperm(len(labels), generator=g).tolist()):
-        slots_of[j % len(classes)].append(slot)  # classes drawn equally often (to within one), at random places
+        slots_of[j % len(classes)].append(slot)
     order = [0] * len(labels)
     for cls, slots in zip(classes, slots_of, strict=True):
         members = by_class[cls]
