@@ -24,10 +24,15 @@ from typing import Any
 
 __all__ = [
     "AGGREGATED",
+    "AGGREGATE_SPLITS",
     "aggregate_splits",
     "confusion_metrics",
     "metrics_from_counts",
+    "selection_value",
 ]
+
+AGGREGATE_SPLITS = ("worst", "mean")
+"""Their names, recorded like splits (``worst.accuracy``); :data:`ftsgd.recipe.schema.AGGREGATE_SPLITS`."""
 
 AGGREGATED = ("accuracy", "top5", "macro_f1", "balanced_accuracy", "loss")
 """The metrics aggregated over splits into ``worst`` and ``mean`` (``loss``: worst is the largest)."""
@@ -79,7 +84,7 @@ def confusion_metrics(confusion: Sequence[Sequence[int]], class_names: Sequence[
 
 
 def aggregate_splits(
-    results: Mapping[str, Mapping[str, Any]], val: str = "val"
+    results: Mapping[str, Mapping[str, Any]], val: str = "val", *, minimum: int = 2
 ) -> dict[str, dict[str, float]]:
     """``worst`` and ``mean`` over the evaluation splits other than ``val``, recorded like splits.
 
@@ -87,11 +92,17 @@ def aggregate_splits(
     mean (every split counts alike, whatever its size), as distribution-shift benchmarks report worst-group
     and average accuracy. A metric is aggregated only when every such split has it.
 
+    Args:
+        results: Each split's metrics (aggregates already in it are left out of the new ones).
+        val: The ID-validation split's name.
+        minimum: Splits besides val needed. Runs record the aggregates over two or more (over one they
+            repeat it); selecting by one with a single such split takes that split (``minimum=1``).
+
     Returns:
-        ``{"worst": {...}, "mean": {...}}``, or ``{}`` when there is no evaluation split besides ``val``.
+        ``{"worst": {...}, "mean": {...}}``, or ``{}`` with fewer than ``minimum`` splits besides ``val``.
     """
-    others = [r for name, r in results.items() if name != val]
-    if not others:
+    others = [r for name, r in results.items() if name not in (val, *AGGREGATE_SPLITS)]
+    if len(others) < max(minimum, 1):
         return {}
     worst: dict[str, float] = {}
     mean: dict[str, float] = {}
@@ -103,3 +114,16 @@ def aggregate_splits(
         worst[metric] = max(numbers) if metric == "loss" else min(numbers)
         mean[metric] = sum(numbers) / len(numbers)
     return {"worst": worst, "mean": mean}
+
+
+def selection_value(
+    splits: Mapping[str, Mapping[str, Any]], split: str, metric: str, val: str = "val"
+) -> Any:
+    """``splits[split][metric]``, where ``split`` may be an aggregate a record left out (one split besides val).
+
+    Raises:
+        KeyError: The split or metric is not in the record.
+    """
+    if split in AGGREGATE_SPLITS and split not in splits:
+        splits = aggregate_splits(splits, val, minimum=1)
+    return splits[split][metric]

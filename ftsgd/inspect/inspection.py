@@ -205,8 +205,6 @@ def run_diagnostic(
             "pretrained weights you will fine-tune"
         )
     result = diagnose_from_recipe(recipe, data, batches or DEFAULT_BATCHES, num_classes)
-    for line in result.data_splits:
-        console.info(f"data: {line}")
     for message in result.data_warnings:
         console.warn(message)
     if png is not None:

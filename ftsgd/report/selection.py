@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd.errors import UsageError
+from ftsgd.infer.metrics import selection_value
 from ftsgd.recipe.checks import select_metric
 from ftsgd.run.collect import (
     BROKEN,
@@ -46,8 +47,6 @@ from ftsgd.run.collect import (
     split_metrics,
     stage_count,
 )
-
-AGGREGATES = ("worst", "mean")
 
 SEED_KEY = "train.seed"
 """The key whose runs are averaged over rather than selected between."""
@@ -302,10 +301,7 @@ def scored(run: Run, metric: str, select_by: str) -> Run:
         if ranked:
             _, neg = max(ranked)
             best, results = -neg + 1, split_metrics(run.history[-neg]["splits"], run.val_split)
-    # worst and mean are shown over two or more splits besides val (over one they are that split)
-    splits = [s for s in results if s not in AGGREGATES]
-    shown = list(results) if len(splits) > 2 else splits
-    accuracy = {s: results[s][metric] for s in shown if metric in results[s]}
+    accuracy = {s: m[metric] for s, m in results.items() if metric in m}
     return replace(
         run, results=results, best_epoch=best, accuracy=accuracy, score=_value(results, split, name)
     )
@@ -313,8 +309,9 @@ def scored(run: Run, metric: str, select_by: str) -> Run:
 
 def _value(results: dict[str, dict[str, float]], split: str, metric: str) -> float | None:
     """A split's metric as a score (higher is better: a loss is negated), None when the run lacks it."""
-    value = results.get(split, {}).get(metric)
-    if value is None:
+    try:
+        value = selection_value(results, split, metric)
+    except KeyError:
         return None
     return -value if metric == "loss" else value
 

@@ -263,7 +263,7 @@ def split_metrics(splits: dict[str, Any], val: str) -> dict[str, dict[str, float
         metrics = splits.get(name)
         if _accuracy(metrics) is not None:
             out[name] = {k: v for k, val_ in metrics.items() if (v := _as_float(val_)) is not None}
-    if not any(name in splits for name in AGGREGATES):
+    if not any(name in splits for name in AGGREGATES):  # a run recorded before ftsgd wrote them
         splits = {**splits, **aggregate_splits(out, val)}
     for name in AGGREGATES:
         metrics = splits.get(name)

@@ -46,7 +46,7 @@ from ftsgd.data.transforms import build_transform, small_image_warnings
 from ftsgd.errors import FtsgdError, Interrupted, RunError
 from ftsgd.infer.evaluate import evaluate
 from ftsgd.infer.export import export_model
-from ftsgd.infer.metrics import aggregate_splits
+from ftsgd.infer.metrics import aggregate_splits, selection_value
 from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import train_mode
 from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
@@ -500,7 +500,7 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, Any]]:
         """Accuracy, loss and per-class accuracy of the current weights (their EMA when on) on every split."""
         results = {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
-        return {**results, **aggregate_splits(results)}  # worst and mean, selectable like a split
+        return {**results, **aggregate_splits(results)}  # worst and mean over 2+ splits besides val
 
     def evaluate_split(self, split: Split) -> dict[str, Any]:
         """:func:`ftsgd.evaluate.evaluate` on one split, on the run's device (in fp32 on a CPU, see ``eval_amp_dtype``)."""
@@ -557,7 +557,7 @@ class Trainer:
     def selected_value(self, splits: dict[str, dict[str, Any]]) -> float:
         """The ``train.select_by`` metric in one epoch's split results."""
         split, metric = select_metric(self.recipe.train.select_by)
-        return float(splits[split][metric])
+        return float(selection_value(splits, split, metric))
 
     def improves(self, results: dict[str, dict[str, Any]]) -> bool:
         """Whether an epoch's results beat the best epoch so far (ties keep the earlier epoch).

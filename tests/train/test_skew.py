@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ftsgd.cli.app import app
 from ftsgd.errors import RecipeError
-from ftsgd.infer.metrics import aggregate_splits
+from ftsgd.infer.metrics import aggregate_splits, selection_value
 from ftsgd.recipe.load import load_recipe
 from ftsgd.train.skew import WeightedCrossEntropy, class_weights, skew_warnings
 from ftsgd.train.trainer import Trainer
@@ -24,6 +24,7 @@ COUNTS = {"cat": 30, "dog": 10, "eel": 6}
 
 
 def sets(root: Path, *extra: str) -> list[str]:
+    """One folder of class folders, a test split drawn from it, and an ood/ folder beside it evaluated too."""
     return [
         'model.name="test_vit"',
         "model.kwargs={img_size=32}",
@@ -31,6 +32,7 @@ def sets(root: Path, *extra: str) -> list[str]:
         "data.num_workers=0",
         'data.augment="flip"',
         "data.test_fraction=0.2",
+        f'data.eval_splits=["{root.parent / "ood"}"]',
         'data.sampler="balanced"',
         'train.class_weights="balanced"',
         'train.select_by="worst.macro_f1"',
@@ -49,11 +51,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("skew")
     root = base / "photos"
     g = torch.Generator().manual_seed(0)
-    for cls, n in COUNTS.items():
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / cls / f"{i:02d}.png")
+    for folder, counts in ((root, COUNTS), (base / "ood", {c: 2 for c in COUNTS})):
+        for cls, n in counts.items():
+            (folder / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / cls / f"{i:02d}.png")
     full, part = base / "full", base / "part"
     Trainer(load_recipe(None, sets(root)), full, quiet=True).fit()
     assert Trainer(load_recipe(None, sets(root)), part, quiet=True, max_steps=3).fit() is None
@@ -89,11 +92,13 @@ def test_metrics_and_aggregates_are_recorded_and_select(runs: dict[str, Path]) -
     split = json.loads((runs["full"] / "split.json").read_text())
     assert {name: len(rows) for name, rows in split["splits"].items()} == {"train": 32, "val": 5, "test": 9}
     record = json.loads((runs["full"] / "metrics.jsonl").read_text().splitlines()[-1])
-    assert list(record["splits"]) == ["val", "test", "worst", "mean"]
-    test = record["splits"]["test"]
+    assert list(record["splits"]) == ["val", "test", "ood", "worst", "mean"]
+    test, ood = record["splits"]["test"], record["splits"]["ood"]
     assert set(test) >= {"accuracy", "loss", "n", "macro_f1", "balanced_accuracy"}
-    assert record["splits"]["worst"] == {k: v for k, v in test.items() if k != "n"}  # one split besides val
-    assert set(record["per_class"]) == {"val", "test"}
+    assert record["splits"]["worst"]["macro_f1"] == min(test["macro_f1"], ood["macro_f1"])
+    assert record["splits"]["worst"]["loss"] == max(test["loss"], ood["loss"])
+    assert record["splits"]["mean"]["accuracy"] == pytest.approx((test["accuracy"] + ood["accuracy"]) / 2)
+    assert set(record["per_class"]) == {"val", "test", "ood"}
     assert record["per_class"]["test"]["eel"]["support"] == 1
     assert set(record["per_class"]["test"]["cat"]) == {
         "accuracy",
@@ -106,7 +111,9 @@ def test_metrics_and_aggregates_are_recorded_and_select(runs: dict[str, Path]) -
     summary = json.loads((runs["full"] / "summary.json").read_text())
     assert summary["select_by"] == "worst.macro_f1"
     assert summary["best_value"] == summary["best"]["worst"]["macro_f1"]
-    assert summary["final"]["mean"]["balanced_accuracy"] == summary["final"]["test"]["balanced_accuracy"]
+    final = summary["final"]
+    both = (final["test"]["balanced_accuracy"] + final["ood"]["balanced_accuracy"]) / 2
+    assert final["mean"]["balanced_accuracy"] == pytest.approx(both)
 
 
 @pytest.mark.slow
@@ -128,6 +135,7 @@ def test_eval_reads_exactly_the_recorded_validation_files(runs: dict[str, Path])
         ["val", "", "5"],
         ["test", "", "9"],
     ]
+    assert len(rows) == 1 + 2 + 2 * 3  # a header, a row per split and one per class of each
     # bare weights, away from their run directory, do not say which images were held out
     bare = runs["root"].parent / "bare"
     bare.mkdir(exist_ok=True)
@@ -143,7 +151,7 @@ def test_bad_class_weights_and_select_by_stop_before_any_file(runs: dict[str, Pa
     root = runs["root"]
     cases = [
         ("train.class_weights=[1.0, 2.0]", "train.class_weights: 2 weight(s) for 3 classes"),
-        ('train.select_by="ood.accuracy"', "train.select_by: split 'ood' is not evaluated"),
+        ('train.select_by="sketch.accuracy"', "train.select_by: split 'sketch' is not evaluated"),
     ]
     for n, (bad, text) in enumerate(cases):
         out = tmp_path / f"run{n}"
@@ -153,7 +161,9 @@ def test_bad_class_weights_and_select_by_stop_before_any_file(runs: dict[str, Pa
         assert result.exit_code == 2, result.output
         assert text in result.output
         assert not out.exists() or not any(out.iterdir())
-    no_other = load_recipe(None, [*sets(root, 'train.select_by="mean.accuracy"'), "data.test_fraction=0"])
+    no_other = load_recipe(
+        None, [*sets(root, 'train.select_by="mean.accuracy"'), "data.test_fraction=0", "data.eval_splits=[]"]
+    )
     with pytest.raises(RecipeError, match="'mean' aggregates the evaluation splits other than val"):
         Trainer(no_other, tmp_path / "mean", quiet=True).setup()
 
@@ -193,3 +203,7 @@ def test_worst_and_mean_over_the_splits_other_than_val() -> None:
         "mean": pytest.approx({"accuracy": 0.4, "loss": 2.0, "macro_f1": 0.4, "balanced_accuracy": 0.5}),
     }
     assert aggregate_splits({"val": results["val"]}) == {}
+    # recorded over two or more splits besides val; over one, selecting by worst or mean takes that split
+    one = {"val": results["val"], "ood": results["ood"]}
+    assert aggregate_splits(one) == {}
+    assert selection_value(one, "worst", "loss") == selection_value(one, "mean", "loss") == 1.0
