@@ -157,6 +157,7 @@ def test_the_recipe_checks_take_a_one_folder_dataset(photos: Path) -> None:
         (['train.class_weights="inverse"'], 'train.class_weights: expected "balanced"'),
         (['train.class_weights="balanced"', "data.cutmix=1.0"], "a mixed image has two classes"),
         (['train.select_by="val.f1"'], "train.select_by: expected SPLIT.METRIC"),
+        (['sweep.grid={"data.split_seed"=[0, 1]}'], "every run of a sweep validates on the same images"),
     ],
 )
 def test_bad_split_and_skew_keys_are_refused(sets: list[str], problem: str) -> None:
