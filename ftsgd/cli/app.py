@@ -510,6 +510,8 @@ def sweep(
     retry_failed: RetryFailedOpt = False,
     as_json: SweepJsonOpt = False,
     png: SweepPngOpt = None,
+    metric: ReportMetricOpt = "accuracy",
+    select_by: ReportSelectByOpt = "val.accuracy",
 ) -> None:
     """Train a grid of runs per recipe and select per the paper: best mean ID-val accuracy over seeds.
 
@@ -546,6 +548,8 @@ def sweep(
                 as_json=as_json,
                 png=png,
                 argv=sys.argv,
+                metric=metric,
+                select_by=select_by,
             )
         )
 
