@@ -69,7 +69,9 @@ def test_metric_columns_and_aggregates_over_two_splits(tmp_path: Path) -> None:
     by_mean = report(str(sweep), "--select-by", "mean.macro_f1")
     # epoch 2 of each: the mean of ood + 0.05 and sketch + 0.1, minus 0.1: a 0.275, b 0.325
     assert by_mean["selections"][0]["selected"]["grid"] == {"optim.lr": 0.01}
-    table = runner.invoke(app, ["report", str(sweep), "--markdown", "--metric", "macro_f1", "--table", "runs"])
+    table = runner.invoke(
+        app, ["report", str(sweep), "--markdown", "--metric", "macro_f1", "--table", "runs"]
+    )
     assert "val (ID) macro_f1 %" in table.stdout and "worst macro_f1 %" in table.stdout
 
 
@@ -84,3 +86,17 @@ def test_bad_metric_and_select_by_are_usage_errors(tmp_path: Path) -> None:
         result = runner.invoke(app, ["report", str(sweep), *args])
         assert result.exit_code == 2, result.output
         assert text in result.output
+
+
+def test_the_id_vs_ood_plot_has_worst_and_mean_panels(tmp_path: Path) -> None:
+    from ftsgd.report.plots import id_vs_ood
+    from ftsgd.report.selection import collect_report
+
+    data, sweep = tmp_path / "data", tmp_path / "sweep"
+    add_metrics(write_run(sweep / "a", data=data, val=0.6, ood=0.4), sketch=0.2)
+    report = collect_report([sweep], metric="macro_f1")
+    fig = id_vs_ood(report, {"sgd-freeze-embed": "C0"})
+    assert fig is not None
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["ID vs ood", "ID vs sketch", "ID vs worst", "ID vs mean"]
+    assert fig.axes[2].get_ylabel() == "worst macro f1 (%)"
