@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ftsgd.data.dataset import balanced_order
+from ftsgd.data.dataset import balanced_order, plan_batches
 from ftsgd.data.split import find_splits, split_lines, split_record, splits_from_record
 from ftsgd.errors import DataError, RecipeError
 from ftsgd.recipe.load import load_recipe
@@ -178,3 +178,12 @@ def test_the_balanced_order_draws_classes_alike_and_repeats_small_ones_evenly() 
     assert [small.count(i) for i in (40, 41)] == [7, 7]
     big = [i for i in order if labels[i] == 0]  # 14 of 30: none twice
     assert len(set(big)) == len(big)
+
+
+def test_a_balanced_epoch_is_shared_by_processes_as_one_process_runs_it() -> None:
+    """Under torchrun every process computes the same order and trains its part of each global batch."""
+    labels = [0] * 30 + [1] * 10 + [2] * 6
+    order = balanced_order(labels, seed=3, epoch=2)
+    whole = plan_batches(order, 8, start_batch=1)  # a run resumed at its second batch
+    parts = [plan_batches(order, 8, start_batch=1, shard=(2, rank, 3)) for rank in range(3)]
+    assert [sum((p[i] for p in parts), []) for i in range(len(whole))] == whole
