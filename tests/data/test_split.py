@@ -186,4 +186,4 @@ def test_a_balanced_epoch_is_shared_by_processes_as_one_process_runs_it() -> Non
     order = balanced_order(labels, seed=3, epoch=2)
     whole = plan_batches(order, 8, start_batch=1)  # a run resumed at its second batch
     parts = [plan_batches(order, 8, start_batch=1, shard=(2, rank, 3)) for rank in range(3)]
-    assert [sum((p[i] for p in parts), []) for i in range(len(whole))] == whole
+    assert [[j for p in parts for j in p[i]] for i in range(len(whole))] == whole
