@@ -34,7 +34,7 @@ from ftsgd.data.folders import (
     is_image_file,
 )
 from ftsgd.errors import DataError, RecipeError
-from ftsgd.recipe.schema import DataConfig
+from ftsgd.recipe.schema import AGGREGATE_SPLITS, DataConfig
 
 __all__ = [
     "LAYOUTS",
@@ -140,7 +140,9 @@ def find_splits(
     if not is_one_folder(cfg, strict=class_names is None):
         if cfg.root and _resolve(Path(cfg.root).expanduser(), cfg.train).is_dir():
             _loose_class_folders(cfg)
-        return discover_splits(cfg, class_names)
+        classes, splits = discover_splits(cfg, class_names)
+        _check_split_names(splits)
+        return classes, splits
     root = Path(cfg.root).expanduser()
     if recorded is not None:
         if class_names is None:  # a run resumed; ftsgd eval reads the record as it is
@@ -150,6 +152,16 @@ def find_splits(
         classes, splits = _draw(cfg, root, class_names)
     splits.update(_named_evaluation_splits(cfg, root, classes, splits))
     return classes, splits
+
+
+def _check_split_names(splits: Mapping[str, Split]) -> None:
+    """``worst`` and ``mean`` name the aggregates over the evaluation splits; a split folder cannot take them."""
+    taken = [f"{s.root} ({name!r})" for name, s in splits.items() if name in AGGREGATE_SPLITS]
+    if taken:
+        raise DataError(
+            f"split folder(s) {', '.join(taken)}: {' and '.join(AGGREGATE_SPLITS)} name the aggregates over the "
+            "evaluation splits (worst.accuracy, mean.macro_f1); rename the folder(s)"
+        )
 
 
 def _draw(cfg: DataConfig, root: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
@@ -239,6 +251,7 @@ def _named_evaluation_splits(
             )
             continue
         out[name] = _load_split(name, path, idx, "the dataset's class folders")
+    _check_split_names(out)
     if problems:
         raise DataError("; ".join(problems))
     return out

@@ -39,7 +39,7 @@ _EPOCH_KEYS = (
     "peak_memory_bytes",
     "epoch",
 )
-_SPLIT_KEYS = ("accuracy", "loss", "top5")
+_SPLIT_KEYS = ("accuracy", "loss", "top5", "macro_f1", "balanced_accuracy")
 
 
 class TensorBoardLog:

@@ -187,3 +187,9 @@ def test_a_balanced_epoch_is_shared_by_processes_as_one_process_runs_it() -> Non
     whole = plan_batches(order, 8, start_batch=1)  # a run resumed at its second batch
     parts = [plan_batches(order, 8, start_batch=1, shard=(2, rank, 3)) for rank in range(3)]
     assert [[j for p in parts for j in p[i]] for i in range(len(whole))] == whole
+
+
+def test_a_split_folder_cannot_be_named_like_an_aggregate(make_folder) -> None:
+    root = make_folder({"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}, "worst": {"a": 1, "b": 1}})
+    with pytest.raises(DataError, match=r"\('worst'\): worst and mean name the aggregates"):
+        find_splits(DataConfig(root=str(root)))
