@@ -58,8 +58,10 @@ from ftsgd.cli.options import (
     RecipeNameArg,
     RecipeOpt,
     ReportCsvOpt,
+    ReportMetricOpt,
     ReportPathsArg,
     ReportPngOpt,
+    ReportSelectByOpt,
     ResumeOpt,
     RetryFailedOpt,
     RunOutOpt,
@@ -311,9 +313,11 @@ def eval_(
     device: DeviceOpt = "auto",
     on_bad_image: EvalBadImageOpt = "error",
     as_json: JsonOpt = False,
+    as_csv: CsvOpt = False,
     png: ConfusionPngOpt = None,
 ) -> None:
-    """Evaluate exported weights on image-folder splits: top-1/top-5, loss, per-class accuracy, confusion matrix.
+    """Evaluate exported weights on image-folder splits: top-1/top-5, loss, macro-F1, balanced accuracy,
+    per-class precision/recall/F1, confusion matrix.
 
     Examples:
 
@@ -322,10 +326,14 @@ def eval_(
         ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val --split ood --json
 
         ftsgd eval runs/birds --data ~/data/birds --png runs/birds/plots
+
+        ftsgd eval runs/birds --data ~/data/birds --csv > per-class.csv
     """
-    from ftsgd.cli.evaluate import confusion_png_path, eval_command, print_eval_results
+    from ftsgd.cli.evaluate import confusion_png_path, eval_command, eval_csv, print_eval_results
 
     with user_errors():
+        if as_json and as_csv:
+            raise UsageError("--json and --csv exclude each other; pick one")
         results = eval_command(
             weights,
             data,
@@ -337,6 +345,9 @@ def eval_(
         )
     if as_json:
         console.print_json(results)
+        return
+    if as_csv:
+        sys.stdout.write(eval_csv(results))
         return
     print_eval_results(results)
     for name, r in results.items() if png is not None else []:
@@ -456,6 +467,8 @@ def report(
     as_markdown: MarkdownOpt = False,
     table: TableOpt = None,
     png: ReportPngOpt = None,
+    metric: ReportMetricOpt = "accuracy",
+    select_by: ReportSelectByOpt = "val.accuracy",
 ) -> None:
     """Compare runs: per recipe, the grid point with the best mean ID-val accuracy over seeds (the paper's protocol).
 
@@ -469,12 +482,22 @@ def report(
         ftsgd report runs/sgd-* runs/adamw-* --markdown --png plots/
 
         ftsgd report runs/ --csv --table runs > runs.csv
+
+        ftsgd report runs/ --select-by worst.accuracy --metric macro_f1
     """
     from ftsgd.report.tables import output_format, run_report
 
     with user_errors():
         fmt = output_format(as_json=as_json, as_csv=as_csv, as_markdown=as_markdown)
-        run_report(paths, allow_missing=allow_missing, fmt=fmt, table=table, png=png)
+        run_report(
+            paths,
+            allow_missing=allow_missing,
+            fmt=fmt,
+            table=table,
+            png=png,
+            metric=metric,
+            select_by=select_by,
+        )
 
 
 @app.command(cls=Command, epilog=EXIT_CODES)
@@ -493,6 +516,8 @@ def sweep(
     retry_failed: RetryFailedOpt = False,
     as_json: SweepJsonOpt = False,
     png: SweepPngOpt = None,
+    metric: ReportMetricOpt = "accuracy",
+    select_by: ReportSelectByOpt = "val.accuracy",
 ) -> None:
     """Train a grid of runs per recipe and select per the paper: best mean ID-val accuracy over seeds.
 
@@ -529,6 +554,8 @@ def sweep(
                 as_json=as_json,
                 png=png,
                 argv=sys.argv,
+                metric=metric,
+                select_by=select_by,
             )
         )
 

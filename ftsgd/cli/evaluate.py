@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 from ftsgd.cli.train import EVAL_SKIP_HINT
-from ftsgd.data.folders import discover_splits
 from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import build_loader, resolve_num_workers
 from ftsgd.data.scan import preflight_scan
+from ftsgd.data.split import find_splits, is_one_folder
 from ftsgd.errors import DataError, UsageError
 from ftsgd.infer.evaluate import CONFUSION_MAX_CLASSES, evaluate
 from ftsgd.infer.export import export_precision, inference_transform, load_exported_model
 from ftsgd.recipe.schema import DataConfig
 from ftsgd.report.plots import CONFUSION, check_plot_dir, write_confusion_plots
+from ftsgd.run.rundir import RunDir
 from ftsgd.utils import console
 from ftsgd.utils.device import resolve_device
 
@@ -58,7 +61,8 @@ def eval_command(
         check_plot_dir(png_dir)  # before minutes of evaluation
     model, meta = load_exported_model(weights)
     class_names = list(meta["class_names"])
-    found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image)
+    recorded = _split_record_of(weights)
+    found, wanted = _eval_splits(data.expanduser(), splits, class_names, on_bad_image, recorded)
     dev = resolve_device(device)
     model.to(dev)
     amp = export_precision(meta, dev)
@@ -81,14 +85,35 @@ def eval_command(
     return results
 
 
+def _split_record_of(weights: Path) -> dict[str, Any] | None:
+    """The split record of the run the weights come from (a run directory, or a file in one), if any."""
+    folder = weights.expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    return RunDir(folder).read_split()
+
+
 def _eval_splits(
-    root: Path, splits: list[str], class_names: list[str], on_bad_image: str
+    root: Path,
+    splits: list[str],
+    class_names: list[str],
+    on_bad_image: str,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The splits to evaluate (named ones looked up directly, else every split but train), scanned."""
+    """The splits to evaluate (named ones looked up directly, else every split but train), scanned.
+
+    On one folder of class folders the splits are the run's recorded ones: exactly the files it held out.
+    """
     named = [str(Path(s).expanduser()) if os.sep in s else s for s in splits if s not in ("train", "val")]
     config = DataConfig(root=str(root), eval_splits=named or (["val"] if splits else []))
+    if is_one_folder(config, strict=False):
+        if recorded is None:
+            raise DataError(
+                f"{root} is one folder of class folders (no train/): which of its images a run held out is "
+                "recorded in the run directory's split.json; pass the run directory (or its model.safetensors)"
+            )
+        config = DataConfig(root=str(root), eval_splits=[n for n in named if os.sep in n])
     try:
-        _, found = discover_splits(config, class_names=class_names)
+        _, found = find_splits(config, class_names=class_names, recorded=recorded)
     except DataError as exc:
         if splits:
             raise
@@ -116,13 +141,31 @@ def _eval_splits(
 
 
 def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
-    """A table of each split's top-1/top-5/loss, then a per-class table (table or plain lines)."""
+    """A table of each split's top-1/top-5/loss/macro-F1/balanced accuracy, the per-class tables, the confusion."""
     has_top5 = any("top5" in r for r in results.values())
-    columns = ["split", "accuracy", *(["top-5"] if has_top5 else []), "loss", "images"]
+    columns = [
+        "split",
+        "accuracy",
+        *(["top-5"] if has_top5 else []),
+        "macro-F1",
+        "bal. acc.",
+        "loss",
+        "images",
+    ]
     rows = []
     for name, r in results.items():
-        top5 = [f"{100 * r['top5']:.2f}%" if "top5" in r else "-"] if has_top5 else []
-        rows.append([name, f"{100 * r['accuracy']:.2f}%", *top5, f"{r['loss']:.4f}", r["n"]])
+        top5 = [_pct(r.get("top5"))] if has_top5 else []
+        rows.append(
+            [
+                name,
+                _pct(r["accuracy"]),
+                *top5,
+                _pct(r.get("macro_f1")),
+                _pct(r.get("balanced_accuracy")),
+                f"{r['loss']:.4f}",
+                r["n"],
+            ]
+        )
     console.print_table("Evaluation", columns, rows)
     names = list(results)
     classes = list(next(iter(results.values()))["per_class"]) if results else []
@@ -134,7 +177,76 @@ def print_eval_results(results: dict[str, dict[str, Any]]) -> None:
             row.append("-" if pc["accuracy"] is None else f"{100 * pc['accuracy']:.1f}% ({pc['n']})")
         per_class.append(row)
     console.print_table("Per-class accuracy (images)", ["class", *names], per_class)
+    for name in names:
+        table = [
+            [cls, _pct(pc.get("precision")), _pct(pc.get("recall")), _pct(pc.get("f1")), pc["n"]]
+            for cls, pc in results[name]["per_class"].items()
+        ]
+        console.print_table(
+            f"Per-class precision, recall, F1: {name}",
+            ["class", "precision", "recall", "F1", "images"],
+            table,
+        )
     print_confusion(results)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+CSV_COLUMNS = (
+    "split",
+    "class",
+    "support",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "macro_f1",
+    "balanced_accuracy",
+    "loss",
+)
+"""``ftsgd eval --csv``: one row per split (``class`` empty), then one per class of it."""
+
+
+def eval_csv(results: dict[str, dict[str, Any]]) -> str:
+    """``ftsgd eval --csv``: each split's row (class empty) and its classes' rows; fractions, not percents."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    blank = None
+    for name, r in results.items():
+        writer.writerow(
+            [
+                name,
+                "",
+                r["n"],
+                r["accuracy"],
+                blank,
+                blank,
+                blank,
+                r.get("macro_f1"),
+                r.get("balanced_accuracy"),
+                r["loss"],
+            ]
+        )
+    for name, r in results.items():
+        for cls, pc in r["per_class"].items():
+            writer.writerow(
+                [
+                    name,
+                    cls,
+                    pc["n"],
+                    pc["accuracy"],
+                    pc.get("precision"),
+                    pc.get("recall"),
+                    pc.get("f1"),
+                    blank,
+                    blank,
+                    blank,
+                ]
+            )
+    return buffer.getvalue()
 
 
 CONFUSION_TABLE_LIMIT = 20

@@ -80,6 +80,8 @@ def print_inspect(r: dict[str, Any], diagnostic: GradientDiagnostic | None = Non
     if "memory_per_process" in r:
         _print_job_memory(r["memory_per_process"])
     if diagnostic is not None:
+        for line in diagnostic.data_splits:  # the layout, and a drawn split as ftsgd train would draw it
+            console.info(f"data: {line}")
         print_diagnostic(diagnostic)
 
 

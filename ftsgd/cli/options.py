@@ -284,6 +284,23 @@ DemoAmpOpt = Annotated[
 ReportPathsArg = Annotated[
     list[Path], typer.Argument(help="Run directories, or folders holding them (searched recursively).")
 ]
+ReportMetricOpt = Annotated[
+    str,
+    typer.Option(
+        "--metric",
+        metavar="METRIC",
+        help="What the split columns show: accuracy, top5, macro_f1 or balanced_accuracy.",
+    ),
+]
+ReportSelectByOpt = Annotated[
+    str,
+    typer.Option(
+        "--select-by",
+        metavar="SPLIT.METRIC",
+        help="What picks each run's best epoch and each recipe's grid point, as train.select_by "
+        "(default val.accuracy, the paper's; e.g. worst.accuracy, val.macro_f1).",
+    ),
+]
 AllowMissingOpt = Annotated[
     bool,
     typer.Option(

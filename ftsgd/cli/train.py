@@ -71,13 +71,14 @@ def print_train_results(summary: dict[str, Any]) -> None:
     """The best epoch's accuracy and loss on every evaluated split, and where the weights are."""
     rows = []
     for name, m in summary["best"].items():
-        role = "ID" if name == summary["val_split"] else "eval"
-        rows.append([name, role, f"{100 * m['accuracy']:.2f}%", f"{m['loss']:.4f}", m["n"]])
+        role = "ID" if name == summary["val_split"] else "eval" if "n" in m else "aggregate"
+        f1 = "-" if m.get("macro_f1") is None else f"{100 * m['macro_f1']:.2f}%"
+        rows.append([name, role, f"{100 * m['accuracy']:.2f}%", f1, f"{m['loss']:.4f}", m.get("n", "")])
     by = summary.get("select_by", f"{summary['val_split']}.accuracy")
     stopped = f", stopped early after epoch {summary['stop_epoch']}" if summary.get("stopped_early") else ""
     console.print_table(
         f"Best epoch {summary['best_epoch']}/{summary['epochs']} (by {by}{stopped})",
-        ["split", "", "accuracy", "loss", "images"],
+        ["split", "", "accuracy", "macro-F1", "loss", "images"],
         rows,
     )
     console.info(f"weights: {Path(summary['run_dir']) / summary['model_file']}")

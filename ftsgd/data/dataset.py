@@ -128,6 +128,43 @@ class EpochSampler(Sampler[int]):
         return max(0, self.num_samples - self.start)
 
 
+def balanced_order(labels: Sequence[int], *, seed: int, epoch: int) -> list[int]:
+    """A class-balanced epoch order (``data.sampler = "balanced"``): a pure function of labels, seed and epoch.
+
+    As many draws as there are images, shared equally among the classes (to within one) at random
+    places in the epoch; each class's draws walk through its images in a fresh random order, starting a
+    new one when they run out: a small class's
+    images are repeated evenly, a large class's are subsampled without repetition. Like
+    :meth:`EpochSampler.order`, every process of a job and a resumed run compute the same order, and
+    :func:`plan_batches` cuts it as it cuts a shuffled one.
+
+    Args:
+        labels: Each training sample's class index.
+        seed: The run's seed.
+        epoch: The epoch (a new order each epoch).
+    """
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    classes = sorted(by_class)
+    if not classes:
+        return []
+    g = torch.Generator().manual_seed(seed * 100003 + epoch + 7919)  # not the shuffle's permutation stream
+    slots_of: list[list[int]] = [[] for _ in classes]
+    # classes drawn equally often (to within one), at random places in the epoch
+    for j, slot in enumerate(torch.randperm(len(labels), generator=g).tolist()):
+        slots_of[j % len(classes)].append(slot)
+    order = [0] * len(labels)
+    for cls, slots in zip(classes, slots_of, strict=True):
+        members = by_class[cls]
+        walk: list[int] = []
+        while len(walk) < len(slots):
+            walk += [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+        for slot, index in zip(slots, walk, strict=False):
+            order[slot] = index
+    return order
+
+
 @dataclass(frozen=True)
 class BatchShard:
     """The part of one global batch that one process of a ``torchrun`` job trains on.

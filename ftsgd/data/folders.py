@@ -92,6 +92,8 @@ class Split:
     classes: tuple[str, ...]
     ignored: tuple[IgnoredFile, ...] = ()
     """What discovery left out of this split and why (hidden files aside), for :mod:`ftsgd.data.ignored`."""
+    drawn: bool = False
+    """Drawn by ftsgd from one folder of class folders (:mod:`ftsgd.data.split`), not a folder of its own."""
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ftsgd.data.dataset import EpochSampler, ImageDataset, plan_batches
+from ftsgd.data.dataset import EpochSampler, ImageDataset, balanced_order, plan_batches
 from ftsgd.data.folders import Split
 from ftsgd.errors import DataError
 
@@ -122,6 +122,7 @@ class RunLoader:
         num_workers: Worker processes (resolved), kept alive for the whole run; 0 loads in this process.
         pin_memory: Pin batches for faster host-to-GPU copies.
         input_size: ``(C, H, W)``, for the blank batches of :class:`BlankFill`.
+        balanced: Class-balanced epoch orders (``data.sampler = "balanced"``, :func:`balanced_order`).
     """
 
     def __init__(
@@ -134,7 +135,9 @@ class RunLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         input_size: tuple[int, ...] = (3, 224, 224),
+        balanced: bool = False,
     ) -> None:
+        self.balanced = balanced
         datasets = [ImageDataset(train[0], train[1], training=True, seed=seed)]
         datasets += [ImageDataset(split, eval_transform, seed=seed) for split in evaluation.values()]
         self.datasets = datasets
@@ -161,7 +164,7 @@ class RunLoader:
         shard: tuple[int, int, int] | None = None,
     ) -> DataLoader:
         """The loader, planned for ``epoch``'s training batches from ``start_batch`` on (see :func:`build_loader`)."""
-        order = EpochSampler(len(self.datasets[0]), seed=self.seed, epoch=epoch).order()
+        order = train_order(self.datasets[0].split, seed=self.seed, epoch=epoch, balanced=self.balanced)
         self._plan(0, epoch, order, batch_size, start_batch, drop_last, shard)
         return self.loader
 
@@ -187,6 +190,13 @@ class RunLoader:
         """Replace the plan's batches with this pass's, as keys of ``dataset`` at ``epoch``."""
         batches = plan_batches(order, batch_size, start_batch=start_batch, drop_last=drop_last, shard=shard)
         self.plan.batches = [[(dataset, epoch, i) for i in batch] for batch in batches]
+
+
+def train_order(split: Split, *, seed: int, epoch: int, balanced: bool = False) -> list[int]:
+    """A training epoch's sample order: the ``(seed, epoch)`` permutation, or class-balanced draws."""
+    if balanced:
+        return balanced_order([label for _, label in split.samples], seed=seed, epoch=epoch)
+    return EpochSampler(len(split), seed=seed, epoch=epoch).order()
 
 
 def _worker_init(worker_id: int) -> None:
@@ -251,6 +261,7 @@ def build_loader(
     shard: tuple[int, int, int] | None = None,
     input_size: tuple[int, ...] = (3, 224, 224),
     drop_last: bool = False,
+    balanced: bool = False,
 ) -> DataLoader:
     """A deterministic DataLoader for one epoch of a split.
 
@@ -272,12 +283,16 @@ def build_loader(
         input_size: ``(C, H, W)`` of the transformed images, for :class:`BlankFill`.
         drop_last: Leave out the epoch's last batch when it is smaller than ``batch_size``
             (``data.drop_last``); skipping ``start_batch`` whole batches keeps the same batches.
+        balanced: With ``training``, class-balanced draws (``data.sampler = "balanced"``).
 
     Returns:
         The DataLoader; ``len(loader)`` counts only the batches left after ``start_batch``.
     """
     dataset = ImageDataset(split, transform, training=training, seed=seed, epoch=epoch)
-    order = EpochSampler(len(dataset), shuffle=training, seed=seed, epoch=epoch).order()
+    if training:
+        order = train_order(split, seed=seed, epoch=epoch, balanced=balanced)
+    else:
+        order = EpochSampler(len(dataset), shuffle=False, seed=seed, epoch=epoch).order()
     plan = plan_batches(order, batch_size, start_batch=start_batch, drop_last=drop_last, shard=shard)
     return _data_loader(
         dataset,

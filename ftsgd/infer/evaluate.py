@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ftsgd.infer.metrics import metrics_from_counts
 from ftsgd.utils.device import autocast
 from ftsgd.utils.distributed import all_reduce_sum
 
@@ -57,9 +58,11 @@ def evaluate(
         channels_last: Feed images in channels-last memory format (match the model's format).
 
     Returns:
-        ``{"accuracy", "loss", "n", "per_class", "confusion"}`` plus ``"top5"`` when there are more
-        than five classes. ``accuracy``/``top5`` are fractions in [0, 1], ``loss`` the mean
-        cross-entropy, ``per_class`` maps every class name to ``{"accuracy": float | None, "n": int}``,
+        ``{"accuracy", "loss", "n", "macro_f1", "balanced_accuracy", "per_class", "confusion"}`` plus
+        ``"top5"`` when there are more than five classes. ``accuracy``/``top5`` are fractions in [0, 1],
+        ``loss`` the mean cross-entropy, ``macro_f1``/``balanced_accuracy`` as :mod:`ftsgd.infer.metrics`
+        defines them, ``per_class`` maps every class name to ``{"accuracy": float | None, "n": int,
+        "precision", "recall", "f1", "support"}``,
         ``confusion[i][j]`` counts the images of class ``class_names[i]`` predicted as ``class_names[j]``
         (rows: true class, columns: predicted class, both in ``class_names`` order); ``confusion`` is
         left out above :data:`CONFUSION_MAX_CLASSES` classes.
@@ -76,7 +79,7 @@ def evaluate(
 
     # confusion[true, predicted]; accuracy and per-class counts are its diagonal and row sums
     full = num_classes <= CONFUSION_MAX_CLASSES
-    counts = torch.zeros(num_classes**2 if full else 2 * num_classes, dtype=torch.long, device=device)
+    counts = torch.zeros(num_classes**2 if full else 3 * num_classes, dtype=torch.long, device=device)
     top5_correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     non_blocking = device.type == "cuda"
@@ -106,10 +109,12 @@ def evaluate(
 
 
 def _count(labels: torch.Tensor, predicted: torch.Tensor, k: int, full: bool) -> torch.Tensor:
-    """One batch's counts: confusion cells (``true * k + predicted``), or per-class totals then hits."""
+    """One batch's counts: confusion cells (``true * k + predicted``), or per-class totals, hits, predictions."""
     if full:
         return torch.bincount(labels * k + predicted, minlength=k * k)
-    return torch.bincount(torch.cat([labels, k + labels[predicted == labels]]), minlength=2 * k)
+    return torch.bincount(
+        torch.cat([labels, k + labels[predicted == labels], 2 * k + predicted]), minlength=3 * k
+    )
 
 
 def _results(
@@ -119,7 +124,8 @@ def _results(
     k = len(class_names)
     matrix = [counts[i * k : (i + 1) * k] for i in range(k)] if full else None
     total_l = [sum(row) for row in matrix] if matrix else counts[:k]
-    correct_l = [matrix[i][i] for i in range(k)] if matrix else counts[k:]
+    correct_l = [matrix[i][i] for i in range(k)] if matrix else counts[k : 2 * k]
+    predicted_l = [sum(row[j] for row in matrix) for j in range(k)] if matrix else counts[2 * k :]
     n = sum(total_l)
     if n == 0:
         raise ValueError("cannot evaluate on an empty loader")
@@ -128,8 +134,11 @@ def _results(
         results["top5"] = top5_hits / n
     results["loss"] = loss_total / n
     results["n"] = n
+    scores = metrics_from_counts(correct_l, total_l, predicted_l, class_names)
+    results["macro_f1"] = scores["macro_f1"]
+    results["balanced_accuracy"] = scores["balanced_accuracy"]
     results["per_class"] = {
-        name: {"accuracy": (c / t if t else None), "n": t}
+        name: {"accuracy": (c / t if t else None), "n": t, **scores["per_class"][name]}
         for name, c, t in zip(class_names, correct_l, total_l, strict=True)
     }
     if matrix is not None:

@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftsgd.data.folders import discover_splits
 from ftsgd.data.loader import build_loader
+from ftsgd.data.split import find_splits, split_lines
 from ftsgd.data.transforms import build_transform, small_image_warnings
 from ftsgd.errors import ModelError, UsageError
 from ftsgd.model.build import build_model, classifier_modules, model_name
@@ -132,6 +132,7 @@ class GradientDiagnostic:
         reason: Why, in one paragraph, with the paper's numbers.
         not_measured: Parameters left out because they do not require gradients (fixed buffers
             such as sin-cos position embeddings).
+        data_splits: The dataset's layout and each split's images per class, as ``ftsgd train`` would use them.
         data_warnings: Warnings about the training images and the augmentation (images much smaller
             than the input, random crops of a few pixels), as ``ftsgd train`` prints them.
     """
@@ -151,6 +152,8 @@ class GradientDiagnostic:
     reason: str
     not_measured: tuple[str, ...] = ()
     data_warnings: tuple[str, ...] = ()
+    data_splits: tuple[str, ...] = ()
+    """The dataset's layout and each split's images per class (a drawn split: as a run would draw it)."""
 
 
 # --------------------------------------------------------------------------- measuring
@@ -355,7 +358,7 @@ def diagnose_from_recipe(
     if not recipe.model.name:
         raise ModelError("no model given: pass a timm model name, e.g. `ftsgd inspect resnet50 --data DIR`")
     recipe = replace(recipe, data=replace(recipe.data, root=str(data_dir)))
-    classes, splits = discover_splits(recipe.data)
+    classes, splits = find_splits(recipe.data)
     if num_classes is not None and num_classes != len(classes):
         raise UsageError(
             f"--num-classes {num_classes} does not match the {len(classes)} classes of {data_dir}; "
@@ -374,6 +377,7 @@ def diagnose_from_recipe(
         training=True,
         seed=t.seed,
         drop_last=recipe.data.drop_last,
+        balanced=recipe.data.sampler == "balanced",
     )
     model.to(resolve_device(t.device))
     result = gradient_diagnostic(
@@ -386,7 +390,9 @@ def diagnose_from_recipe(
         seed=t.seed,
         num_classes=len(classes),
     )
-    return dataclasses.replace(result, data_warnings=warnings)
+    return dataclasses.replace(
+        result, data_warnings=warnings, data_splits=tuple(split_lines(classes, splits, recipe.data))
+    )
 
 
 # --------------------------------------------------------------------------- reporting

@@ -8,15 +8,18 @@ import re
 from ftsgd.recipe.grid import grid_problems
 from ftsgd.recipe.schema import (
     _STAGE_NAME,
+    AGGREGATE_SPLITS,
     AMP_MODES,
     AUGMENTS,
     BAD_IMAGE_ACTIONS,
+    BALANCED,
     DEVICES,
     ERASE_MODES,
     FREEZE_POLICIES,
     INTERPOLATIONS,
     MIXUP_MODES,
     RESET_HEAD,
+    SAMPLERS,
     SCHEDULE_INTERVALS,
     SCHEDULES,
     SELECT_METRICS,
@@ -44,6 +47,8 @@ def check_values(r: Recipe) -> list[str]:
     p.extend(head_problems(r.model))
     _check_train(r.train, p)
     _check_regularisation(r, p)
+    p.extend(split_problems(r.data))
+    p.extend(skew_problems(r))
     p.extend(grid_problems(r.sweep.grid))
     if r.optim.step_in_backward:
         _check_step_in_backward(r, p)
@@ -309,18 +314,58 @@ def select_metric(select_by: str) -> tuple[str, str]:
     exists is only known once the dataset is scanned (the trainer checks it then).
 
     Raises:
-        ValueError: Not of the form SPLIT.accuracy or SPLIT.loss, or the training split.
+        ValueError: Not of the form SPLIT.METRIC (:data:`SELECT_METRICS`), or the training split.
     """
     split, _, metric = select_by.rpartition(".")
     if not split or metric not in SELECT_METRICS:
         raise ValueError(
-            f"expected SPLIT.accuracy or SPLIT.loss (e.g. val.accuracy, val.loss, ood.accuracy), got {select_by!r}"
+            f"expected SPLIT.METRIC with METRIC one of {', '.join(SELECT_METRICS)} and SPLIT val, an evaluation "
+            f"split or {' or '.join(AGGREGATE_SPLITS)} (e.g. val.accuracy, val.macro_f1, worst.accuracy), got "
+            f"{select_by!r}"
         )
     if split == "train":
         raise ValueError(
             "the training split is not evaluated each epoch; use val or another evaluation split"
         )
     return split, metric
+
+
+def split_problems(d: DataConfig) -> list[str]:
+    """The fractions of a split drawn from one folder of class folders (``data.val_fraction``...)."""
+    p: list[str] = []
+    if not 0 < d.val_fraction < 1:
+        p.append(
+            f"data.val_fraction: must be in (0, 1) (e.g. 0.1 holds out 10% of each class), got {d.val_fraction!r}"
+        )
+    if d.test_fraction and not 0 < d.test_fraction < 1:
+        p.append(f"data.test_fraction: must be in (0, 1), or 0 for no test split, got {d.test_fraction!r}")
+    if 0 < d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction >= 1:
+        p.append(
+            f"data.test_fraction: data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction:g} "
+            "leaves nothing to train on; their sum must be below 1"
+        )
+    _at_least(p, "data.split_seed", d.split_seed, 0)
+    _choice(p, "data.sampler", d.sampler, SAMPLERS)
+    return p
+
+
+def skew_problems(r: Recipe) -> list[str]:
+    """``train.class_weights``: "balanced", "" or positive numbers, and not with mixed (two-class) images."""
+    w = r.train.class_weights
+    p: list[str] = []
+    if isinstance(w, str) and w not in ("", BALANCED):
+        p.append(
+            f'train.class_weights: expected "balanced", a list of numbers (one per class) or "", got {w!r}'
+        )
+    if isinstance(w, list) and (not w or any(v is None or v <= 0 for v in w)):
+        p.append(f"train.class_weights: every class weight must be a number > 0, got {w!r}")
+    if w and mixes(r):
+        p.append(
+            "train.class_weights: cannot be combined with data.mixup/data.cutmix: a mixed image has two classes, "
+            'so there is no one class to weight its loss by; use data.sampler = "balanced" instead (it '
+            "combines with mixing)"
+        )
+    return p
 
 
 def mixes(r: Recipe) -> bool:

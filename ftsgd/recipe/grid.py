@@ -16,7 +16,17 @@ SWEEP_KEYS = ("sweep.grid",)
 """Recipe keys that never change what a run trains: ignored when a run's recipe is compared with another."""
 
 
-GRID_FORBIDDEN = {"data.root": "a sweep trains on one dataset (--data)"}
+_ONE_SPLIT = (
+    "every run of a sweep validates on the same images (the split drawn from one folder of class folders); "
+    "set it once for the sweep (--set), or run one sweep per split"
+)
+
+GRID_FORBIDDEN = {
+    "data.root": "a sweep trains on one dataset (--data)",
+    "data.val_fraction": _ONE_SPLIT,
+    "data.test_fraction": _ONE_SPLIT,
+    "data.split_seed": _ONE_SPLIT,
+}
 
 
 def _grid_label(where: str, key: str) -> str:

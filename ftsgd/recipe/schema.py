@@ -43,7 +43,20 @@ BAD_IMAGE_ACTIONS = ("error", "skip")
 MIXUP_MODES = ("batch", "pair", "elem")
 
 
-SELECT_METRICS = ("accuracy", "loss")
+SELECT_METRICS = ("accuracy", "loss", "macro_f1", "balanced_accuracy")
+"""What ``train.select_by`` may name after the split; only ``loss`` is lower-is-better."""
+
+
+AGGREGATE_SPLITS = ("worst", "mean")
+"""Aggregates over the evaluation splits other than val, recorded like splits (``worst.accuracy``)."""
+
+
+SAMPLERS = ("shuffle", "balanced")
+"""``data.sampler`` values."""
+
+
+BALANCED = "balanced"
+"""``train.class_weights`` / ``data.sampler`` value for inverse-frequency weighting / class-balanced sampling."""
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -218,6 +231,17 @@ class DataConfig:
     """Random erasing: the most boxes erased per image."""
     drop_last: bool = False
     """Drop the last training batch of each epoch when it is smaller than train.batch_size."""
+    val_fraction: float = 0.1
+    """One folder of class folders (no train/): the fraction of each class held out for validation (at
+    least one image per class). Ignored for split folders."""
+    test_fraction: float = 0.0
+    """One folder of class folders: the fraction of each class held out as a "test" evaluation split; 0 = none."""
+    split_seed: int = 0
+    """One folder of class folders: seeds which images are held out (independent of train.seed, so every run
+    of a sweep gets the same split)."""
+    sampler: str = "shuffle"
+    """shuffle (each image once per epoch) | balanced (every class drawn equally often: small classes'
+    images are repeated, large ones subsampled; an epoch keeps its number of images and steps)."""
 
 
 @dataclass(frozen=True)
@@ -253,8 +277,12 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Write a resumable checkpoint every this many optimizer steps; 0 = at the end of each epoch only."""
     select_by: str = "val.accuracy"
-    """Metric that picks the exported epoch: SPLIT.accuracy (higher is better) or SPLIT.loss (lower), for
-    val or any evaluation split (another split's is the paper's OOD-oracle ablation)."""
+    """Metric that picks the exported epoch: SPLIT.accuracy, SPLIT.macro_f1, SPLIT.balanced_accuracy (higher
+    is better) or SPLIT.loss (lower), for val, any evaluation split (another split's is the paper's OOD-oracle
+    ablation), or worst/mean over the evaluation splits other than val."""
+    class_weights: list[float] | str = ""
+    """Cross-entropy weight per class: "balanced" (n_images / (n_classes * n_class), inverse frequency), a
+    list with one positive number per class (in class order), or "" for none."""
     patience: int = 0
     """Stop after this many epochs without improvement of ``select_by``; 0 = off (train every epoch)."""
     ema_decay: float = 0.0

@@ -202,13 +202,15 @@ def all_run_curves(report: Report, colours: dict[str, Any]) -> Figure | None:
 
 
 def id_vs_ood(report: Report, colours: dict[str, Any]) -> Figure | None:
-    """ID-val against each OOD split's accuracy at the best epoch; selected points starred with ± std."""
+    """ID-val against each OOD split's accuracy (``--metric``) at the best epoch, and against ``worst`` and
+    ``mean`` over them when recorded; selected points starred with ± std."""
     finished = [r for r in report.runs if r.status == FINISHED and r.val_accuracy is not None]
     splits = [s for s in report.ood_splits if any(s in r.accuracy for r in finished)]
     if not splits:
         return None
     entries = len(colours) + len(report.selections) + 1
-    fig, axes = _grid(len(splits), "Best-epoch accuracy: ID vs OOD (★ selected, ± std)", entries)
+    what = report.metric.replace("_", " ")
+    fig, axes = _grid(len(splits), f"Best-epoch {what}: ID vs OOD (★ selected, ± std)", entries)
     for split, ax in zip(splits, axes, strict=True):
         _scatter_panel(ax, report, split, finished, colours)
     labelled: dict[str, Any] = {}
@@ -254,8 +256,9 @@ def _scatter_panel(ax: Axes, report: Report, split: str, runs: list[Run], colour
         pad = max(2.0, 0.1 * (max(values) - min(values)))
         set_lim(min(values) - pad, max(values) + pad)
     ax.axline((0, 0), slope=1, linestyle=":", color="grey", linewidth=1, label="y = x")  # no autoscale
-    ax.set_xlabel(f"{report.splits[0]} (ID) accuracy (%)")
-    ax.set_ylabel(f"{split} accuracy (%)")
+    what = report.metric.replace("_", " ")
+    ax.set_xlabel(f"{report.splits[0]} (ID) {what} (%)")
+    ax.set_ylabel(f"{split} {what} (%)")
     ax.set_title(f"ID vs {split}")
     ax.grid(alpha=0.3)
 

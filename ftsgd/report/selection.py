@@ -28,12 +28,25 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ftsgd.run.collect import BROKEN, FINISHED, UNFINISHED, VAL_SPLIT, Run, find_run_dirs, read_runs
+from ftsgd.errors import UsageError
+from ftsgd.infer.metrics import selection_value
+from ftsgd.recipe.checks import select_metric
+from ftsgd.run.collect import (
+    BROKEN,
+    FINISHED,
+    UNFINISHED,
+    VAL_SPLIT,
+    Run,
+    find_run_dirs,
+    read_runs,
+    split_metrics,
+    stage_count,
+)
 
 SEED_KEY = "train.seed"
 """The key whose runs are averaged over rather than selected between."""
@@ -61,6 +74,10 @@ Z90 = 1.645
 TIE_TOLERANCE = 1e-9
 """Mean accuracies closer than this are a tie (accuracies are counts over a val set of far fewer images)."""
 MISSING = "<missing>"
+DEFAULT_SELECT_BY = "val.accuracy"
+"""The paper's selection: best epoch and grid point by ID-validation accuracy."""
+METRICS = ("accuracy", "top5", "macro_f1", "balanced_accuracy")
+"""What ``ftsgd report --metric`` may show in the split columns (fractions, shown as percentages)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,8 @@ class GridPoint:
     train_time_s: float | None
     """Mean training time of one run."""
     selected: bool = False
+    score: Stat | None = None
+    """The ``--select-by`` value over the finished seeds (a loss negated); what :func:`select` compares."""
 
     @property
     def seeds(self) -> list[Any]:
@@ -167,6 +186,10 @@ class Report:
     selections: list[Selection]
     allow_missing: bool
     problems: list[str] = field(default_factory=list)
+    metric: str = "accuracy"
+    """The metric the split columns show (``--metric``)."""
+    select_by: str = DEFAULT_SELECT_BY
+    """What picks each run's best epoch and each recipe's grid point (``--select-by``)."""
 
     @property
     def point_keys(self) -> list[str]:
@@ -186,24 +209,65 @@ class Report:
 # --------------------------------------------------------------------------- building
 
 
-def collect_report(paths: Sequence[Path], *, allow_missing: bool = False) -> Report:
+def collect_report(
+    paths: Sequence[Path],
+    *,
+    allow_missing: bool = False,
+    metric: str = "accuracy",
+    select_by: str = DEFAULT_SELECT_BY,
+) -> Report:
     """Find, read and select: the whole protocol over run directories and folders holding them.
 
     Raises:
-        UsageError: A path does not exist or holds no run directory.
+        UsageError: A path does not exist or holds no run directory, or an unknown ``metric``/``select_by``.
     """
-    return build_report(read_runs(find_run_dirs(paths)), allow_missing=allow_missing)
+    check_report_metrics(metric, select_by)
+    runs = read_runs(find_run_dirs(paths))
+    return build_report(runs, allow_missing=allow_missing, metric=metric, select_by=select_by)
 
 
-def build_report(runs: list[Run], *, allow_missing: bool = False) -> Report:
-    """Group ``runs`` into grid points and select one point per recipe and data folder."""
+def check_report_metrics(metric: str, select_by: str) -> None:
+    """``--metric`` is one of :data:`METRICS`; ``--select-by`` is SPLIT.METRIC as ``train.select_by`` is."""
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    try:
+        select_metric(select_by)
+    except ValueError as exc:
+        raise UsageError(f"--select-by: {exc}") from None
+
+
+def build_report(
+    runs: list[Run],
+    *,
+    allow_missing: bool = False,
+    metric: str = "accuracy",
+    select_by: str = DEFAULT_SELECT_BY,
+) -> Report:
+    """Group ``runs`` into grid points and select one point per recipe and data folder.
+
+    Args:
+        runs: The runs as read.
+        allow_missing: Compare grid points with missing seeds too.
+        metric: What the split columns show (:data:`METRICS`).
+        select_by: ``SPLIT.METRIC``: picks each run's best epoch (from its metrics.jsonl, unless it is the
+            paper's ``val.accuracy``, which the run itself picked by) and each recipe's grid point.
+    """
+    runs = [scored(r, metric, select_by) for r in runs]
+    if not any(r.score is not None for r in runs) and any(r.results for r in runs):
+        known = sorted(
+            {f"{name}.{m}" for r in runs for name, ms in r.results.items() for m in ms if m != "n"}
+        )
+        raise UsageError(f"--select-by {select_by}: no run has it; runs have {', '.join(known)}")
     grid_keys, ignored = derive_grid_keys(runs)
     point_keys = [k for k in grid_keys if k != SEED_KEY]
     problems = [p for r in runs for p in r.problems]
     points = build_points(runs, point_keys, problems)
-    selections = [select(unit, allow_missing=allow_missing) for unit in _by_unit(points, _unit_key)]
+    selections = [
+        select(unit, allow_missing=allow_missing, select_by=select_by) for unit in _by_unit(points, _unit_key)
+    ]
     val = next((r.val_split for r in runs if r.accuracy), VAL_SPLIT)
-    ood = sorted({name for r in runs for name in r.accuracy if name != val})
+    others = {name for r in runs for name in r.accuracy if name != val}
+    ood = sorted(others - {"worst", "mean"}) + [a for a in ("worst", "mean") if a in others]
     return Report(
         runs=runs,
         grid_keys=grid_keys,
@@ -213,7 +277,43 @@ def build_report(runs: list[Run], *, allow_missing: bool = False) -> Report:
         selections=selections,
         allow_missing=allow_missing,
         problems=problems,
+        metric=metric,
+        select_by=select_by,
     )
+
+
+def scored(run: Run, metric: str, select_by: str) -> Run:
+    """``run`` as the report shows and selects it: its split columns in ``metric``, its score by ``select_by``.
+
+    With another ``select_by`` than the paper's, the best epoch is picked anew from metrics.jsonl by it, as
+    ``train.select_by`` would have (the last stage's epochs compete, ties keep the earlier epoch).
+    """
+    split, name = select_metric(select_by)
+    results, best = run.results, run.best_epoch
+    if select_by != DEFAULT_SELECT_BY and run.history and run.status != BROKEN:
+        last = max(stage_count(run.values), 1)
+        candidates = [
+            (_value(split_metrics(r["splits"], run.val_split), split, name), -i)
+            for i, r in enumerate(run.history)
+            if r.get("stage", 1) == last
+        ]
+        ranked = [c for c in candidates if c[0] is not None]
+        if ranked:
+            _, neg = max(ranked)
+            best, results = -neg + 1, split_metrics(run.history[-neg]["splits"], run.val_split)
+    accuracy = {s: m[metric] for s, m in results.items() if metric in m}
+    return replace(
+        run, results=results, best_epoch=best, accuracy=accuracy, score=_value(results, split, name)
+    )
+
+
+def _value(results: dict[str, dict[str, float]], split: str, metric: str) -> float | None:
+    """A split's metric as a score (higher is better: a loss is negated), None when the run lacks it."""
+    try:
+        value = selection_value(results, split, metric)
+    except KeyError:
+        return None
+    return -value if metric == "loss" else value
 
 
 def _placed(runs: list[Run]) -> list[Run]:
@@ -317,6 +417,7 @@ def _point(group: list[Run], keys: list[str], expected: list[Any], problems: lis
         splits=splits,
         peak_memory_bytes=max(peaks) if peaks else None,
         train_time_s=statistics.fmean(times) if times else None,
+        score=stat([r.score for r in done if r.score is not None]),
     )
 
 
@@ -336,15 +437,18 @@ def tie_break_key(point: GridPoint) -> tuple[Any, ...]:
     return (-len(point.runs), *(order_key(point.values[k]) for k in keys))
 
 
-def select(points: list[GridPoint], *, allow_missing: bool = False) -> Selection:
-    """Pick the grid point of one recipe and data folder with the highest mean best-epoch ID-val accuracy.
+def select(
+    points: list[GridPoint], *, allow_missing: bool = False, select_by: str = DEFAULT_SELECT_BY
+) -> Selection:
+    """Pick the grid point of one recipe and data folder with the highest mean best-epoch score.
 
     Args:
         points: The grid points of one recipe and data folder.
         allow_missing: Compare points with fewer finished seeds than expected too.
+        select_by: What the score is, for the reason (:attr:`GridPoint.score`; ID-val accuracy by default).
     """
     first = points[0]
-    scored = [p for p in points if p.val is not None]
+    scored = [p for p in points if p.score is not None]
     compared = [p for p in scored if p.complete or allow_missing]
     excluded = [p for p in scored if p not in compared]
     if not compared:
@@ -355,13 +459,15 @@ def select(points: list[GridPoint], *, allow_missing: bool = False) -> Selection
             else "no finished run yet"
         )
         return Selection(first.recipe, first.data, None, [], excluded, [], reason)
-    top = max(p.val.mean for p in compared if p.val is not None)
+    top = max(p.score.mean for p in compared if p.score is not None)
     tied = sorted(
-        (p for p in compared if p.val is not None and top - p.val.mean <= TIE_TOLERANCE), key=tie_break_key
+        (p for p in compared if p.score is not None and top - p.score.mean <= TIE_TOLERANCE),
+        key=tie_break_key,
     )
     chosen = tied[0]
     chosen.selected = True
-    reason = f"highest mean ID-val accuracy of {len(compared)} grid point(s)"
+    what = "ID-val accuracy" if select_by == DEFAULT_SELECT_BY else select_by
+    reason = f"highest mean {what} of {len(compared)} grid point(s)"
     if len(tied) > 1:
         others = "; ".join(p.label for p in tied[1:])
         reason = (
@@ -402,6 +508,7 @@ def run_to_dict(run: Run, grid_keys: list[str]) -> dict[str, Any]:
         "best_epoch": run.best_epoch,
         "val_split": run.val_split,
         "accuracy": dict(run.accuracy),
+        "results": {name: dict(m) for name, m in run.results.items()},
         "peak_memory_bytes": run.peak_memory_bytes,
         "train_time_s": run.train_time_s,
         "problems": list(run.problems),
@@ -420,6 +527,7 @@ def point_to_dict(point: GridPoint) -> dict[str, Any]:
         "unfinished": [str(r.path) for r in point.unfinished],
         "broken": [str(r.path) for r in point.broken],
         "val": point.val.to_dict() if point.val else None,
+        "score": point.score.to_dict() if point.score else None,
         "splits": {n: s.to_dict() for n, s in point.splits.items()},
         "peak_memory_bytes": point.peak_memory_bytes,
         "train_time_s": point.train_time_s,
@@ -446,8 +554,10 @@ def report_to_dict(report: Report) -> dict[str, Any]:
     """The whole report as plain JSON-ready data."""
     return {
         "protocol": {
-            "best_epoch": "highest ID-val accuracy within a run",
-            "selected_by": "highest mean over seeds of the best-epoch ID-val accuracy, per recipe and data",
+            "best_epoch": f"highest {report.select_by} within a run",
+            "selected_by": f"highest mean over seeds of the best-epoch {report.select_by}, per recipe and data",
+            "select_by": report.select_by,
+            "metric": report.metric,
             "seed_key": SEED_KEY,
             "std": "sample standard deviation (n - 1)",
             "ci90": f"{Z90} * std / sqrt(n)",

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd.errors import UsageError
-from ftsgd.report.selection import GridPoint, Report, Selection, Stat, collect_report, display_value
+from ftsgd.report.selection import (
+    GridPoint,
+    Report,
+    Selection,
+    Stat,
+    check_report_metrics,
+    collect_report,
+    display_value,
+)
 from ftsgd.run.collect import UNFINISHED, Run
 from ftsgd.utils.console import info, print_json, print_table, warn
 
@@ -64,6 +72,8 @@ def run_report(
     fmt: str = "table",
     table: str | None = None,
     png: Path | None = None,
+    metric: str = "accuracy",
+    select_by: str = "val.accuracy",
 ) -> Report:
     """Collect runs, select per the paper's protocol, print in ``fmt`` and write plots into ``png``.
 
@@ -77,11 +87,12 @@ def run_report(
         raise UsageError(f"--table must be one of {', '.join(TABLES)}, got {table!r}")
     if not paths:
         raise UsageError("give at least one run directory or folder of runs")
+    check_report_metrics(metric, select_by)
     if png is not None:
         from ftsgd.report.plots import check_plot_dir
 
         check_plot_dir(png)
-    report = collect_report(paths, allow_missing=allow_missing)
+    report = collect_report(paths, allow_missing=allow_missing, metric=metric, select_by=select_by)
     plots: list[Path] = []
     if png is not None:
         from ftsgd.report.plots import write_plots
@@ -146,9 +157,10 @@ def _lead_cells(report: Report, recipe: str, data: str, values: dict[str, Any], 
 
 def _result_columns(report: Report, kind: str) -> list[Column]:
     val, ood = report.splits[0], report.ood_splits
+    what = "" if report.metric == "accuracy" else f" {report.metric}"
     return [
-        Column(val, f"{val} (ID) %", kind),
-        *(Column(s, f"{s} %", kind) for s in ood),
+        Column(val, f"{val} (ID){what} %", kind),
+        *(Column(s, f"{s}{what} %", kind) for s in ood),
         Column("peak_memory_bytes", "peak memory", "bytes"),
         Column("train_time_s", "train time", "seconds"),
     ]
@@ -192,7 +204,8 @@ def selection_table(report: Report) -> Table:
                 _selection_note(s),
             ]
         )
-    title = "Selection: per recipe, the grid point with the best mean ID-val accuracy (mean ± std over seeds)"
+    by = "ID-val accuracy" if report.select_by == "val.accuracy" else report.select_by
+    title = f"Selection: per recipe, the grid point with the best mean {by} (mean ± std over seeds)"
     return Table("selection", title, columns, rows)
 
 

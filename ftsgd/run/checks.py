@@ -29,15 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftsgd.data.split import is_one_folder
 from ftsgd.data.transforms import timm_auto_augment
-from ftsgd.errors import ModelError, RecipeError, WeightsError
+from ftsgd.errors import DataError, ModelError, RecipeError, WeightsError
 from ftsgd.model.build import classifier_modules, unknown_model_error
 from ftsgd.model.optim import moment_arg_problems, optimizer_names, optimizer_package, param_groups
 from ftsgd.model.prepare import PreparedModel, refreeze
 from ftsgd.model.weights import resolve_weights_path
 from ftsgd.recipe.checks import select_metric
 from ftsgd.recipe.load import load_recipe
-from ftsgd.recipe.schema import STAGE_KEY, DataConfig, Recipe, stage_recipes
+from ftsgd.recipe.schema import AGGREGATE_SPLITS, STAGE_KEY, DataConfig, Recipe, stage_recipes
 
 __all__ = [
     "check_device",
@@ -216,8 +217,12 @@ def _data_path_problems(d: DataConfig) -> list[str]:
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         return [f"data.root: dataset folder {root} {what} (--data)"]
+    try:
+        one_folder = is_one_folder(d)  # one folder of class folders: train and val are drawn, not folders
+    except DataError as exc:
+        return [f"data.root: {exc}"]
     out = []
-    entries = [("data.train", d.train), ("data.val", d.val)]
+    entries = [] if one_folder else [("data.train", d.train), ("data.val", d.val)]
     entries += [(f"data.eval_splits[{i}]", entry) for i, entry in enumerate(d.eval_splits)]
     for key, entry in entries:
         path = Path(entry).expanduser()
@@ -286,17 +291,35 @@ def check_device(recipe: Recipe, amp_dtype: torch.dtype | None, sharded: bool) -
         raise RecipeError(problems)
 
 
-def check_evaluated(recipe: Recipe, evaluated: Iterable[str]) -> None:
-    """``train.select_by`` must name a split that is evaluated every epoch (known once the data is found)."""
+def check_evaluated(recipe: Recipe, evaluated: Iterable[str], classes: list[str] | None = None) -> None:
+    """What needs the dataset's splits and classes (known once the data is found).
+
+    ``train.select_by`` must name a split evaluated every epoch, or an aggregate (``worst``, ``mean``) over
+    at least one evaluation split besides val; a ``train.class_weights`` list needs one weight per class.
+    """
+    problems = []
     split, _ = select_metric(recipe.train.select_by)
     evaluated = list(evaluated)
-    if split not in evaluated:
-        raise RecipeError(
-            [
-                f"train.select_by: split {split!r} is not evaluated in this dataset; evaluated splits: "
-                f"{', '.join(evaluated)} (data.val, data.eval_splits)"
-            ]
+    others = [name for name in evaluated if name != "val"]
+    if split in AGGREGATE_SPLITS and not others:
+        problems.append(
+            f"train.select_by: {split!r} aggregates the evaluation splits other than val, and this dataset has "
+            "none (add split folders such as ood/, data.eval_splits, or data.test_fraction)"
         )
+    elif split not in evaluated and split not in AGGREGATE_SPLITS:
+        problems.append(
+            f"train.select_by: split {split!r} is not evaluated in this dataset; evaluated splits: "
+            f"{', '.join(evaluated)} (data.val, data.eval_splits), or {' or '.join(AGGREGATE_SPLITS)} over "
+            "all but val"
+        )
+    weights = recipe.train.class_weights
+    if classes is not None and isinstance(weights, list) and len(weights) != len(classes):
+        problems.append(
+            f"train.class_weights: {len(weights)} weight(s) for {len(classes)} classes; give one per class, in "
+            f"this order: {', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}"
+        )
+    if problems:
+        raise RecipeError(problems)
 
 
 def check_stages(prepared: PreparedModel, recipe: Recipe, current: int = 0) -> None:

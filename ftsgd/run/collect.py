@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd.errors import UsageError
+from ftsgd.infer.metrics import aggregate_splits
 from ftsgd.recipe.dump import flatten_recipe
 from ftsgd.recipe.schema import STAGE_KEY
 from ftsgd.run.files import METRICS, RECIPE_FILE, RUN_MARKERS, SUMMARY
@@ -52,7 +53,13 @@ class Run:
     """1-based epoch of the best ID-val accuracy (so far, for an unfinished run)."""
     val_split: str = VAL_SPLIT
     accuracy: dict[str, float] = field(default_factory=dict)
-    """Every split's accuracy at the best epoch, the ID-val split first."""
+    """Every split's accuracy at the best epoch, the ID-val split first, the aggregates (worst, mean) last.
+    A report shown by another metric (``ftsgd report --metric``) holds that metric here."""
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Every split's numeric metrics (accuracy, macro_f1, balanced_accuracy, loss, ...) at the best epoch,
+    in the order of :attr:`accuracy`."""
+    score: float | None = None
+    """What the report selects by (``--select-by``; higher is better, a loss negated); default ID-val accuracy."""
     peak_memory_bytes: int | None = None
     train_time_s: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -241,15 +248,33 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
-def _split_accuracies(splits: dict[str, Any], val: str) -> dict[str, float]:
-    """Each split's accuracy, the ID-val split first and the others in sorted order."""
-    names = [val, *sorted(n for n in splits if n != val)]
-    out = {}
+AGGREGATES = ("worst", "mean")
+"""Aggregates over the evaluation splits other than val, recorded like splits (computed for older runs)."""
+
+
+def split_metrics(splits: dict[str, Any], val: str) -> dict[str, dict[str, float]]:
+    """Each split's finite numeric metrics: the ID-val split first, the others sorted, then worst and mean.
+
+    Runs recorded before ftsgd wrote the aggregates get them computed here, from the same numbers.
+    """
+    out: dict[str, dict[str, float]] = {}
+    names = [val, *sorted(n for n in splits if n != val and n not in AGGREGATES)]
     for name in names:
-        value = _accuracy(splits.get(name))
-        if value is not None:
-            out[name] = value
+        metrics = splits.get(name)
+        if _accuracy(metrics) is not None:
+            out[name] = {k: v for k, val_ in metrics.items() if (v := _as_float(val_)) is not None}
+    if not any(name in splits for name in AGGREGATES):  # a run recorded before ftsgd wrote them
+        splits = {**splits, **aggregate_splits(out, val)}
+    for name in AGGREGATES:
+        metrics = splits.get(name)
+        if isinstance(metrics, dict) and metrics:
+            out[name] = {k: v for k, val_ in metrics.items() if (v := _as_float(val_)) is not None}
     return out
+
+
+def _split_accuracies(splits: dict[str, Any], val: str) -> dict[str, float]:
+    """Each split's accuracy, in :func:`split_metrics`' order."""
+    return {name: m["accuracy"] for name, m in split_metrics(splits, val).items() if "accuracy" in m}
 
 
 def _apply_summary(run: Run, summary: dict[str, Any]) -> None:
@@ -259,6 +284,7 @@ def _apply_summary(run: Run, summary: dict[str, Any]) -> None:
     run.val_split = str(summary.get("val_split", VAL_SPLIT))
     run.best_epoch = _as_int(summary.get("best_epoch"))
     run.epochs = _as_int(summary.get("epochs")) or run.epochs
+    run.results = split_metrics(summary["best"], run.val_split)
     run.accuracy = _split_accuracies(summary["best"], run.val_split)
     run.peak_memory_bytes = _as_int(summary.get("peak_memory_bytes"))
     run.train_time_s = _as_float(summary.get("train_time_s"))
@@ -276,6 +302,7 @@ def _apply_history(run: Run) -> None:
     if ranked:
         _, neg_index = max(ranked)  # the first epoch reaching the best accuracy, as train does
         run.best_epoch = -neg_index + 1
+        run.results = split_metrics(run.history[-neg_index]["splits"], run.val_split)
         run.accuracy = _split_accuracies(run.history[-neg_index]["splits"], run.val_split)
     peaks = [p for r in run.history if (p := _as_int(r.get("peak_memory_bytes"))) is not None]
     run.peak_memory_bytes = max(peaks) if peaks else None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsgd.data.fingerprint import compare_fingerprints, fingerprint
-from ftsgd.data.folders import discover_splits
+from ftsgd.data.split import find_splits
 from ftsgd.errors import DataError, UsageError
 from ftsgd.recipe.dump import recipe_differences
 from ftsgd.recipe.grid import SWEEP_KEYS
@@ -129,7 +129,7 @@ def _check_finished_data(run: RunDir, data: Path) -> None:
     exactly as an interrupted run would (a stat per file, nothing decoded).
     """
     recipe = run.read_recipe(data, for_resume=False)
-    classes, splits = discover_splits(recipe.data)
+    classes, splits = find_splits(recipe.data, recorded=run.read_split())
     check_same_data(run, fingerprint(classes, splits), str(data), allow_new_images=False, finished=True)
 
 

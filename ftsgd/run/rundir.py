@@ -40,6 +40,7 @@ from ftsgd.run.files import (
     METRICS,
     RECIPE_FILE,
     SKIPPED_FILE,
+    SPLIT,
     SUMMARY,
     TRACKING,
 )
@@ -56,6 +57,7 @@ RUN_FILES = (
     SKIPPED_FILE,
     CONFIG_NAME,
     DATASET,
+    SPLIT,
     RECIPE_FILE,
     TRACKING,
 )
@@ -297,6 +299,25 @@ class RunDir:
     def write_dataset(self, fingerprint: dict[str, Any]) -> None:
         """Record the data the run trains on (compact: one row per file)."""
         atomic_write_text(self.path / DATASET, json.dumps(fingerprint, separators=(",", ":")) + "\n")
+
+    def read_split(self) -> dict[str, Any] | None:
+        """The split the run drew from one folder of class folders (None for split folders)."""
+        path = self.path / SPLIT
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"{path} is corrupt ({first_line(exc)}); it records the run's validation images"
+            ) from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path} is corrupt (not a JSON object); it records the run's validation images")
+        return record
+
+    def write_split(self, record: dict[str, Any]) -> None:
+        """Record the drawn split (compact: one row per file), once, when the run starts."""
+        atomic_write_text(self.path / SPLIT, json.dumps(record, separators=(",", ":")) + "\n")
 
     def read_checkpoint(self) -> dict[str, Any]:
         """The checkpoint to resume from, memory-mapped (weights are copied into the model page by page)."""

@@ -74,7 +74,10 @@ def conclude(sweep: Sweep, stop: Stop, *, show: bool = True) -> dict[str, Any]:
     sweep.state = (
         INTERRUPTED if stop.count else FAILED if counts[FAILED] else INCOMPLETE if left else FINISHED
     )
-    sweep.report = collect_sweep_report(sweep.plan, sweep.records)
+    opts = sweep.opts
+    sweep.report = collect_sweep_report(
+        sweep.plan, sweep.records, metric=opts.metric, select_by=opts.select_by
+    )
     if sweep.opts.png is not None and sweep.report is not None:
         from ftsgd.report.plots import write_plots
 

@@ -19,7 +19,7 @@ from ftsgd.recipe.grid import SWEEP_KEYS, grid_problems, parse_grid_option
 from ftsgd.recipe.load import builtin_recipes, recipe_grid, resolve_recipe_source
 from ftsgd.recipe.schema import DEFAULT_RECIPE, Recipe
 from ftsgd.recipe.values import parse_override, toml_literal
-from ftsgd.report.selection import SEED_KEY, canonical
+from ftsgd.report.selection import SEED_KEY, canonical, check_report_metrics
 from ftsgd.run.resume import resolve_train_recipe
 
 MAX_NAME = 200
@@ -52,6 +52,10 @@ class SweepOptions:
     as_json: bool = False
     png: Path | None = None
     argv: list[str] = field(default_factory=list)
+    metric: str = "accuracy"
+    """``--metric``: what the report's split columns show."""
+    select_by: str = "val.accuracy"
+    """``--select-by``: what the report's selection picks best epochs and grid points by."""
     recipe_grids: dict[str, list[str]] = field(default_factory=dict)
     """Not a flag: ``--grid``-style values for one recipe only (keyed by its ``--recipe`` value), on top of
     ``grids``, as if that recipe's ``[sweep]`` grid said them. For callers that give each recipe its own
@@ -143,6 +147,7 @@ def check_options(opts: SweepOptions) -> None:
     """The options that need no recipe: jobs, devices, the plot folder."""
     if opts.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {opts.jobs}")
+    check_report_metrics(opts.metric, opts.select_by)
     if opts.devices is not None:
         devices = parse_devices(opts.devices)
         import torch

@@ -234,8 +234,10 @@ def status_counts(sweep: Sweep) -> dict[str, int]:
     return counts
 
 
-def collect_sweep_report(plan: Plan, records: dict[Path, RunRecord]) -> Report | None:
-    """The paper's selection over the sweep's own run directories (those started so far).
+def collect_sweep_report(
+    plan: Plan, records: dict[Path, RunRecord], *, metric: str = "accuracy", select_by: str = "val.accuracy"
+) -> Report | None:
+    """The paper's selection (or ``--select-by``'s) over the sweep's own run directories (those started so far).
 
     A run the sweep saw fail is marked broken, with its error as the problem, so its grid point counts it
     as a missing seed rather than a pending one.
@@ -247,7 +249,7 @@ def collect_sweep_report(plan: Plan, records: dict[Path, RunRecord]) -> Report |
         if record is not None and record.status == FAILED and run.status != BROKEN:
             run.status = BROKEN
             run.problems.append(f"{run.path} failed (exit {record.exit_code}): {record.error}")
-    return build_report(runs) if runs else None
+    return build_report(runs, metric=metric, select_by=select_by) if runs else None
 
 
 def sweep_document(sweep: Sweep) -> dict[str, Any]:

@@ -16,7 +16,7 @@ run needs around them:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from ftsgd.data.dataset import sample_seed
 from ftsgd.recipe.checks import mixes
 from ftsgd.recipe.schema import Recipe
+from ftsgd.train.skew import WeightedCrossEntropy
 
 __all__ = ["build_ema", "build_loss", "build_mixup", "hard_labels", "mix_batch", "mix_seed"]
 
@@ -52,10 +53,13 @@ def build_mixup(recipe: Recipe, num_classes: int) -> Mixup | None:
     )
 
 
-def build_loss(recipe: Recipe, mixup: Mixup | None) -> nn.Module:
-    """timm's SoftTargetCrossEntropy under Mixup (targets are mixed distributions), else cross-entropy."""
+def build_loss(recipe: Recipe, mixup: Mixup | None, weights: Sequence[float] | None = None) -> nn.Module:
+    """timm's SoftTargetCrossEntropy under Mixup (targets are mixed distributions), else cross-entropy,
+    weighted per class with ``weights`` (``train.class_weights``, which the recipe refuses with mixing)."""
     if mixup is not None:
         return SoftTargetCrossEntropy()
+    if weights is not None:
+        return WeightedCrossEntropy(weights, label_smoothing=recipe.train.label_smoothing)
     return nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
 
 

@@ -37,15 +37,17 @@ from torch.utils.data import DataLoader
 
 from ftsgd.data.dataset import batch_shard
 from ftsgd.data.fingerprint import fingerprint
-from ftsgd.data.folders import Split, discover_splits
+from ftsgd.data.folders import Split
 from ftsgd.data.ignored import ignored_warnings
 from ftsgd.data.loader import RunLoader, epoch_steps, resolve_num_workers
 from ftsgd.data.overlap import check_split_overlap
 from ftsgd.data.scan import preflight_scan
+from ftsgd.data.split import find_splits, split_record
 from ftsgd.data.transforms import build_transform, small_image_warnings
 from ftsgd.errors import FtsgdError, Interrupted, RunError
 from ftsgd.infer.evaluate import evaluate
 from ftsgd.infer.export import export_model
+from ftsgd.infer.metrics import aggregate_splits, selection_value
 from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import train_mode
 from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
@@ -72,6 +74,7 @@ from ftsgd.train.parallel import (
 )
 from ftsgd.train.precision import precision_words, started_amp
 from ftsgd.train.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
+from ftsgd.train.skew import class_counts, class_weights, skew_warnings
 from ftsgd.train.stages import Stages
 from ftsgd.train.state import RunState, checkpoint_payload, restore_rng, restore_weights, versions
 from ftsgd.train.tracking import Trackers
@@ -177,10 +180,13 @@ class Trainer:
 
     def _setup_data(self) -> None:
         recipe, t = self.recipe, self.recipe.train
-        self.class_names, splits = discover_splits(recipe.data)
+        # a split drawn from one folder of class folders is read back from the run's record, never redrawn
+        recorded = self.run.read_split() if self.resume else None
+        self.class_names, splits = find_splits(recipe.data, recorded=recorded)
+        self.split_record = split_record(recipe.data, self.class_names, splits)
         for message in ignored_warnings(splits, recipe.data.root):
             warn(message)
-        check_evaluated(recipe, [name for name in splits if name != "train"])
+        check_evaluated(recipe, [name for name in splits if name != "train"], self.class_names)
         check_split_overlap(splits, allowed=recipe.data.allow_split_overlap)
         self.fingerprint = fingerprint(self.class_names, splits)
         if self.resume:
@@ -197,6 +203,9 @@ class Trainer:
         self.splits = splits
         self.train_split = splits["train"]
         self.eval_splits = {name: s for name, s in splits.items() if name != "train"}
+        self.class_counts = class_counts(self.train_split, len(self.class_names))
+        for message in skew_warnings(recipe, self.class_names, self.class_counts):
+            warn(message)
         self.steps_per_epoch = epoch_steps(len(self.train_split), t.batch_size, recipe.data.drop_last)
         self.eval_batch = t.micro_batch_size or t.batch_size
         # images per forward pass; several processes share each global batch (data.batch_shard)
@@ -235,7 +244,8 @@ class Trainer:
     def _setup_regularisation(self) -> None:
         """Mixup/CutMix with its soft-target loss (else cross-entropy), and the weights' EMA when on."""
         self.mixup = build_mixup(self.recipe, len(self.class_names))
-        self.loss_fn = build_loss(self.recipe, self.mixup)
+        weights = class_weights(self.recipe, self.class_counts)
+        self.loss_fn = build_loss(self.recipe, self.mixup, weights).to(self.device)
         self.ema = build_ema(self.model, self.recipe)
 
     def _use_sync_batchnorm(self) -> bool:
@@ -383,6 +393,8 @@ class Trainer:
             self.run.write_metrics(self.state.history)
         else:
             self.run.start(self.recipe)
+            if self.split_record is not None:
+                self.run.write_split(self.split_record)
         if self._data_changed or not self.resume:
             self.run.write_dataset(self.fingerprint)
         resume_step = self.state.global_step if self.resume else None
@@ -496,7 +508,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
         """Accuracy, loss and per-class accuracy of the current weights (their EMA when on) on every split."""
-        return {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
+        results = {name: self.evaluate_split(split) for name, split in self.eval_splits.items()}
+        return {**results, **aggregate_splits(results)}  # worst and mean over 2+ splits besides val
 
     def evaluate_split(self, split: Split) -> dict[str, Any]:
         """:func:`ftsgd.evaluate.evaluate` on one split, on the run's device in the run's precision (as ``ftsgd eval``)."""
@@ -554,7 +567,7 @@ class Trainer:
     def selected_value(self, splits: dict[str, dict[str, Any]]) -> float:
         """The ``train.select_by`` metric in one epoch's split results."""
         split, metric = select_metric(self.recipe.train.select_by)
-        return float(splits[split][metric])
+        return float(selection_value(splits, split, metric))
 
     def improves(self, results: dict[str, dict[str, Any]]) -> bool:
         """Whether an epoch's results beat the best epoch so far (ties keep the earlier epoch).
@@ -611,6 +624,7 @@ class Trainer:
             num_workers=self.workers,
             pin_memory=self.pin_memory,
             input_size=tuple(self.prepared.data_config["input_size"]),
+            balanced=self.recipe.data.sampler == "balanced",
         )
 
     def train_loader(self) -> DataLoader:
@@ -695,7 +709,7 @@ class Trainer:
 
     def _epoch_record(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         state = self.state
-        keep = ("accuracy", "top5", "loss", "n")
+        keep = ("accuracy", "top5", "loss", "n", "macro_f1", "balanced_accuracy")
         return {
             "epoch": state.epoch + 1,
             **self.stages.fields(self.state.stage),
@@ -704,7 +718,8 @@ class Trainer:
             "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
             "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
             "splits": {name: {k: r[k] for k in keep if k in r} for name, r in results.items()},
-            "per_class": {"val": results["val"]["per_class"]},  # each class's accuracy and images
+            # each class's accuracy, precision, recall, F1 and images, per split
+            "per_class": {name: r["per_class"] for name, r in results.items() if "per_class" in r},
             "images_per_s": state.epoch_seen / max(state.epoch_seconds, 1e-9),
             "epoch_time_s": state.epoch_seconds,
         }

@@ -28,7 +28,7 @@ def test_every_builtin_recipe_is_documented(name: str) -> None:
 
 def test_readme_names_the_two_setup_commands_and_ci_calls_one() -> None:
     assert "make demo" in README and "make test" in README
-    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
 
 

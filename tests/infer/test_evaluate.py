@@ -70,15 +70,39 @@ def test_exact_metrics_with_top5_and_empty_class() -> None:
     assert results["top5"] == 6 / 8
     expected_loss = F.cross_entropy(table, torch.tensor(labels)).item()
     assert math.isclose(results["loss"], expected_loss, rel_tol=1e-6)
-    assert results["per_class"] == {
-        "a": {"accuracy": 0.5, "n": 2},
-        "b": {"accuracy": 1 / 3, "n": 3},
-        "c": {"accuracy": 1.0, "n": 1},
-        "d": {"accuracy": 0.0, "n": 1},
-        "e": {"accuracy": None, "n": 0},
-        "f": {"accuracy": 1.0, "n": 1},
-        "g": {"accuracy": None, "n": 0},
+    accuracy_n = {name: (pc["accuracy"], pc["n"]) for name, pc in results["per_class"].items()}
+    assert accuracy_n == {
+        "a": (0.5, 2),
+        "b": (1 / 3, 3),
+        "c": (1.0, 1),
+        "d": (0.0, 1),
+        "e": (None, 0),
+        "f": (1.0, 1),
+        "g": (None, 0),
     }
+
+    # predicted [0, 1, 1, 0, 6, 2, 0, 5] for labels [0, 0, 1, 1, 1, 2, 3, 5], counted by hand: a is
+    # predicted 3 times (1 right), b twice (1 right), g once (wrongly) though the split has none
+    def rounded(*values: float | None) -> tuple[float | None, ...]:
+        return tuple(None if v is None else round(v, 12) for v in values)
+
+    prf = {
+        name: rounded(pc["precision"], pc["recall"], pc["f1"], pc["support"])
+        for name, pc in results["per_class"].items()
+    }
+    assert prf == {
+        "a": rounded(1 / 3, 1 / 2, 0.4, 2),
+        "b": rounded(1 / 2, 1 / 3, 0.4, 3),
+        "c": rounded(1.0, 1.0, 1.0, 1),
+        "d": rounded(0.0, 0.0, 0.0, 1),  # never predicted: precision 0
+        "e": rounded(None, None, None, 0),  # neither held nor predicted: no numbers
+        "f": rounded(1.0, 1.0, 1.0, 1),
+        "g": rounded(0.0, None, 0.0, 0),  # predicted, never held: no recall, F1 0
+    }
+    assert results["macro_f1"] == pytest.approx(2.8 / 6)  # over a, b, c, d, f, g
+    assert results["balanced_accuracy"] == pytest.approx(
+        (1 / 2 + 1 / 3 + 1 + 0 + 1) / 5
+    )  # over a, b, c, d, f
     assert model.modes_seen and not any(model.modes_seen)  # ran in eval mode
     assert model.training  # ... and was put back into training mode
 
@@ -89,7 +113,8 @@ def test_no_top5_with_five_classes_and_eval_mode_kept() -> None:
     results = evaluate(model, _loader([0, 1, 4], batch_size=2), device=CPU, class_names=names)
     assert "top5" not in results
     assert results["accuracy"] == 2 / 3
-    assert results["per_class"]["b"] == {"accuracy": 0.0, "n": 1}
+    assert results["per_class"]["b"]["accuracy"] == 0.0
+    assert results["per_class"]["b"]["n"] == 1
     assert not model.training
 
 

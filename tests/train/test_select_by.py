@@ -133,8 +133,8 @@ def test_a_run_directory_from_before_these_keys_resumes(data: Path, tmp_path: Pa
 
 def test_select_by_and_patience_are_checked_in_the_recipe() -> None:
     for value, text in (
-        ("val.acc", "expected SPLIT.accuracy or SPLIT.loss"),
-        ("accuracy", "expected SPLIT.accuracy or SPLIT.loss"),
+        ("val.acc", "expected SPLIT.METRIC with METRIC one of accuracy, loss, macro_f1, balanced_accuracy"),
+        ("accuracy", "expected SPLIT.METRIC"),
         ("train.loss", "the training split is not evaluated each epoch"),
     ):
         with pytest.raises(RecipeError) as exc:
@@ -152,7 +152,7 @@ def test_select_by_a_split_the_data_lacks_is_exit_2_before_the_model_is_built(
         trainer.setup()
     assert exc.value.problems == [
         "train.select_by: split 'test' is not evaluated in this dataset; evaluated splits: val, ood "
-        "(data.val, data.eval_splits)"
+        "(data.val, data.eval_splits), or worst or mean over all but val"
     ]
     assert not hasattr(trainer, "model")
     args = ["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--model", "test_vit"]
