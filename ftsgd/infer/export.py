@@ -69,6 +69,7 @@ _RESERVED = (
     "model_kwargs",
     "recipe",
     "ftsgd_version",
+    "training_weight_dtype",
 )
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
 
@@ -208,6 +209,7 @@ def export_model(
     model_kwargs: dict | None = None,
     extra: dict[str, str] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    training_weight_dtype: str = "fp32",
 ) -> None:
     """Write ``model.safetensors`` (weights + metadata) and ``config.json`` atomically.
 
@@ -224,6 +226,10 @@ def export_model(
         extra: More string metadata (e.g. run id, best epoch); may not override the standard keys.
         state_dict: The tensors to write instead of ``model.state_dict()``: the whole state of a model
             sharded by FSDP, gathered on this process (its own ``state_dict`` holds only slices).
+        training_weight_dtype: What training held the weights in (``train.weight_dtype``). Anything but
+            ``"fp32"`` is written in float32 all the same (one tensor cast at a time), so every tool
+            loads the export as before, and recorded as ``training_weight_dtype`` in the metadata and
+            ``config.json``.
 
     Raises:
         ValueError: ``class_names`` does not match the classifier, ``model_kwargs`` is not JSON
@@ -262,11 +268,18 @@ def export_model(
         "ftsgd_version": __version__,
     }
     metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
+    low_precision = training_weight_dtype != "fp32"
+    if low_precision:
+        metadata["training_weight_dtype"] = training_weight_dtype
 
     weights_path = _weights_path(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
-    atomic_save_safetensors(_export_tensors(target, state_dict), weights_path, metadata=metadata)
+    if low_precision:
+        config["training_weight_dtype"] = training_weight_dtype  # timm ignores keys it does not know
+    tensors = _export_tensors(target, state_dict)
+    float32 = torch.float32 if low_precision else None
+    atomic_save_safetensors(tensors, weights_path, metadata=metadata, float_dtype=float32)
     atomic_write_text(
         weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )

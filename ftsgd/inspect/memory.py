@@ -197,16 +197,16 @@ def estimate_memory(
         size = p.numel() * p.element_size()
         weights += size
         params += p.numel()
-        adamw_total += _ADAMW_SLOTS_TOTAL * size
+        adamw_total += _ADAMW_SLOTS_TOTAL * _fp32_size(p)
         if name in frozen_set:
             continue
         trainable += p.numel()
         gradients += size
         largest_grad = max(largest_grad, size)
-        optimizer_state += slots * size
+        optimizer_state += slots * _fp32_size(p) + _compensation(p, optim)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     weights += buffers
-    adamw_total += buffers
+    adamw_total += sum(_fp32_size(b) for b in model.buffers())
     if optim.step_in_backward:
         gradients = largest_grad
     act = activations.bytes if activations is not None else 0
@@ -229,6 +229,19 @@ def estimate_memory(
         input_size=tuple(activations.input_size) if activations is not None else None,
         ema=ema_bytes,
     )
+
+
+def _fp32_size(t: torch.Tensor) -> int:
+    """Bytes of ``t`` as float32 when it is a bf16/fp16 float tensor (optimizer state and the AdamW baseline
+    are float32 whatever the weights are held in), else its own size."""
+    size = 4 if t.is_floating_point() and t.element_size() < 4 else t.element_size()
+    return t.numel() * size
+
+
+def _compensation(p: torch.Tensor, optim: OptimConfig) -> int:
+    """The Kahan compensation buffer of a bf16 weight (``optim.update_rounding = "kahan"``), in bf16."""
+    low = p.dtype == torch.bfloat16 and optim.update_rounding == "kahan"
+    return p.numel() * p.element_size() if low else 0
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp``.
+def resolve_amp(mode: str, device: torch.device, weight_dtype: str = "fp32") -> torch.dtype | None:
+    """Autocast dtype for ``train.amp`` (and ``train.weight_dtype``).
+
+    bf16 weights always compute under bf16 autocast, on any device (the recipe's checks refuse them with
+    ``"fp16"`` and ``"none"``); otherwise:
 
     ``auto``: on CUDA bf16 where supported, else fp16; on a CPU bf16 when it computes bf16 in hardware
     (:func:`cpu_has_native_bf16`: there a ViT's step takes ~2/3 of the fp32 time), else fp32. ``bf16``
     is honoured on any CPU; ``fp16`` is for CUDA only (validation refuses it with ``train.device =
     "cpu"``; on a machine without CUDA under ``train.device = "auto"`` it means fp32).
     """
+    if weight_dtype == "bf16":
+        return torch.bfloat16
     if mode == "none":
         return None
     if device.type == "cuda":
