@@ -139,17 +139,16 @@ class _Rounded(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.rounding, self.stream = rounding, stream
 
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: torch.Tensor,
-        value: torch.Tensor,
-        param_id: int,
-        param_groups: list[dict],
-        key: str | None = None,
-    ) -> torch.Tensor:
-        """Loading a checkpoint keeps each state tensor's own dtype (torch would cast float32 momentum and
-        moments to the bf16 of the weights, changing the run on resume)."""
-        return value if key == "step" else value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, but keep each state tensor's saved dtype: torch casts float state to the
+        dtype of its parameter, which would turn float32 momentum and moments into bf16 on resume."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            state = self.state[params[int(index)]]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key != "step" and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=state[key].device)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
