@@ -173,9 +173,10 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Estimate training-state memory for ``model`` with ``frozen`` parameters and optimizer ``optim``.
 
-    Each parameter is counted at its own element size (4 bytes for fp32), so the per-parameter
-    rule of the paper -- 16 bytes AdamW, 12 SGD with momentum, 8 SGD without, 4 frozen -- holds
-    exactly for an fp32 model without buffers.
+    Each parameter is counted at its own element size (4 bytes for fp32, 2 for bf16 weights, whose
+    optimizer state and AdamW baseline stay float32), so the per-parameter rule of the paper -- 16
+    bytes AdamW, 12 SGD with momentum, 8 SGD without, 4 frozen -- holds exactly for an fp32 model
+    without buffers.
 
     Args:
         model: The model; parameters and buffers are only inspected, never moved or copied.
@@ -232,10 +233,9 @@ def estimate_memory(
 
 
 def _fp32_size(t: torch.Tensor) -> int:
-    """Bytes of ``t`` as float32 when it is a bf16/fp16 float tensor (optimizer state and the AdamW baseline
-    are float32 whatever the weights are held in), else its own size."""
-    size = 4 if t.is_floating_point() and t.element_size() < 4 else t.element_size()
-    return t.numel() * size
+    """Bytes of ``t``, counting a bf16 tensor as float32: bf16 weights (``train.weight_dtype``) keep float32
+    optimizer state (:mod:`ftsgd.model.rounding`), and the AdamW baseline they are compared with is float32."""
+    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
 
 
 def _compensation(p: torch.Tensor, optim: OptimConfig) -> int:
