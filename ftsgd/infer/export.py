@@ -73,6 +73,7 @@ _RESERVED = (
     "recipe",
     "ftsgd_version",
     "amp",
+    "training_weight_dtype",
 )
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
 
@@ -213,6 +214,7 @@ def export_model(
     extra: dict[str, str] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     amp: str = "none",
+    training_weight_dtype: str = "fp32",
 ) -> None:
     """Write ``model.safetensors`` (weights + metadata) and ``config.json`` atomically.
 
@@ -231,6 +233,10 @@ def export_model(
             sharded by FSDP, gathered on this process (its own ``state_dict`` holds only slices).
         amp: The precision the run computed and evaluated in (``none``: fp32, ``bf16``, ``fp16``), so that
             ``ftsgd eval`` evaluates in it and repeats the run's numbers (the weights are float32 either way).
+        training_weight_dtype: What training held the weights in (``train.weight_dtype``). Anything but
+            ``"fp32"`` is written in float32 all the same (one tensor cast at a time), so every tool
+            loads the export as before, and recorded as ``training_weight_dtype`` in the metadata and
+            ``config.json``.
 
     Raises:
         ValueError: ``class_names`` does not match the classifier, ``model_kwargs`` is not JSON
@@ -270,12 +276,19 @@ def export_model(
         "amp": amp,
     }
     metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
+    low_precision = training_weight_dtype != "fp32"
+    if low_precision:
+        metadata["training_weight_dtype"] = training_weight_dtype
 
     weights_path = _weights_path(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
-    atomic_save_safetensors(_export_tensors(target, state_dict), weights_path, metadata=metadata)
+    if low_precision:
+        config["training_weight_dtype"] = training_weight_dtype  # timm ignores keys it does not know
+    tensors = _export_tensors(target, state_dict)
+    float32 = torch.float32 if low_precision else None
+    atomic_save_safetensors(tensors, weights_path, metadata=metadata, float_dtype=float32)
     atomic_write_text(
         weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )

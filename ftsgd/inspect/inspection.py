@@ -178,7 +178,7 @@ def _measure(
             batch_size or t.micro_batch_size or t.batch_size,
             frozen=set(prepared.frozen),
             grad_checkpointing=t.grad_checkpointing,
-            amp_dtype=resolve_amp(t.amp, device),
+            amp_dtype=resolve_amp(t.amp, device, t.weight_dtype),
         )
     except RuntimeError as exc:
         hint = ""

@@ -173,9 +173,10 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Estimate training-state memory for ``model`` with ``frozen`` parameters and optimizer ``optim``.
 
-    Each parameter is counted at its own element size (4 bytes for fp32), so the per-parameter
-    rule of the paper -- 16 bytes AdamW, 12 SGD with momentum, 8 SGD without, 4 frozen -- holds
-    exactly for an fp32 model without buffers.
+    Each parameter is counted at its own element size (4 bytes for fp32, 2 for bf16 weights, whose
+    optimizer state and AdamW baseline stay float32), so the per-parameter rule of the paper -- 16
+    bytes AdamW, 12 SGD with momentum, 8 SGD without, 4 frozen -- holds exactly for an fp32 model
+    without buffers.
 
     Args:
         model: The model; parameters and buffers are only inspected, never moved or copied.
@@ -197,16 +198,16 @@ def estimate_memory(
         size = p.numel() * p.element_size()
         weights += size
         params += p.numel()
-        adamw_total += _ADAMW_SLOTS_TOTAL * size
+        adamw_total += _ADAMW_SLOTS_TOTAL * _fp32_size(p)
         if name in frozen_set:
             continue
         trainable += p.numel()
         gradients += size
         largest_grad = max(largest_grad, size)
-        optimizer_state += slots * size
+        optimizer_state += slots * _fp32_size(p) + _compensation(p, optim)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     weights += buffers
-    adamw_total += buffers
+    adamw_total += sum(_fp32_size(b) for b in model.buffers())
     if optim.step_in_backward:
         gradients = largest_grad
     act = activations.bytes if activations is not None else 0
@@ -229,6 +230,18 @@ def estimate_memory(
         input_size=tuple(activations.input_size) if activations is not None else None,
         ema=ema_bytes,
     )
+
+
+def _fp32_size(t: torch.Tensor) -> int:
+    """Bytes of ``t``, counting a bf16 tensor as float32: bf16 weights (``train.weight_dtype``) keep float32
+    optimizer state (:mod:`ftsgd.model.rounding`), and the AdamW baseline they are compared with is float32."""
+    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
+
+
+def _compensation(p: torch.Tensor, optim: OptimConfig) -> int:
+    """The Kahan compensation buffer of a bf16 weight (``optim.update_rounding = "kahan"``), in bf16."""
+    low = p.dtype == torch.bfloat16 and optim.update_rounding == "kahan"
+    return p.numel() * p.element_size() if low else 0
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import difflib
 import fnmatch
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,7 +411,9 @@ def create_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Module, WeightsReport | None]:
+def build_model(
+    cfg: ModelConfig, num_classes: int | None = None, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, WeightsReport | None]:
     """Create the timm model a recipe asks for and load its starting weights.
 
     Args:
@@ -420,6 +422,9 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
             ``pretrained``, so an offline machine never tries the hub when a file is given) and
             ``kwargs`` for ``timm.create_model``.
         num_classes: Size of the new classifier; ``None`` keeps the architecture's default.
+        dtype: Build the parameters and float buffers in this dtype from the start (bf16 weights,
+            ``train.weight_dtype``): a float32 model converted afterwards would have held the float32
+            weights first, and that peak is what bf16 weights are for. Loaded weights are cast as copied.
 
     Returns:
         The model (in train mode, on the CPU) and the :class:`WeightsReport` when ``cfg.weights``
@@ -448,7 +453,8 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
             kwargs["pretrained_cfg_overlay"] = {**dict(kwargs.get("pretrained_cfg_overlay") or {}), **overlay}
 
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with default_dtype(dtype):
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise ModelError(
             f"timm could not build {name!r} with model.kwargs {create_kwargs(cfg)!r}: {first_line(exc)}. "
@@ -477,10 +483,26 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> tuple[nn.Mo
             raise no_hub_error(name, first_line(exc)) from exc
         raise
 
+    if dtype is not None:
+        model.to(dtype)  # anything a module created in float32 explicitly
     report = load_weights(model, cfg.weights, cfg.reset_head) if cfg.weights else None
     if pretrained:
         _hub_head(model, cfg, num_classes)
     return model, report
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block (nothing when None), restored afterwards."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _source_classes(model: nn.Module) -> int | None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ftsgd.errors import RecipeError
 from ftsgd.model.layers import layer_groups, layer_map, under_any
+from ftsgd.model.rounding import RoundedAdamW, RoundedSGD, RoundingStream
 from ftsgd.recipe.schema import OptimConfig, ScheduleConfig
 
 SGD_NAMES = {"sgd": False, "momentum": False, "nesterov": True}
@@ -209,14 +210,19 @@ def lr_per_layer(
     return rows
 
 
-def create_optimizer(params: list[dict] | list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def create_optimizer(
+    params: list[dict] | list[nn.Parameter], cfg: OptimConfig, stream: RoundingStream | None = None
+) -> torch.optim.Optimizer:
     """Build the optimizer named by ``cfg.name`` over ``params`` (groups or a plain list).
 
     SGD and AdamW are built directly from ``torch.optim`` so that ``momentum = 0`` really keeps no
     state and ``nesterov`` means what it says (timm's ``"sgd"`` turns Nesterov on); every other name
-    goes through timm's optimizer factory.
+    goes through timm's optimizer factory. With a ``stream`` (bf16 weights, ``train.weight_dtype``) the
+    update is :mod:`ftsgd.model.rounding`'s, rounded as ``optim.update_rounding`` says.
     """
     name = cfg.name.lower()
+    if stream is not None:
+        return rounded_optimizer(params, cfg, stream)
     if name in SGD_NAMES:
         return torch.optim.SGD(
             params,
@@ -249,6 +255,26 @@ def create_optimizer(params: list[dict] | list[nn.Parameter], cfg: OptimConfig) 
         momentum=cfg.momentum,
         **changed_moment_args(cfg),
     )
+
+
+def rounded_optimizer(
+    params: list[dict] | list[nn.Parameter], cfg: OptimConfig, stream: RoundingStream
+) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or Adam/AdamW for bf16 weights: updates computed in float32 and rounded back
+    with ``optim.update_rounding``. Other names are refused by the recipe's checks before this."""
+    name, mode = cfg.name.lower(), cfg.update_rounding
+    if name in SGD_NAMES:
+        nesterov = cfg.nesterov or (SGD_NAMES[name] and cfg.momentum > 0)
+        return RoundedSGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay,
+            rounding=mode, stream=stream,
+        )  # fmt: skip
+    if name in ("adamw", "adam"):
+        return RoundedAdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+            decoupled=name == "adamw", rounding=mode, stream=stream,
+        )  # fmt: skip
+    raise ValueError(f"no rounded update for optimizer {cfg.name!r} (the recipe's checks refuse it)")
 
 
 def changed_moment_args(cfg: OptimConfig) -> dict[str, object]:
@@ -352,14 +378,14 @@ class StepInBackward:
     no-op because the work already happened during backward.
     """
 
-    def __init__(self, groups: list[dict], cfg: OptimConfig) -> None:
+    def __init__(self, groups: list[dict], cfg: OptimConfig, stream: RoundingStream | None = None) -> None:
         self.optimizers: list[torch.optim.Optimizer] = []
         self._by_param: dict[nn.Parameter, torch.optim.Optimizer] = {}
         self._handles = []
         for group in groups:
             options = {k: v for k, v in group.items() if k != "params"}
             for param in group["params"]:
-                opt = create_optimizer([{"params": [param], **options}], cfg)
+                opt = create_optimizer([{"params": [param], **options}], cfg, stream)
                 self.optimizers.append(opt)
                 self._by_param[param] = opt
                 self._handles.append(param.register_post_accumulate_grad_hook(self._step_param))
@@ -398,14 +424,20 @@ class StepInBackward:
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, *, embedding: Sequence[str] = (), classifier: Sequence[str] = ()
+    model: nn.Module,
+    cfg: OptimConfig,
+    *,
+    embedding: Sequence[str] = (),
+    classifier: Sequence[str] = (),
+    stream: RoundingStream | None = None,
 ) -> torch.optim.Optimizer | StepInBackward:
     """The optimizer a recipe asks for: a normal one, or per-parameter updates inside backward.
 
     ``embedding`` and ``classifier`` (module names) are needed for ``optim.embed_lr_scale`` and
-    ``optim.head_lr_scale``; see :func:`param_groups`.
+    ``optim.head_lr_scale``; see :func:`param_groups`. ``stream``: the model holds bf16 weights, updated
+    by :func:`rounded_optimizer` with this stream's random bits.
     """
     groups = param_groups(model, cfg, embedding=embedding, classifier=classifier)
     if cfg.step_in_backward:
-        return StepInBackward(groups, cfg)
-    return create_optimizer(groups, cfg)
+        return StepInBackward(groups, cfg, stream)
+    return create_optimizer(groups, cfg, stream)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from ftsgd.model.build import (
@@ -89,7 +90,8 @@ def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: b
             :func:`ftsgd.model.freeze.frozen_parameter_names`.
     """
     start = replace(recipe.model, weights="", pretrained=False) if from_checkpoint else recipe.model
-    model, weights_report = build_model(start, num_classes)
+    dtype = torch.bfloat16 if recipe.train.weight_dtype == "bf16" else None  # held so from the start
+    model, weights_report = build_model(start, num_classes, dtype)
     data_config = data_config_for(model, recipe.data)
     embedding = find_embedding(model, data_config["input_size"])
     fixed = tuple(n for n, p in model.named_parameters() if not p.requires_grad)

@@ -19,12 +19,15 @@ from ftsgd.recipe.schema import (
     INTERPOLATIONS,
     MIXUP_MODES,
     RESET_HEAD,
+    ROUNDED_OPTIMIZERS,
     SAMPLERS,
     SCHEDULE_INTERVALS,
     SCHEDULES,
     SELECT_METRICS,
     STAGE_KEY,
     TRACKERS,
+    UPDATE_ROUNDINGS,
+    WEIGHT_DTYPES,
     DataConfig,
     FreezeConfig,
     ModelConfig,
@@ -52,6 +55,7 @@ def check_values(r: Recipe) -> list[str]:
     p.extend(grid_problems(r.sweep.grid))
     if r.optim.step_in_backward:
         _check_step_in_backward(r, p)
+    p.extend(weight_dtype_problems(r))
     _check_stages(r, p)
     return p
 
@@ -397,3 +401,41 @@ def _check_step_in_backward(r: Recipe, p: list[str]) -> None:
             'optim.step_in_backward: cannot be combined with train.amp = "fp16": an overflow is only '
             'known after some parameters were already updated; use train.amp = "none" (or "auto", also fp32) or "bf16"'
         )
+
+
+def weight_dtype_problems(r: Recipe) -> list[str]:
+    """``train.weight_dtype`` and ``optim.update_rounding``: values, and what bf16 weights cannot be combined with."""
+    t, o = r.train, r.optim
+    p: list[str] = []
+    _choice(p, "train.weight_dtype", t.weight_dtype, WEIGHT_DTYPES)
+    _choice(p, "optim.update_rounding", o.update_rounding, UPDATE_ROUNDINGS)
+    if t.weight_dtype != "bf16":
+        if o.update_rounding != "stochastic" and o.update_rounding in UPDATE_ROUNDINGS:
+            p.append(
+                f"optim.update_rounding: {o.update_rounding!r} only applies to bf16 weights, but "
+                f'train.weight_dtype = {t.weight_dtype!r}; set train.weight_dtype = "bf16" or remove it'
+            )
+        return p
+    if o.name.lower() not in ROUNDED_OPTIMIZERS:
+        p.append(
+            f"optim.name: {o.name!r} has no stochastic-rounding update for bf16 weights "
+            f'(train.weight_dtype = "bf16"); use one of {", ".join(ROUNDED_OPTIMIZERS)}, or '
+            'train.weight_dtype = "fp32"'
+        )
+    if t.amp in ("fp16", "none"):
+        what = "fp16 autocast" if t.amp == "fp16" else "fp32 compute"
+        p.append(
+            f'train.weight_dtype: "bf16" weights compute in bf16, not with train.amp = {t.amp!r} ({what}); '
+            'set train.amp = "bf16" (or "auto")'
+        )
+    if t.ema_decay > 0:
+        p.append(
+            'train.ema_decay: not with train.weight_dtype = "bf16": the average would be held in bf16, where '
+            'each (1 - decay) x step is rounded away; set train.ema_decay = 0 or train.weight_dtype = "fp32"'
+        )
+    if t.shard:
+        p.append(
+            'train.shard: not with train.weight_dtype = "bf16" (the rounded updates work on whole tensors, '
+            'not FSDP2 slices); train with DDP (train.shard = false) or train.weight_dtype = "fp32"'
+        )
+    return p

@@ -37,6 +37,18 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
+WEIGHT_DTYPES = ("fp32", "bf16")
+"""``train.weight_dtype`` values: what the parameters (and so the gradients) are held in."""
+
+
+UPDATE_ROUNDINGS = ("stochastic", "kahan", "nearest")
+"""``optim.update_rounding`` values: how an update is written back into bf16 weights."""
+
+
+ROUNDED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "adam")
+"""``optim.name`` values with a rounded update for bf16 weights (:mod:`ftsgd.model.rounding`)."""
+
+
 BAD_IMAGE_ACTIONS = ("error", "skip")
 
 
@@ -147,6 +159,11 @@ class OptimConfig:
     baseline is 0.2); the embedding must be trainable (freeze.policy = "none")."""
     head_lr_scale: float = 1.0
     """Multiplier on the classifier's learning rate (e.g. 10 for a freshly initialised head)."""
+    update_rounding: str = "stochastic"
+    """With train.weight_dtype = "bf16": how each update (computed in fp32) is written back to the bf16
+    weights. stochastic: round up or down at random, right in expectation | kahan: round to nearest and
+    carry the lost part in a bf16 buffer (2 more bytes/parameter) | nearest: plain rounding, which loses
+    updates smaller than half a bf16 step (for comparison). sgd, momentum, nesterov, adam, adamw only."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +317,10 @@ class TrainConfig:
     WANDB_PROJECT win when set."""
     tensorboard_every: int = 10
     """Log the per-step TensorBoard scalars (train loss/accuracy, lr) every this many optimizer steps."""
+    weight_dtype: str = "fp32"
+    """fp32 | bf16: what the weights (and gradients) are held in for the whole run. bf16 halves them, computes
+    in bf16 autocast (train.amp auto or bf16) and applies each update with optim.update_rounding; the
+    export is float32 all the same."""
     shard: bool = False
     """Under torchrun: shard weights, gradients and optimizer state over the processes with FSDP2
     (``fully_shard``) instead of replicating them with DDP; for models that don't fit one GPU."""

@@ -281,6 +281,11 @@ def check_device(recipe: Recipe, amp_dtype: torch.dtype | None, sharded: bool) -
             "would keep an unsharded copy of the model on every process; set train.ema_decay = 0 or "
             "train with DDP (train.shard = false)"
         )
+    if recipe.train.weight_dtype == "bf16" and amp_dtype == torch.bfloat16 and not _bf16_device_ok(recipe):
+        problems.append(
+            'train.weight_dtype: "bf16" weights need a GPU that computes in bf16 (this one does not); set '
+            'train.weight_dtype = "fp32"'
+        )
     if sharded and fp16:
         problems.append(
             'train.amp: the run computes in fp16 autocast (what an older ftsgd\'s "auto" chose on a GPU '
@@ -289,6 +294,14 @@ def check_device(recipe: Recipe, amp_dtype: torch.dtype | None, sharded: bool) -
         )
     if problems:
         raise RecipeError(problems)
+
+
+def _bf16_device_ok(recipe: Recipe) -> bool:
+    """Whether the training device computes in bf16 (any CPU does, emulated where not in hardware)."""
+    from ftsgd.utils.device import resolve_device
+
+    device = resolve_device(recipe.train.device)
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
 
 
 def check_evaluated(recipe: Recipe, evaluated: Iterable[str], classes: list[str] | None = None) -> None:

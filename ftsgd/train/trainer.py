@@ -52,6 +52,7 @@ from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import train_mode
 from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
 from ftsgd.model.prepare import PreparedModel, prepare_model, refreeze
+from ftsgd.model.rounding import RoundingStream
 from ftsgd.recipe.checks import select_metric
 from ftsgd.recipe.schema import Recipe
 from ftsgd.run.checks import (
@@ -154,7 +155,7 @@ class Trainer:
         self.sharded = t.shard and self.world.distributed
         self.device = self.world.device
         # evaluation, the export and the checkpoint use it too; a resumed run continues in its own (setup)
-        self.amp_dtype = resolve_amp(t.amp, self.device)
+        self.amp_dtype = resolve_amp(t.amp, self.device, t.weight_dtype)
         check_device(self.recipe, self.amp_dtype, self.sharded)
 
     def setup(self) -> None:
@@ -276,6 +277,9 @@ class Trainer:
         return wrap_ddp(self.model, self.world)
 
     def _setup_optimizer(self) -> None:
+        """The optimizer, and with bf16 weights the stream its rounding draws from (a function of the step)."""
+        bf16 = self.recipe.train.weight_dtype == "bf16"
+        self.rounding = RoundingStream.for_model(self.model, self.recipe.train.seed) if bf16 else None
         self._build_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -289,6 +293,7 @@ class Trainer:
             self.stage_recipe.optim,
             embedding=embedding.modules,
             classifier=classifier_modules(self.model, embedding.execution_order),
+            stream=self.rounding,
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -441,6 +446,8 @@ class Trainer:
             The summed loss over the (global) batch's images and the number predicted correctly.
         """
         self.optimizer.zero_grad(set_to_none=True)
+        if self.rounding is not None:  # this step's random bits, on every process alike
+            self.rounding.step = self.state.global_step
         if self.mixup is not None and len(y):  # soft targets from here on: timm's SoftTargetCrossEntropy
             x, y = self.mix(x, y)
         n = len(y) if n is None else n
@@ -560,6 +567,7 @@ class Trainer:
             recipe_name=self.recipe.name,
             model_kwargs=dict(self.recipe.model.kwargs),
             amp=amp_name(self.amp_dtype),
+            training_weight_dtype=self.recipe.train.weight_dtype,
         )
 
     # ------------------------------------------------------------------------------------ selection
@@ -802,6 +810,12 @@ class Trainer:
             "processes": self.world.size,
             "sharded": self.sharded,
             "amp": amp_name(self.amp_dtype),
+            "weight_dtype": recipe.train.weight_dtype,
+            **(
+                {"update_rounding": recipe.optim.update_rounding}
+                if recipe.train.weight_dtype == "bf16"
+                else {}
+            ),
             "input_size": list(self.prepared.data_config["input_size"]),
             "train_time_s": state.train_seconds,
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in state.history),

@@ -45,8 +45,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp`` (None: fp32, no autocast).
+def resolve_amp(mode: str, device: torch.device, weight_dtype: str = "fp32") -> torch.dtype | None:
+    """Autocast dtype for ``train.amp`` (and ``train.weight_dtype``).
+
+    bf16 weights always compute under bf16 autocast, on any device (the recipe's checks refuse them with
+    ``"fp16"`` and ``"none"``); otherwise:
 
     ``auto`` is each device's *measured* default, and that is fp32 on every device: on a CPU, bf16 autocast
     changed what SGD freeze-embed learns on a held-out task (its OOD accuracy and the learning rate selection
@@ -55,6 +58,8 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     ``fp16`` is for CUDA only (validation refuses it with ``train.device = "cpu"``; on a machine without
     CUDA under ``train.device = "auto"`` it means fp32).
     """
+    if weight_dtype == "bf16":
+        return torch.bfloat16
     if mode in ("none", "auto"):
         return None
     if mode == "bf16":

@@ -190,19 +190,28 @@ def atomic_torch_save(obj: Any, path: Path | str) -> None:
 
 
 def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None
+    tensors: dict[str, torch.Tensor],
+    path: Path | str,
+    metadata: dict[str, str] | None = None,
+    float_dtype: torch.dtype | None = None,
 ) -> None:
     """Save ``tensors`` as a safetensors file atomically.
 
     The tensors must already be contiguous and must not share storage (safetensors refuses both);
-    :func:`ftsgd.export.export_model` prepares them.
+    :func:`ftsgd.export.export_model` prepares them. With ``float_dtype`` every floating-point tensor
+    is written in that dtype, cast one tensor at a time (:mod:`ftsgd.utils.tensorfile`).
 
     Raises:
         RunError: The write failed; the previous file is untouched.
     """
     from safetensors.torch import save_file
 
-    def write(_fh: IO[bytes], tmp: Path) -> None:
+    def write(fh: IO[bytes], tmp: Path) -> None:
+        if float_dtype is not None:
+            from ftsgd.utils.tensorfile import write_safetensors
+
+            write_safetensors(fh, tensors, metadata, float_dtype)
+            return
         # save_file streams tensor by tensor; serialising to one bytes object first would double
         # peak memory for multi-gigabyte models.
         save_file(tensors, str(tmp), metadata=metadata)

@@ -274,3 +274,46 @@ def test_inspect_activation_probe_failure_is_explained() -> None:
         "data.img_size: test_vit3 cannot take 48x48 px input" in text
         and "model.kwargs = {img_size = N}" in text
     )
+
+
+def test_bf16_weights_halve_weights_and_gradients_but_not_the_adamw_baseline(mlp: nn.Module) -> None:
+    """train.weight_dtype = "bf16": 2-byte weights and gradients, float32 optimizer state, a float32 baseline."""
+    sgd = OptimConfig(name="sgd", momentum=0.9)
+    fp32 = estimate_memory(mlp, [], sgd)
+    bf16 = estimate_memory(mlp.to(torch.bfloat16), [], sgd)
+    assert (bf16.weights, bf16.gradients, bf16.optimizer_state) == (2 * N, 2 * N, 4 * N)
+    assert bf16.adamw_total == fp32.adamw_total == 16 * N
+    kahan = estimate_memory(mlp, [], dataclasses.replace(sgd, momentum=0.0, update_rounding="kahan"))
+    assert kahan.optimizer_state == 2 * N  # the bf16 compensation buffer
+    floor = estimate_memory(mlp, FIRST_LAYER, dataclasses.replace(sgd, momentum=0.0, step_in_backward=True))
+    assert floor.weights == 2 * N and floor.optimizer_state == 0 and floor.gradients == 2 * 100  # largest
+
+
+def test_inspect_estimates_the_bf16_recipe() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ftsgd.cli.app import app
+
+    args = [
+        "inspect",
+        "test_vit",
+        "--set",
+        "model.kwargs={img_size=32}",
+        "--img-size",
+        "32",
+        "-b",
+        "2",
+        "--json",
+    ]
+    runner = CliRunner()
+    lowmem = json.loads(runner.invoke(app, [*args, "--recipe", "sgd-freeze-embed-lowmem"]).stdout)["memory"]
+    result = runner.invoke(app, [*args, "--recipe", "sgd-freeze-embed-bf16"])
+    assert result.exit_code == 0, result.output
+    bf16 = json.loads(result.stdout)["memory"]
+    assert bf16["weights"] * 2 == lowmem["weights"]
+    # the baseline is float32 AdamW whatever the recipe holds its weights in (plus the activations)
+    assert bf16["adamw_total"] - bf16["activations"] == lowmem["adamw_total"] - lowmem["activations"]
+    assert 0 < bf16["activations"] < lowmem["activations"]  # measured in bf16
+    assert bf16["ratio"] < lowmem["ratio"]

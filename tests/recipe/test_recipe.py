@@ -170,6 +170,13 @@ def test_wrong_types_and_sections() -> None:
         (["optim.betas=[0.9]"], "optim.betas", "two numbers"),
         (["train.label_smoothing=1.0"], "train.label_smoothing", "[0, 1)"),
         (["optim.lr=nan"], "optim.lr", "finite"),
+        (["train.weight_dtype=fp16"], "train.weight_dtype", "expected one of: fp32, bf16"),
+        (["optim.update_rounding=kahan"], "optim.update_rounding", "only applies to bf16 weights"),
+        (["train.weight_dtype=bf16", "train.amp=fp16"], "train.weight_dtype", "not with train.amp = 'fp16'"),
+        (["train.weight_dtype=bf16", "train.amp=none"], "train.weight_dtype", "fp32 compute"),
+        (["train.weight_dtype=bf16", "optim.name=lamb"], "optim.name", "'lamb' has no stochastic-rounding"),
+        (["train.weight_dtype=bf16", "train.ema_decay=0.99"], "train.ema_decay", "held in bf16"),
+        (["train.weight_dtype=bf16", "train.shard=true"], "train.shard", "FSDP2 slices"),
     ],
 )
 def test_value_checks(overrides: list[str], key: str, fragment: str) -> None:

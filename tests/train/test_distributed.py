@@ -317,6 +317,25 @@ def test_batchnorm_cnn_matches_one_process(data: Path, micro: int) -> None:
     assert json.loads(job.stdout())["processes"] == 2
 
 
+def test_bf16_weights_round_alike_on_every_process_and_train_as_one(data: Path) -> None:
+    """train.weight_dtype = "bf16": each process draws the stochastic-rounding bits of a step from (seed,
+    step, parameter), so both replicas apply the same rounded update to the same all-reduced gradient and
+    the job ends with the one-process weights."""
+    sets = [*VIT, 'train.weight_dtype="bf16"']
+    single = data.parent / "single-bf16"
+    _single(data, single, sets)
+    job = Job(_train_args(data, data.parent / "job-bf16", sets, "--quiet"), data.parent, "job-bf16")
+    assert job.wait() == 0, job.stderr()
+    ca, cb = _checkpoint(single), _checkpoint(data.parent / "job-bf16")
+    assert {v.dtype for v in cb["model"].values()} == {torch.bfloat16}
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key  # bit for bit
+    for a, b in zip(_metrics(single), _metrics(data.parent / "job-bf16"), strict=True):
+        for split in ("val", "ood"):
+            assert a["splits"][split]["accuracy"] == b["splits"][split]["accuracy"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ faults
 
 

@@ -1,0 +1,137 @@
+"""bf16 weights updated with stochastic rounding, Kahan compensation or nearest rounding (ftsgd.model.rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
+from ftsgd.model.rounding import RoundedAdamW, RoundedSGD, RoundingStream, stochastic_round_
+from ftsgd.recipe.schema import OptimConfig
+
+ULP_AT_1 = 2.0**-7  # bf16 spacing in [1, 2)
+
+
+def test_stochastic_rounding_is_right_in_expectation_and_lands_on_a_neighbour() -> None:
+    """Many draws of one value average to it; each draw is one of the two bf16 values around it."""
+    value = 1.0 + 0.3 * ULP_AT_1  # 30% of the way from 1 to the next bf16 value
+    source = torch.full((200_000,), value, dtype=torch.float32)
+    target = torch.empty(200_000, dtype=torch.bfloat16)
+    stochastic_round_(target, source, torch.Generator().manual_seed(0))
+    assert set(target.float().unique().tolist()) == {1.0, 1.0 + ULP_AT_1}
+    assert target.double().mean().item() == pytest.approx(value, abs=ULP_AT_1 * 0.005)
+    negative = torch.full((200_000,), -value)
+    stochastic_round_(target, negative, torch.Generator().manual_seed(1))
+    assert target.double().mean().item() == pytest.approx(-value, abs=ULP_AT_1 * 0.005)
+    exact = torch.tensor([1.0, -2.5, 0.0])  # values bf16 holds exactly never move
+    out = torch.empty(3, dtype=torch.bfloat16)
+    stochastic_round_(out, exact.clone(), torch.Generator().manual_seed(2))
+    assert out.float().tolist() == [1.0, -2.5, 0.0]
+
+
+def test_many_draws_of_one_sgd_update_average_to_the_fp32_update() -> None:
+    weight = torch.full((50_000,), 1.0 + 0.5 * ULP_AT_1, dtype=torch.bfloat16).float().bfloat16()
+    start = weight.float().clone()
+    param = torch.nn.Parameter(weight.clone())
+    param.grad = torch.full_like(param, 0.37)
+    RoundedSGD([param], lr=0.01, rounding="stochastic", stream=RoundingStream(seed=3)).step()
+    expected = start - 0.01 * 0.37  # about half a bf16 step
+    assert param.double().mean().item() == pytest.approx(expected.double().mean().item(), abs=ULP_AT_1 * 0.01)
+
+
+def _tiny_updates(rounding: str, steps: int = 300) -> torch.Tensor:
+    """``steps`` SGD steps of -1e-4 (an eightieth of a bf16 step at 1.0) on 4096 weights at 1.0."""
+    param = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    stream = RoundingStream(seed=0, index={id(param): 0})
+    opt = RoundedSGD([param], lr=1e-3, rounding=rounding, stream=stream)
+    for step in range(steps):
+        stream.step = step
+        param.grad = torch.full_like(param, 0.1)
+        opt.step()
+    return param.detach().float()
+
+
+def test_tiny_updates_are_lost_by_nearest_rounding_and_kept_by_stochastic_and_kahan() -> None:
+    target = 1.0 - 300 * 1e-3 * torch.tensor(0.1).bfloat16().item()  # ~0.97 (the gradient is bf16)
+    assert torch.all(_tiny_updates("nearest") == 1.0)  # every update rounded away
+    # a random walk of 300 roundings per weight: its mean over 4096 weights is within ~2e-4 (1 sigma)
+    assert _tiny_updates("stochastic").double().mean().item() == pytest.approx(target, abs=6e-4)
+    kahan = _tiny_updates("kahan")
+    assert torch.all((kahan - target).abs() <= ULP_AT_1 / 2)  # exact up to the weight's own rounding
+
+
+def test_rounding_is_a_pure_function_of_seed_step_and_parameter() -> None:
+    """Two optimizers (two processes, or a run and its resume) draw the same bits for the same step."""
+
+    def once(seed: int, step: int) -> torch.Tensor:
+        param = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+        stream = RoundingStream(seed=seed, step=step, index={id(param): 5})
+        param.grad = torch.full_like(param, 0.2)
+        RoundedSGD([param], lr=1e-2, stream=stream).step()
+        return param.detach().clone()
+
+    assert torch.equal(once(0, 7), once(0, 7))
+    assert not torch.equal(once(0, 7), once(0, 8)) and not torch.equal(once(0, 7), once(1, 7))
+
+
+def _bf16_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", img_size=32, num_classes=3).to(torch.bfloat16)
+
+
+def _train(model: torch.nn.Module, opt, stream: RoundingStream, steps: int = 3) -> None:
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        stream.step = step
+        set_lr([opt], 0.05)
+        opt.zero_grad(set_to_none=True)
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_step_in_backward_gives_the_weights_of_the_normal_step(rounding: str) -> None:
+    cfg = OptimConfig(name="sgd", lr=0.05, momentum=0.9, update_rounding=rounding)
+    normal, inside = _bf16_vit(), _bf16_vit()
+    s1, s2 = RoundingStream.for_model(normal, 0), RoundingStream.for_model(inside, 0)
+    _train(normal, build_optimizer(normal, cfg, stream=s1), s1)
+    sib = build_optimizer(inside, OptimConfig(**{**cfg.__dict__, "step_in_backward": True}), stream=s2)
+    assert isinstance(sib, StepInBackward)
+    _train(inside, sib, s2)
+    for a, b in zip(normal.parameters(), inside.parameters(), strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_state_keeps_its_float32_dtype_through_a_checkpoint() -> None:
+    """torch's load_state_dict casts float state to the parameter's dtype; the rounded optimizers do not."""
+    model = _bf16_vit()
+    stream = RoundingStream.for_model(model, 0)
+    for opt in (
+        build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9), stream=stream),
+        build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), stream=stream),
+    ):
+        assert isinstance(opt, RoundedSGD | RoundedAdamW)
+        _train(model, opt, stream, steps=1)
+        again = type(opt)(opt.param_groups, lr=0.05, stream=stream)
+        again.load_state_dict(opt.state_dict())
+        dtypes = {v.dtype for s in again.state.values() for k, v in s.items() if k != "step"}
+        assert dtypes == {torch.float32}
+
+
+def test_adamw_update_matches_torch_in_float32() -> None:
+    """The rounded AdamW is torch's AdamW: on float32 weights (written back as they are) they agree."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = RoundedAdamW([a], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for i in range(5):
+        grad = torch.randn(64, generator=torch.Generator().manual_seed(i))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
