@@ -202,6 +202,18 @@ def _with_built_size(model: nn.Module, kwargs: dict[str, Any], input_size: tuple
     return {**kwargs, "img_size": size[0] if size[0] == size[1] else size}
 
 
+def _checked_kwargs_json(kwargs: dict[str, Any], extra: Mapping[str, str] | None) -> str:
+    """``model_kwargs`` as the metadata holds it; refuses what cannot be exported (programming errors)."""
+    try:
+        kwargs_json = json.dumps(jsonable(kwargs), sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model_kwargs must be JSON-serialisable to export: {exc}") from exc
+    clash = sorted(set(extra or {}) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra metadata may not override standard keys: {', '.join(clash)}")
+    return kwargs_json
+
+
 def export_model(
     model: nn.Module,
     path: Path | str,
@@ -251,13 +263,7 @@ def export_model(
     kwargs = dict(model_kwargs or {})
     kwargs.pop("num_classes", None)
     kwargs = _with_built_size(target, kwargs, tuple(data["input_size"]))
-    try:
-        kwargs_json = json.dumps(jsonable(kwargs), sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"model_kwargs must be JSON-serialisable to export: {exc}") from exc
-    clash = sorted(set(extra or {}) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"extra metadata may not override standard keys: {', '.join(clash)}")
+    kwargs_json = _checked_kwargs_json(kwargs, extra)
 
     metadata = {
         "format": "pt",
