@@ -85,9 +85,12 @@ class Prediction:
 
 
 def csv_header(k: int) -> list[str]:
-    """``path, class, probability, class_2, probability_2, ..., class_k, probability_k, error``."""
-    ranked = [name for i in range(2, k + 1) for name in (f"class_{i}", f"probability_{i}")]
-    return ["path", "class", "probability", *ranked, "error"]
+    """``path, top1_class, top1_probability, ..., topK_class, topK_probability, error``.
+
+    Ranked names, not ``class_2``: a dataset may well have a class called ``class_2``.
+    """
+    ranked = [name for i in range(1, k + 1) for name in (f"top{i}_class", f"top{i}_probability")]
+    return ["path", *ranked, "error"]
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -160,7 +160,7 @@ def test_csv_and_terminal_output(trained_run: Path, image_folder: Path, tmp_path
     result = predict(str(trained_run), "-", "--csv", "-k", "2", stdin=stdin)
     assert result.exit_code == 1
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "class", "probability", "class_2", "probability_2", "error"]
+    assert rows[0] == ["path", "top1_class", "top1_probability", "top2_class", "top2_probability", "error"]
     assert [r[0] for r in rows[1:]] == order
     by_path = {r[0]: r for r in rows[1:]}
     assert by_path[order[0]][1] in ("circle", "square", "triangle") and by_path[order[0]][5] == ""
