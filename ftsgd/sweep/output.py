@@ -121,7 +121,10 @@ def failure_summary(sweep: Sweep) -> str:
 def print_pending_commands(plan: Plan, as_json: bool) -> dict[str, Any]:
     """One ``ftsgd train ... --resume`` line per run not finished yet (for GNU parallel, a Slurm array)."""
     pending = [run for run in plan.runs if RunDir(run.path).status() != FINISHED]
-    document = {"commands": [run.command for run in pending], "runs": [str(run.path) for run in pending]}
+    document = {
+        "commands": [run.runnable_command for run in pending],
+        "runs": [str(run.path) for run in pending],
+    }
     if as_json:
         console.print_json(document)
     else:

@@ -7,7 +7,9 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,12 @@ class PlannedRun:
     def command(self) -> str:
         """The run as a shell command line."""
         return shlex.join(["ftsgd", *self.args])
+
+    @property
+    def runnable_command(self) -> str:
+        """The run as a command line that works where ``ftsgd`` is not on ``PATH`` (cron, another shell,
+        a scheduler's job): this interpreter, by absolute path, running ``-m ftsgd``."""
+        return shlex.join([os.path.abspath(sys.executable), "-m", "ftsgd", *self.args])
 
 
 @dataclass

@@ -419,7 +419,8 @@ def test_print_commands_run_as_is_and_report_collects_them(
     assert result.exit_code == 0, result.output
     commands = result.stdout.splitlines()
     assert len(commands) == 4 and not out.exists()
-    assert all(c.startswith(f"ftsgd train --data {data.resolve()} --out ") for c in commands)
+    entry = f"{shlex.quote(os.path.abspath(sys.executable))} -m ftsgd"  # runs where ftsgd is not on PATH
+    assert all(c.startswith(f"{entry} train --data {data.resolve()} --out ") for c in commands)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # the stand-in ftsgd
     for pair in (commands[:2], commands[2:]):  # two at a time, as GNU parallel -j 2 would
         procs = [subprocess.Popen(["bash", "-c", c], env={**os.environ, "PATH": path}) for c in pair]
