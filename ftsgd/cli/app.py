@@ -21,6 +21,7 @@ from ftsgd.cli.options import (
     AllowMissingOpt,
     AllowNewImagesOpt,
     BatchesOpt,
+    BatchSizeOpt,
     CompareOpt,
     ConfusionPngOpt,
     CsvOpt,
@@ -41,6 +42,7 @@ from ftsgd.cli.options import (
     JobsOpt,
     JsonLinesOpt,
     JsonOpt,
+    LrOpt,
     MarkdownOpt,
     MaxStepsOpt,
     ModelArg,
@@ -66,6 +68,7 @@ from ftsgd.cli.options import (
     RetryFailedOpt,
     RunOutOpt,
     RunWeightsArg,
+    SeedOpt,
     SetOpt,
     SplitOpt,
     SweepJsonOpt,
@@ -79,6 +82,8 @@ from ftsgd.cli.options import (
     WeightsOpt,
     WorkersOpt,
     recipe_overrides,
+    shorthands,
+    typed_shorthands,
 )
 from ftsgd.errors import UsageError
 from ftsgd.recipe.schema import DEFAULT_RECIPE
@@ -275,6 +280,11 @@ def train(
     quiet: QuietOpt = False,
     allow_new_images: AllowNewImagesOpt = False,
     max_steps: MaxStepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
 ) -> None:
     """Fine-tune a model on an image-folder dataset and export the best weights.
 
@@ -285,6 +295,8 @@ def train(
         ftsgd train --data ~/data/birds --out runs/birds-adamw --recipe adamw --model convnext_tiny --set optim.lr=3e-5
 
         ftsgd train --data ~/data/birds --out runs/birds --resume
+
+        ftsgd train --data ~/data/birds --out runs/quick --model convnext_tiny --epochs 3 --lr 1e-3 --device cpu
     """
     from ftsgd.cli.train import train_command
 
@@ -293,7 +305,10 @@ def train(
             data=data,
             out=out,
             recipe=recipe,
-            overrides=recipe_overrides(sets, **{"model.name": model, "model.weights": weights}),
+            overrides=recipe_overrides(
+                typed_shorthands(sets, **shorthands(epochs, batch_size, lr, device, seed)),
+                **{"model.name": model, "model.weights": weights},
+            ),
             resume=resume,
             quiet=quiet or as_json,
             argv=sys.argv,

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ftsgd.errors import UsageError
 from ftsgd.recipe.schema import DEFAULT_RECIPE
 
 # --------------------------------------------------------------------------- the recipe flags
@@ -72,6 +73,18 @@ AllowNewImagesOpt = Annotated[
         help="With --resume: accept a dataset that only gained images since the run started.",
     ),
 ]
+EpochsOpt = Annotated[
+    int | None, typer.Option("--epochs", min=1, help="Epochs to train (sets train.epochs).")
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", min=1, help="Images per optimizer step (sets train.batch_size)."),
+]
+LrOpt = Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (sets optim.lr).")]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (sets train.device).")
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (sets train.seed).")]
 MaxStepsOpt = Annotated[
     int | None,
     typer.Option(
@@ -325,6 +338,25 @@ ReportPngOpt = Annotated[
 ]
 
 
+def typed_shorthands(sets: list[str] | None, **values: Any) -> list[str]:
+    """``--set`` values plus the typed shorthands everyone types (``--epochs 3`` is ``--set train.epochs=3``).
+
+    Raises:
+        UsageError: a shorthand and a ``--set`` give the same key (which one was meant is unclear).
+    """
+    out = list(sets or [])
+    given = {s.partition("=")[0].strip() for s in out}
+    flags = {"train.epochs": "--epochs", "train.batch_size": "--batch-size", "optim.lr": "--lr"}
+    flags |= {"train.device": "--device", "train.seed": "--seed"}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in given:
+            raise UsageError(f"{flags[key]} and --set {key}=... both set {key}: give it once")
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
 def recipe_overrides(sets: list[str] | None, **shorthands: Any) -> list[str]:
     """``--set`` values plus the shorthand flags, as ``key.path=value`` strings (shorthands win)."""
     out = list(sets or [])
@@ -332,3 +364,14 @@ def recipe_overrides(sets: list[str] | None, **shorthands: Any) -> list[str]:
         if value is not None:
             out.append(f"{key}={json.dumps(str(value))}")
     return out
+
+
+def shorthands(epochs: Any, batch_size: Any, lr: Any, device: Any, seed: Any) -> dict[str, Any]:
+    """``ftsgd train``'s shorthand flags by the recipe key each sets."""
+    return {
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "optim.lr": lr,
+        "train.device": device,
+        "train.seed": seed,
+    }

@@ -471,3 +471,30 @@ def test_a_closed_pipe_stops_quietly_with_141() -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err
     assert err == b""
+
+
+def test_train_shorthands_set_their_recipe_keys_and_clash_with_a_set_of_the_same_key(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    import tomllib
+
+    out = tmp_path / "run"
+    base = ["train", "--data", str(image_folder), "--out", str(out), "--model", "test_vit", "--quiet"]
+    base += ["--set", "model.kwargs={img_size=32}"]
+    flags = ["--epochs", "1", "--batch-size", "8", "--lr", "0.02", "--seed", "3", "--device", "cpu"]
+    result = run(*base, *flags)
+    assert result.exit_code == 0, result.stderr
+    recipe = tomllib.loads((out / "recipe.toml").read_text())
+    assert (recipe["train"]["epochs"], recipe["train"]["batch_size"], recipe["train"]["seed"]) == (1, 8, 3)
+    assert (recipe["optim"]["lr"], recipe["train"]["device"]) == (0.02, "cpu")
+    clash = run(
+        *[a.replace(str(out), str(tmp_path / "other")) for a in base],
+        "--epochs",
+        "2",
+        "--set",
+        "train.epochs=3",
+    )
+    assert (
+        clash.exit_code == 2 and "--epochs and --set train.epochs=... both set train.epochs" in clash.stderr
+    )
+    assert not (tmp_path / "other").exists()
