@@ -138,8 +138,8 @@ def _results(
     results["macro_f1"] = scores["macro_f1"]
     results["balanced_accuracy"] = scores["balanced_accuracy"]
     results["per_class"] = {
-        name: {"accuracy": (c / t if t else None), "n": t, **scores["per_class"][name]}
-        for name, c, t in zip(class_names, correct_l, total_l, strict=True)
+        name: {"accuracy": (c / t if t else None), "n": t, "predicted": int(p), **scores["per_class"][name]}
+        for name, c, t, p in zip(class_names, correct_l, total_l, predicted_l, strict=True)
     }
     if matrix is not None:
         results["confusion"] = matrix

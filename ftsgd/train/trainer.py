@@ -64,6 +64,7 @@ from ftsgd.run.checks import (
 )
 from ftsgd.run.resume import check_same_data, join_job_with
 from ftsgd.run.rundir import RunDir
+from ftsgd.train.collapse import collapse_warning
 from ftsgd.train.exits import StopSignals, compile_error, diverged_error, job_error, oom_error
 from ftsgd.train.parallel import (
     full_model_state,
@@ -383,6 +384,12 @@ class Trainer:
     def _write_summary(self) -> dict[str, Any]:
         """``summary.json``, then the same summary and the run's files to the trackers (rank 0 writes)."""
         summary = self.summary()
+        best = self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else None
+        collapsed = collapse_warning(best) if best is not None else None
+        if collapsed:
+            summary["warnings"] = [*summary.get("warnings", []), collapsed]
+            if self.world.is_main:
+                warn(collapsed)
         if self.world.is_main:
             self.run.write_summary(summary)
             self.tracker.finish(summary)
