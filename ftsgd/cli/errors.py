@@ -7,14 +7,31 @@ how to fix it, never a traceback (``FTSGD_DEBUG=1`` shows it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 import typer
 
 from ftsgd.errors import FtsgdError, Interrupted
 from ftsgd.utils import console
+
+STDOUT_ERRNOS = frozenset({errno.ENOSPC, errno.EBADF, errno.EIO, errno.EPIPE})
+"""Errors of writing the output itself (a full disk, a closed descriptor), not of a command's work."""
+
+
+def unwritable_stdout(reason: str) -> NoReturn:
+    """End with ``reason`` on stderr and exit 1; what is left unflushed goes nowhere (no error at exit)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if sys.stdout is not None:
+            os.dup2(devnull, sys.stdout.fileno())
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.write(f"error: {reason}\n")
+        sys.stderr.flush()
+    raise SystemExit(1)
 
 
 @contextlib.contextmanager

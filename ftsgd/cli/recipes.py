@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from ftsgd.recipe.dump import describe_keys, recipe_to_dict, recipe_to_toml
-from ftsgd.recipe.load import list_recipes
-from ftsgd.run.checks import load_checked_recipe
+from ftsgd.recipe.load import list_recipes, load_recipe
 from ftsgd.utils import console
 
 
@@ -20,8 +19,12 @@ def recipes_list_command(as_json: bool) -> None:
 
 
 def recipes_show_command(name: str, overrides: list[str], as_json: bool) -> None:
-    """``ftsgd recipes show``: a recipe fully resolved, as TOML (or JSON)."""
-    recipe = load_checked_recipe(name, overrides)
+    """``ftsgd recipes show``: a recipe fully resolved, as TOML (or JSON).
+
+    The recipe's own checks only (no torch, no timm: it prints in a fraction of a second); whether this timm
+    knows the model and the folders exist is checked where it matters, by ``train``, ``sweep`` and ``inspect``.
+    """
+    recipe = load_recipe(name, overrides)
     if as_json:
         console.print_json(recipe_to_dict(recipe))
     else:

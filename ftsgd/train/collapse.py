@@ -13,17 +13,20 @@ __all__ = ["COLLAPSE_SHARE", "collapse_warning"]
 
 COLLAPSE_SHARE = 0.9
 """Share of a split's images predicted as one class from which the selected epoch is called collapsed."""
+MIN_IMAGES = 10
+"""Below this many images a split says too little to call anything a collapse (2 of 2 is no evidence)."""
 
 
 def collapse_warning(record: dict[str, Any], split: str = "val") -> str | None:
-    """The warning for epoch ``record`` when it predicts one class for >= 90% of ``split``'s images, else None."""
+    """The warning for epoch ``record`` when it predicts one class for >= 90% of ``split``'s images (of at
+    least :data:`MIN_IMAGES`), else None."""
     per_class = record.get("per_class", {}).get(split)
     if not per_class or any("predicted" not in c for c in per_class.values()):
         return None  # an older run's metrics, or a split too large for per-class counts
     predicted = {name: int(c["predicted"]) for name, c in per_class.items()}
     total = sum(predicted.values())
     top = max(predicted, key=lambda name: predicted[name])
-    if not total or len(predicted) < 2 or predicted[top] < COLLAPSE_SHARE * total:
+    if total < MIN_IMAGES or len(predicted) < 2 or predicted[top] < COLLAPSE_SHARE * total:
         return None
     counts = ", ".join(f"{name} {n}" for name, n in sorted(predicted.items(), key=lambda kv: -kv[1]))
     return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -498,3 +499,24 @@ def test_train_shorthands_set_their_recipe_keys_and_clash_with_a_set_of_the_same
         clash.exit_code == 2 and "--epochs and --set train.epochs=... both set train.epochs" in clash.stderr
     )
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("command", [["recipes"], ["--version"], ["report", "--help"]])
+def test_a_full_stdout_ends_quietly_with_exit_1(command: list[str]) -> None:
+    with open("/dev/full", "w") as full:
+        proc = zygote.run(
+            [sys.executable, "-m", "ftsgd", *command], stdout=full, stderr=subprocess.PIPE, timeout=120
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip() == "error: cannot write to standard output: No space left on device"
+
+
+def test_a_closed_stdout_ends_quietly_with_exit_1() -> None:
+    """A fresh interpreter started with descriptor 1 closed (`ftsgd --version >&-`): no sys.stdout at all."""
+    proc = subprocess.run(
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -m ftsgd --version >&-"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: standard output is closed", proc.stderr

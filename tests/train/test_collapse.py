@@ -21,6 +21,7 @@ def test_ninety_percent_of_one_class_is_a_collapse_with_the_counts() -> None:
     assert "predicted per class: cat 18, dog 2, owl 0" in message
     assert collapse_warning(_record({"cat": 17, "dog": 3})) is None  # 85%
     assert collapse_warning({"epoch": 1, "splits": {}}) is None  # an older run's metrics
+    assert collapse_warning(_record({"cat": 5, "dog": 0})) is None  # 5 images prove nothing
 
 
 def test_evaluation_counts_what_each_class_was_predicted() -> None:
