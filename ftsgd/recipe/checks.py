@@ -56,8 +56,33 @@ def check_values(r: Recipe) -> list[str]:
     if r.optim.step_in_backward:
         _check_step_in_backward(r, p)
     p.extend(weight_dtype_problems(r))
+    p.extend(_range_problems(r))
     _check_stages(r, p)
     return p
+
+
+_UPPER_BOUNDS = {
+    "train.seed": ("seed", 2**63 - 1),
+    "train.batch_size": ("batch_size", 2**20),
+    "train.micro_batch_size": ("micro_batch_size", 2**20),
+    "train.epochs": ("epochs", 10**6),
+    "data.img_size": ("img_size", 8192),
+}
+"""Integer keys with a ceiling: far above any real run, low enough that torch, numpy and the OS can take them
+(a seed of 1e20 or a batch of 1e20 otherwise fails deep inside them with a traceback)."""
+
+
+def _range_problems(r: Recipe) -> list[str]:
+    """Numbers beyond what any run can use, named by key (their lower bounds are checked with each section)."""
+    problems = []
+    for key, (field, ceiling) in _UPPER_BOUNDS.items():
+        section = r.train if key.startswith("train.") else r.data
+        value = getattr(section, field, None)
+        if isinstance(value, int) and value > ceiling:
+            problems.append(f"{key}: must be <= {ceiling}, got {value}")
+    if r.train.seed < 0:
+        problems.append(f"train.seed: must be >= 0, got {r.train.seed}")
+    return problems
 
 
 def _check_stages(r: Recipe, p: list[str]) -> None:

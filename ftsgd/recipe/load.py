@@ -48,6 +48,15 @@ def _read_toml(path: Path, label: str) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([f"{label}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:  # UTF-16 (a BOM) or another encoding: TOML is UTF-8
+        raise RecipeError(
+            [
+                f"{label}: {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 2]!r}); "
+                "TOML files are UTF-8: save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"
+            ]
+        ) from None
+    except RecursionError:
+        raise RecipeError([f"{label}: {path} nests tables or arrays too deeply to read"]) from None
     except OSError as exc:
         raise RecipeError([f"{label}: cannot read {path}: {exc.strerror}"]) from None
 

@@ -256,3 +256,29 @@ def test_a_set_spanning_lines_is_refused_instead_of_dropping_the_rest() -> None:
         load_recipe("sgd", ["optim.lr=0.1\ntrain.epochs=3"])
     with pytest.raises(RecipeError, match=r"expected KEY\.PATH=V1,V2"):
         parse_grid_option("optim.lr=0.1\ntrain.epochs=3")
+
+
+def test_numbers_no_run_can_use_are_refused_naming_their_keys() -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(
+            "sgd",
+            [
+                "train.seed=100000000000000000000",
+                "train.batch_size=100000000000000000000",
+                "data.img_size=100000",
+            ],
+        )
+    text = str(err.value)
+    assert "train.seed: must be <= 9223372036854775807, got 100000000000000000000" in text
+    assert (
+        "train.batch_size: must be <= 1048576" in text
+        and "data.img_size: must be <= 8192, got 100000" in text
+    )
+
+
+def test_a_recipe_that_is_not_utf8_is_refused_also_as_a_base(tmp_path) -> None:
+    (tmp_path / "u16.toml").write_text('base = "sgd"\n[train]\nepochs = 2\n', encoding="utf-16")
+    (tmp_path / "child.toml").write_text(f'base = "{tmp_path / "u16.toml"}"\n')
+    for name in ("u16.toml", "child.toml"):
+        with pytest.raises(RecipeError, match=r"is not UTF-8 text .*iconv -f UTF-16 -t UTF-8"):
+            load_recipe(str(tmp_path / name))
