@@ -107,6 +107,7 @@ def test_metrics_and_aggregates_are_recorded_and_select(runs: dict[str, Path]) -
         "recall",
         "f1",
         "support",
+        "predicted",
     }
     summary = json.loads((runs["full"] / "summary.json").read_text())
     assert summary["select_by"] == "worst.macro_f1"
