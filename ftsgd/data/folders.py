@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import features
 
+from ftsgd.data.entries import is_special, is_utf8
 from ftsgd.errors import DataError
 from ftsgd.recipe.schema import DataConfig
 
@@ -49,6 +50,9 @@ NO_EXTENSION = "no extension"
 OUTSIDE_CLASS = "outside a class folder"
 """:attr:`IgnoredFile.reason` of a file directly in a split folder, where it has no class."""
 
+
+NOT_REGULAR = "not a regular file"
+""":attr:`IgnoredFile.reason` of a named pipe, socket or device: opening one can block for ever, so it is never read."""
 
 REPEATED_FOLDER = "folder already read"
 """:attr:`IgnoredFile.reason` of a folder link that leads to a folder already read in the split."""
@@ -124,7 +128,7 @@ def find_classes(split_dir: Path) -> list[str]:
             such a folder is refused here, before anything is decoded or trained, not at the first export.
     """
     names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
-    bad = [name for name in names if not _is_utf8(name)]
+    bad = [name for name in names if not is_utf8(name)]
     if bad:
         shown = ", ".join(repr(os.fsencode(name))[1:] for name in bad)
         raise DataError(
@@ -135,15 +139,7 @@ def find_classes(split_dir: Path) -> list[str]:
     return names
 
 
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-_IMAGE, _OTHER, _REPEAT, _CLASH = "image", "other", "repeat", "clash"
+_IMAGE, _OTHER, _SPECIAL, _REPEAT, _CLASH = "image", "other", "special", "repeat", "clash"
 """What :func:`_walk_class` found: an image, another file, a folder read before by the same class
 folder (or the split folder or one above it: a loop), or one read before by another class folder."""
 
@@ -212,6 +208,8 @@ def _walk_class(class_dir: Path, owners: _Owners) -> Iterator[tuple[str, Path, t
                 continue
             if entry.is_dir():  # follows links; a dangling link is a file (and an unreadable image)
                 (links if entry.is_symlink() else subdirs).append(Path(entry.path))
+            elif is_special(entry):
+                yield _SPECIAL, Path(entry.path), None
             else:
                 yield (_IMAGE if is_image_file(entry.name) else _OTHER), Path(entry.path), None
         stack.extend(reversed(subdirs))
@@ -236,6 +234,8 @@ def _read_class(class_dir: Path, owners: _Owners) -> tuple[list[Path], list[Igno
             images.append(path)
         elif kind == _OTHER:
             ignored.append(IgnoredFile(path, _ignore_reason(path.name)))
+        elif kind == _SPECIAL:
+            ignored.append(IgnoredFile(path, NOT_REGULAR))
         elif kind == _REPEAT:
             ignored.append(IgnoredFile(path, REPEATED_FOLDER))
         else:
@@ -308,6 +308,9 @@ def _walk_real(
                 links.append(Path(entry.path))
             else:
                 yield from _walk_real(Path(entry.path), read, links, on_error, on_ignored)
+        elif is_special(entry):
+            if on_ignored is not None:
+                on_ignored(IgnoredFile(Path(entry.path), NOT_REGULAR))
         elif is_image_file(entry.name):
             yield Path(entry.path)
         elif on_ignored is not None:

@@ -274,3 +274,33 @@ def test_help_of_predict_and_export() -> None:
         text = " ".join(result.stdout.split())
         assert "Examples" in text and "Exit codes: 0 done; 1 the run failed; 2 bad usage" in text, command
         assert "<bool>" not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_named_pipe_among_the_images_is_skipped_not_read(
+    trained_run: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    """Opening a FIFO blocks until someone writes to it: it is reported as skipped and never opened."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = images(image_folder / "val")[0]
+    (folder / "a.png").write_bytes(Path(good).read_bytes())
+    os.mkfifo(folder / "b.png")
+    ran = zygote.run(_cli(trained_run, str(folder)), capture_output=True, timeout=GUARD_S)
+    assert ran.returncode == 0, ran.stderr
+    (record,) = [json.loads(line) for line in ran.stdout.decode().splitlines()]
+    assert record["path"] == str(folder / "a.png")
+    assert "not a regular file" in ran.stderr.decode()
+
+
+def test_listings_leave_special_files_out(make_folder) -> None:
+    from ftsgd.data.folders import NOT_REGULAR, discover_splits, iter_image_files
+    from ftsgd.recipe.load import load_recipe
+
+    root = make_folder({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    os.mkfifo(root / "train" / "a" / "pipe.png")
+    ignored = []
+    listed = list(iter_image_files(root / "train" / "a", on_ignored=ignored.append))
+    assert len(listed) == 2 and [(i.path.name, i.reason) for i in ignored] == [("pipe.png", NOT_REGULAR)]
+    _, splits = discover_splits(load_recipe("sgd", [f'data.root="{root}"']).data)
+    assert all(p.name != "pipe.png" for p, _ in splits["train"].samples) and len(splits["train"]) == 4
