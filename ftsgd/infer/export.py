@@ -36,6 +36,7 @@ from ftsgd.data.transforms import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.model.build import classifier_modules, unwrap_model
 from ftsgd.model.data_config import model_data_config
+from ftsgd.recipe.schema import INTERPOLATIONS
 from ftsgd.utils.console import warn
 from ftsgd.utils.device import AMP_DTYPES, amp_dtype
 from ftsgd.utils.fileio import atomic_save_safetensors, atomic_write_text, jsonable, remove_stale_temps
@@ -256,6 +257,8 @@ def export_model(
         RunError: A file could not be written; any previous export is intact.
     """
     target = unwrap_model(model)
+    if architecture.startswith(("hf-hub:", "local-dir:")):  # record what timm built, not where it came from
+        architecture = str(getattr(target, "pretrained_cfg", {}).get("architecture") or architecture)
     num_classes = int(getattr(target, "num_classes", len(class_names)))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for a model with {num_classes} outputs")
@@ -313,7 +316,40 @@ def _decode(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
     for key in ("input_size", "mean", "std"):
         if isinstance(decoded.get(key), list):
             decoded[key] = tuple(decoded[key])
+    problems = _metadata_problems(decoded)
+    if problems:
+        raise WeightsError(f"export {path} has unusable metadata: {'; '.join(problems)}; re-export the model")
     return decoded
+
+
+def _metadata_problems(meta: Mapping[str, Any]) -> list[str]:
+    """Values a hand-edited or foreign export holds that would fail deep in timm, each named by key.
+
+    An architecture from a hub (``hf-hub:...``) is refused too: an export is rebuilt locally from its own
+    metadata and weights, and timm would otherwise fetch that model's configuration from the network.
+    """
+    problems = []
+    arch = str(meta.get("architecture", ""))
+    if ":" in arch:
+        problems.append(
+            f"architecture {arch!r} names a source, not a timm architecture (an export never "
+            "reaches the network)"
+        )
+    if "interpolation" in meta and meta["interpolation"] not in INTERPOLATIONS:
+        problems.append(f"interpolation {meta['interpolation']!r} is not one of {', '.join(INTERPOLATIONS)}")
+    size = meta.get("input_size")
+    if size is not None and not (
+        isinstance(size, tuple) and len(size) == 3 and all(isinstance(v, int) and 0 < v <= 8192 for v in size)
+    ):
+        problems.append(f"input_size {size!r} is not [channels, height, width] of positive integers")
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)):
+            problems.append(f"{key} {v!r} is not a list of numbers")
+    crop = meta.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and 0 < crop <= 1):
+        problems.append(f"crop_pct {crop!r} is not a number in (0, 1]")
+    return problems
 
 
 def read_export(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

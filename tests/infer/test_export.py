@@ -197,3 +197,39 @@ def test_read_export_errors(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="truncated or not a valid safetensors file"):
         load_exported_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("interpolation", "evil", "interpolation 'evil' is not one of nearest, bilinear"),
+        ("architecture", "hf-hub:someone/some-model", "names a source, not a timm architecture"),
+        ("crop_pct", "7", "crop_pct 7 is not a number in (0, 1]"),
+        ("input_size", "[3, -1, 32]", "input_size (3, -1, 32) is not [channels, height, width]"),
+    ],
+)
+def test_hand_edited_metadata_is_refused_by_key_without_the_network(
+    tmp_path: Path, key: str, value: str, message: str
+) -> None:
+    """An export is rebuilt from its own metadata: a bad value is exit 2 naming it, a hub name never fetched."""
+    import time
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from ftsgd.cli.app import app
+
+    _export(_trained("test_vit", CASES["test_vit"]), tmp_path, "test_vit", CASES["test_vit"])
+    weights = tmp_path / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:
+        metadata = dict(fh.metadata())
+    save_file(load_file(weights), str(weights), metadata={**metadata, key: value})
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "one.png")
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), str(tmp_path / "one.png")])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert time.monotonic() - start < 10
