@@ -357,6 +357,7 @@ def derive_grid_keys(runs: list[Run]) -> tuple[list[str], list[str]]:
 
 
 def _differing(runs: list[Run]) -> set[str]:
+    runs = [r for r in runs if r.values]  # a run whose recipe.toml is unreadable says nothing about the grid
     keys = {k for r in runs for k in r.values}
     return {k for k in keys if len({canonical(r.values.get(k, MISSING)) for r in runs}) > 1}
 

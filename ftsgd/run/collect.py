@@ -118,7 +118,13 @@ def _runs_under(path: Path) -> list[Path] | str:
             return [path.parent.resolve()]
         return f"{path} is a file, not a run directory or a folder of runs"
     runs = []
-    for folder, dirs, files in os.walk(path):
+    seen: set[str] = set()  # links are followed (a folder of links to runs), each real folder read once
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
         if any(name in files for name in RUN_MARKERS):
             runs.append(Path(folder).resolve())
             dirs.clear()  # a run directory holds no runs
@@ -171,8 +177,10 @@ def _read_recipe(path: Path) -> tuple[dict[str, Any], str | None]:
         return {}, None
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        return {}, f"{path} cannot be read ({exc}); the run is left out of the selection"
+        json.dumps(raw)  # a TOML date or time is no recipe value
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, TypeError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        return {}, f"{path} cannot be read ({reason}); the run is left out of the selection"
     return flatten_recipe(raw), None
 
 
@@ -205,7 +213,7 @@ def _read_history(path: Path) -> tuple[list[dict[str, Any]], str | None]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("splits"), dict):
             return history, f"{path} line {number} is not an epoch record; curves stop before it"
@@ -219,7 +227,7 @@ def _read_summary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return None, f"{path} cannot be read ({type(exc).__name__}: {exc})"
     if not isinstance(summary, dict):
         return None, f"{path} does not hold a JSON object"

@@ -61,16 +61,32 @@ def read_previous(out: Path) -> dict[str, Any] | None:
         return None
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise UsageError(
+            f"{path} nests too deeply to be a sweep record; delete it or use another --out"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(
             f"{path} cannot be read ({first_line(exc)}); delete it to start the record over (the run "
             "directories are kept and reused)"
         ) from None
-    if not isinstance(previous, dict) or previous.get("format") != FORMAT:
+    if not isinstance(previous, dict) or previous.get("format") != FORMAT or not _record_shape_ok(previous):
         raise UsageError(
             f"{path} is not a sweep record of this ftsgd (format {FORMAT}); delete it or use another --out"
         )
     return previous
+
+
+def _record_shape_ok(previous: dict[str, Any]) -> bool:
+    """The parts of an earlier ``sweep.json`` that a sweep reads have the types it wrote (a hand-edit may not)."""
+    recipes, runs = previous.get("recipes", []), previous.get("runs", [])
+    if not isinstance(recipes, list) or not isinstance(runs, list):
+        return False
+    tables_ok = all(
+        isinstance(r, dict) and isinstance(r.get("grid", {}), dict) and isinstance(r.get("recipe", {}), dict)
+        for r in recipes
+    )
+    return tables_ok and all(isinstance(r, dict) for r in runs)
 
 
 def check_out_dir(plan: Plan, previous: dict[str, Any] | None, allow_changed_grid: bool) -> None:

@@ -240,3 +240,41 @@ def test_the_dict_form_is_plain_json(tmp_path: Path) -> None:
     report = collect_report([tmp_path / "s"])
     text = json.dumps(report.to_dict())  # no custom encoder needed: a sweep can store it as is
     assert json.loads(text)["protocol"]["tie_break"][0] == "more finished seeds"
+
+
+@pytest.mark.parametrize(
+    "bad_recipe",
+    ["this is [not toml", "x = " + "[" * 2000 + "]" * 2000, "[train]\nstarted = 2026-12-03T10:00:00"],
+)
+def test_an_unreadable_recipe_is_listed_and_the_other_runs_are_selected_as_before(
+    tmp_path: Path, bad_recipe: str
+) -> None:
+    vals = {(1e-3, 0): 0.80, (1e-3, 1): 0.90, (1e-2, 0): 0.70, (1e-2, 1): 0.95}
+    grid_2x2(tmp_path / "sweep", tmp_path / "data", vals)
+    before = collect_report([tmp_path / "sweep"])
+    write_run(tmp_path / "sweep" / "bad", data=tmp_path / "data", lr=1e-3, seed=2, val=0.1)
+    (tmp_path / "sweep" / "bad" / "recipe.toml").write_text(bad_recipe)
+    report = collect_report([tmp_path / "sweep"])
+    assert report.grid_keys == before.grid_keys == ["optim.lr", "train.seed"]
+    chosen = [s.point.values for s in report.selections if s.point is not None and s.recipe != "?"]
+    assert chosen == [only_selection(before).point.values]
+    assert read_run(tmp_path / "sweep" / "bad").status == BROKEN
+
+
+def test_linked_run_folders_are_followed_once(tmp_path: Path) -> None:
+    write_run(tmp_path / "real" / "a", data=tmp_path / "data")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "a").symlink_to(tmp_path / "real" / "a")
+    (tmp_path / "links" / "loop").symlink_to(tmp_path / "links")
+    assert find_run_dirs([tmp_path / "links"]) == [(tmp_path / "real" / "a").resolve()]
+
+
+@pytest.mark.parametrize(
+    "record", ['{"format": 1, "recipes": 5}', '{"format": 1, "runs": [1]}', "[" * 100000 + "]" * 100000]
+)
+def test_a_sweep_json_of_the_wrong_shape_is_a_clear_error(tmp_path: Path, record: str) -> None:
+    from ftsgd.sweep.record import read_previous
+
+    (tmp_path / "sweep.json").write_text(record)
+    with pytest.raises(UsageError, match=r"sweep\.json (is not a sweep record|nests too deeply)"):
+        read_previous(tmp_path)
