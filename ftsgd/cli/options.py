@@ -175,7 +175,8 @@ NprocOpt = Annotated[
     ),
 ]
 PngOpt = Annotated[
-    Path | None, typer.Option("--png", help="Also plot the diagnostic's gradient norms to this PNG file.")
+    Path | None,
+    typer.Option("--png", metavar="DIR", help="Also plot the diagnostic's gradient norms into this folder."),
 ]
 
 # --------------------------------------------------------------------------- eval, predict, export (shared)

@@ -461,16 +461,25 @@ def _print_rich_bars(result: GradientDiagnostic, title: str) -> None:
     out.print(table)
 
 
-def check_png_path(path: Path | str) -> Path:
-    """Refuse a ``--png`` target before any work: it must end in .png and its folder must exist."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--png {path}: the file name must end in .png")
-    if not path.parent.is_dir():
-        raise UsageError(f"--png {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UsageError(f"--png {path}: is a folder; give a file name")
-    return path
+DIAGNOSTIC_PNG = "gradient_diagnostic.png"
+"""The file ``inspect --data ... --png DIR`` writes into ``DIR``."""
+
+
+def check_png_path(folder: Path | str) -> Path:
+    """The plot's path in the ``--png`` folder, refused before any work when that cannot be a folder.
+
+    ``--png`` means a folder in every command (``eval``, ``report``, ``sweep``, ``inspect``), so a
+    name that looks like a file (``grads.png``) is refused rather than turned into a folder of that name.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--png {folder} exists and is not a folder; --png takes a folder for the plots")
+    if not folder.exists() and folder.suffix.lower() == ".png":
+        raise UsageError(
+            f"--png {folder}: --png takes a folder (the plot is written into it as {DIAGNOSTIC_PNG}), "
+            f"not a file name; e.g. --png {folder.parent / 'plots'}"
+        )
+    return folder / DIAGNOSTIC_PNG
 
 
 def plot_diagnostic(result: GradientDiagnostic, png_path: Path | str) -> Path:
@@ -478,7 +487,7 @@ def plot_diagnostic(result: GradientDiagnostic, png_path: Path | str) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = check_png_path(png_path)
+    path = Path(png_path)
     groups = result.groups
     fig = Figure(figsize=(8, 1.5 + 0.28 * len(groups)))
     FigureCanvasAgg(fig)

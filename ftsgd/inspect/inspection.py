@@ -197,8 +197,7 @@ def run_diagnostic(
 
     ``batches`` None means :data:`ftsgd.diagnose.DEFAULT_BATCHES`.
     """
-    if png is not None:
-        check_png_path(png)  # before minutes of work, not after
+    target = check_png_path(png) if png is not None else None  # before minutes of work, not after
     if not recipe.model.weights and not recipe.model.pretrained:
         console.warn(
             "no --weights: measuring randomly initialised weights; the diagnostic is meant for the "
@@ -207,6 +206,7 @@ def run_diagnostic(
     result = diagnose_from_recipe(recipe, data, batches or DEFAULT_BATCHES, num_classes)
     for message in result.data_warnings:
         console.warn(message)
-    if png is not None:
-        plot_diagnostic(result, png)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        plot_diagnostic(result, target)
     return result

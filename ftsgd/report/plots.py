@@ -51,6 +51,10 @@ def check_plot_dir(out: Path) -> None:
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"--png {out} exists and is not a folder; give a folder for the plots")
+    if not out.exists() and out.suffix.lower() == ".png":  # eval --png plots/cm.png made a folder "cm.png"
+        raise UsageError(
+            f"--png {out}: --png takes a folder for the plots, not a file name; e.g. --png {out.parent}"
+        )
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:

@@ -77,3 +77,17 @@ def test_metrics_jsonl_has_per_class_accuracy_of_val(trained_run: Path) -> None:
         assert sum(c["n"] for c in per_class.values()) == record["splits"]["val"]["n"] == 24
         hits = sum(c["accuracy"] * c["n"] for c in per_class.values())
         assert hits / 24 == pytest.approx(record["splits"]["val"]["accuracy"])
+
+
+def test_png_is_a_folder_in_every_command_and_a_file_name_is_refused(tmp_path: Path) -> None:
+    """``eval --png plots/cm.png`` once made a folder named cm.png: such a name is now refused."""
+    from ftsgd.errors import UsageError
+    from ftsgd.inspect.diagnose import check_png_path
+    from ftsgd.report.plots import check_plot_dir
+
+    with pytest.raises(UsageError, match="--png takes a folder"):
+        check_plot_dir(tmp_path / "plots" / "cm.png")
+    with pytest.raises(UsageError, match="--png takes a folder"):
+        check_png_path(tmp_path / "grads.png")
+    assert check_png_path(tmp_path / "plots") == tmp_path / "plots" / "gradient_diagnostic.png"
+    assert not (tmp_path / "plots").exists()

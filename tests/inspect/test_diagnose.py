@@ -187,7 +187,7 @@ def test_text_bars_scale_to_the_largest_norm() -> None:
 
 
 def test_inspect_data_json_and_png(image_folder: Path, tmp_path: Path) -> None:
-    png = tmp_path / "grads.png"
+    png = tmp_path / "plots"
     args = [
         "inspect",
         "test_vit",
@@ -207,7 +207,7 @@ def test_inspect_data_json_and_png(image_folder: Path, tmp_path: Path) -> None:
     assert diag["num_classes"] == 3 and report["num_classes"] == 3
     assert diag["freeze_embedding"] in (True, False) and diag["reason"]
     assert "no --weights" in result.stderr
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (png / "gradient_diagnostic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
 
 
@@ -224,10 +224,10 @@ def test_inspect_data_plain_and_terminal_output(image_folder: Path) -> None:
 
 def test_inspect_diagnostic_usage_errors_exit_2_before_any_work(image_folder: Path, tmp_path: Path) -> None:
     cases = [
-        (["--png", str(tmp_path / "x.png")], "add --data"),
+        (["--png", str(tmp_path / "plots")], "add --data"),
         (["--batches", "3"], "add --data"),
-        (["--data", str(image_folder), "--png", str(tmp_path / "x.jpg")], "must end in .png"),
-        (["--data", str(image_folder), "--png", str(tmp_path / "missing" / "x.png")], "does not exist"),
+        (["--data", str(image_folder), "--png", str(tmp_path / "x.png")], "--png takes a folder"),
+        (["--data", str(image_folder), "--png", str(Path(__file__))], "exists and is not a folder"),
         (["--data", str(image_folder), "--num-classes", "5"], "does not match the 3 classes"),
         (["--data", str(tmp_path / "nope")], "does not exist"),
         (["--data", str(image_folder), "--batches", "0"], "--batches"),
