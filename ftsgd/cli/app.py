@@ -134,7 +134,8 @@ def _root(version: VersionOpt = False) -> None:
 
         ftsgd inspect vit_base_patch16_clip_224 --recipe sgd-freeze-embed
 
-        ftsgd train --data ~/data/birds --out runs/birds --model convnext_tiny --weights convnext_tiny.safetensors
+        ftsgd train --data ~/data/birds --out runs/birds --model convnext_tiny \\
+            --weights convnext_tiny.safetensors
 
         ftsgd eval runs/birds --data ~/data/birds --split ood
     """
@@ -231,13 +232,17 @@ def inspect(
 
         ftsgd inspect vit_base_patch16_clip_224
 
-        ftsgd inspect convnext_base --recipe sgd-freeze-embed --set freeze.policy=embed+stage1
+        ftsgd inspect convnext_base --recipe sgd-freeze-embed \\
+            --set freeze.policy=embed+stage1
 
-        ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 --json
+        ftsgd inspect resnet50 --weights resnet50.safetensors --num-classes 10 \\
+            --json
 
-        ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem --batch-size 8
+        ftsgd inspect vit_large_patch16_224 --recipe sgd-freeze-embed-lowmem \\
+            --batch-size 8
 
-        ftsgd inspect convnext_tiny --weights convnext_tiny.safetensors --data ~/data/birds --png grads.png
+        ftsgd inspect convnext_tiny --weights convnext_tiny.safetensors \\
+            --data ~/data/birds --png grads.png
 
         ftsgd inspect vit_giant_patch14_clip_224 --nproc 8
     """
@@ -291,13 +296,16 @@ def train(
 
     Examples:
 
-        ftsgd train --data ~/data/birds --out runs/birds --model vit_base_patch16_clip_224 --weights clip_b16.safetensors
+        ftsgd train --data ~/data/birds --out runs/birds \\
+            --model vit_base_patch16_clip_224 --weights clip_b16.safetensors
 
-        ftsgd train --data ~/data/birds --out runs/birds-adamw --recipe adamw --model convnext_tiny --set optim.lr=3e-5
+        ftsgd train --data ~/data/birds --out runs/birds-adamw --recipe adamw \\
+            --model convnext_tiny --set optim.lr=3e-5
 
         ftsgd train --data ~/data/birds --out runs/birds --resume
 
-        ftsgd train --data ~/data/birds --out runs/quick --model convnext_tiny --epochs 3 --lr 1e-3 --device cpu
+        ftsgd train --data ~/data/birds --out runs/quick --model convnext_tiny \\
+            --epochs 3 --lr 1e-3 --device cpu
     """
     from ftsgd.cli.train import train_command
 
@@ -339,7 +347,8 @@ def eval_(
 
         ftsgd eval runs/birds --data ~/data/birds
 
-        ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val --split ood --json
+        ftsgd eval runs/birds/model.safetensors --data ~/data/birds --split val \\
+            --split ood --json
 
         ftsgd eval runs/birds --data ~/data/birds --png runs/birds/plots
 
@@ -392,7 +401,9 @@ def predict(
 
         ftsgd predict runs/birds new_photos/ > predictions.jsonl
 
-        find incoming/ -name '*.jpg' -newer last_run | ftsgd predict runs/birds - --top-k 3
+        find incoming/ -name '*.jpg' -newer last_run \\
+
+            | ftsgd predict runs/birds - --top-k 3
 
         ftsgd predict runs/birds photo1.jpg photo2.png --csv
     """
@@ -543,11 +554,15 @@ def sweep(
 
     Examples:
 
-        ftsgd sweep --data ~/data/birds --out sweeps/birds --recipe sgd-freeze-embed --recipe adamw --model vit_base_patch16_clip_224 --weights clip_b16.safetensors
+        ftsgd sweep --data ~/data/birds --out sweeps/birds \\
+            --recipe sgd-freeze-embed --recipe adamw --model vit_base_patch16_clip_224 \\
+            --weights clip_b16.safetensors
 
-        ftsgd sweep --data ~/data/birds --out sweeps/quick --model convnext_tiny --grid optim.lr=1e-3,3e-3 --grid train.seed=0,1 --jobs 2
+        ftsgd sweep --data ~/data/birds --out sweeps/quick --model convnext_tiny \\
+            --grid optim.lr=1e-3,3e-3 --grid train.seed=0,1 --jobs 2
 
-        ftsgd sweep --data ~/data/birds --out sweeps/birds --model resnet50 --print-commands > runs.txt
+        ftsgd sweep --data ~/data/birds --out sweeps/birds --model resnet50 \\
+            --print-commands > runs.txt
     """
     from ftsgd.sweep.command import sweep_command
     from ftsgd.sweep.plan import SweepOptions

@@ -26,9 +26,27 @@ class ValuelessHelp:
         return option
 
 
-class Command(ValuelessHelp, typer.core.TyperCommand):
-    """A command whose ``-h`` flag is listed without a value type."""
+class LiteralBrackets:
+    """Help text is shown as written: ``pip install 'ftsgd[onnx]'`` keeps its ``[onnx]`` (mixed in).
+
+    Typer renders help through rich markup, where ``[onnx]`` is a style tag and silently vanishes; every
+    text of a command (its help, its options' help) is escaped once, when the command is built.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from rich.markup import escape
+
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        for owner in (self, *getattr(self, "params", [])):
+            for attr in ("help", "epilog", "short_help"):
+                text = getattr(owner, attr, None)
+                if isinstance(text, str) and "[" in text:
+                    setattr(owner, attr, escape(text))
 
 
-class Group(ValuelessHelp, typer.core.TyperGroup):
-    """A command group whose ``-h`` flag is listed without a value type."""
+class Command(LiteralBrackets, ValuelessHelp, typer.core.TyperCommand):
+    """A command whose help shows brackets literally and whose ``-h`` flag is listed without a value type."""
+
+
+class Group(LiteralBrackets, ValuelessHelp, typer.core.TyperGroup):
+    """A command group whose help shows brackets literally and whose ``-h`` is listed without a value type."""
