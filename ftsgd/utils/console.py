@@ -68,12 +68,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         return
     cells = [[("" if c is None else str(c)) for c in row] for row in rows]
     if stdout_is_tty():
-        table = Table(title=Text(title), title_justify="left")
-        for i, col in enumerate(columns):
-            table.add_column(Text(col), justify="left" if i == 0 else "right")
-        for row in cells:
-            table.add_row(*(Text(c) for c in row))  # class names like "[cat]" are not rich markup
-        console().print(table)
+        _print_rich_table(title, columns, cells)
         return
     widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
     out = [title] if title else []
@@ -82,6 +77,33 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     sys.stdout.write("\n".join(out) + "\n")
     sys.stdout.flush()
+
+
+def _print_rich_table(title: str, columns: Sequence[str], cells: list[list[str]]) -> None:
+    """A rich table when it fits the terminal; else one block per row, so no header or cell is cut.
+
+    Rich shrinks a table that is too wide by cutting headers and cells (``opt…`` and ``tra…`` for two
+    different keys); a narrow terminal gets every row as ``column: value`` lines instead, wrapped whole.
+    """
+    out = console()
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+    if sum(widths) + 3 * len(columns) + 1 <= out.width:
+        table = Table(title=Text(title), title_justify="left")
+        for i, col in enumerate(columns):
+            table.add_column(Text(col), justify="left" if i == 0 else "right")
+        for row in cells:
+            table.add_row(*(Text(c) for c in row))  # class names like "[cat]" are not rich markup
+        out.print(table)
+        return
+    if title:
+        out.print(Text(title, style="italic"))
+    key_width = max(len(col) for col in columns)
+    for row in cells:
+        out.print(Text(f"{columns[0]}: {row[0]}", style="bold"))
+        for col, cell in zip(columns[1:], row[1:], strict=True):
+            line = Text(f"  {col + ':':<{key_width + 1}} {cell}")
+            out.print(line, soft_wrap=False)
+        out.print()
 
 
 def print_kv(pairs: Sequence[tuple[str, Any]]) -> None:

@@ -36,3 +36,22 @@ def test_help_fits_80_columns_and_keeps_its_brackets_and_examples(command: list[
 def test_bracketed_texts_survive_the_help_markup() -> None:
     text = CliRunner().invoke(app, ["export", "-h"], env={"COLUMNS": "80"}, terminal_width=80).stdout
     assert "pip install 'ftsgd[onnx]'" in text and "[default: random" in text
+
+
+def test_tables_too_wide_for_80_columns_become_records_with_every_header_and_cell_whole(tmp_path) -> None:
+    from _runs import write_run
+
+    from ftsgd.recipe.dump import describe_keys
+
+    tty80 = {"COLUMNS": "80", "FTSGD_FORCE_TTY": "1"}
+    keys = CliRunner().invoke(app, ["recipes", "keys"], env=tty80, terminal_width=80)
+    assert keys.exit_code == 0, keys.output
+    flat = " ".join(keys.stdout.split())
+    assert "…" not in keys.stdout
+    for key, _kind, _default, description in describe_keys():
+        assert f"key: {key}" in flat and " ".join(description.split()) in flat, key
+    for lr, seed in ((1e-3, 0), (1e-2, 0), (1e-3, 1), (1e-2, 1)):
+        write_run(tmp_path / "runs" / f"{lr}-{seed}", data=tmp_path / "data", lr=lr, seed=seed)
+    report = CliRunner().invoke(app, ["report", str(tmp_path / "runs")], env=tty80, terminal_width=80)
+    assert report.exit_code == 0, report.output
+    assert "…" not in report.stdout and "optim.lr" in report.stdout and "train.seed" in report.stdout
