@@ -364,7 +364,10 @@ class Trainer:
             self.setup()
         self._start_run()
         progress = training_progress(
-            self.quiet, epochs=self.stages.total_epochs, steps_per_epoch=self.steps_per_epoch
+            self.quiet,
+            epochs=self.stages.total_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            select_by=self.recipe.train.select_by,
         )
         with progress, self.tracker, self.signals.caught(), self._run_errors():
             self._progress = progress

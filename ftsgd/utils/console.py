@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,13 +151,23 @@ class TrainingProgress:
     ``mode`` is ``"rich"``, ``"plain"`` or ``"quiet"``; :func:`training_progress` picks it.
     """
 
-    def __init__(self, mode: str, *, epochs: int, steps_per_epoch: int, log_every: int = 50) -> None:
+    def __init__(
+        self,
+        mode: str,
+        *,
+        epochs: int,
+        steps_per_epoch: int,
+        log_every: int = 50,
+        select_by: str = "val.accuracy",
+    ) -> None:
         self.mode = mode
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.log_every = log_every
+        self.select_by = select_by
         self._progress: Any = None
         self._task: Any = None
+        self._clock: tuple[float, int] | None = None  # (time, global step) of the first step timed here
 
     def __enter__(self) -> TrainingProgress:
         if self.mode == "rich":
@@ -166,7 +177,6 @@ class TrainingProgress:
                 Progress,
                 TextColumn,
                 TimeElapsedColumn,
-                TimeRemainingColumn,
             )
 
             self._progress = Progress(
@@ -175,8 +185,7 @@ class TrainingProgress:
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                TextColumn("run ETA {task.fields[eta]}"),
                 console=console(),
                 transient=False,
             )
@@ -202,13 +211,20 @@ class TrainingProgress:
                 loss="-",
                 lr=f"{lr:.3g}",
                 ips="-",
+                eta="-",
             )
 
     def step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float) -> None:
         """After optimizer step ``step`` (1-based within the epoch)."""
+        eta = self._run_eta(epoch * self.steps_per_epoch + step)
         if self._progress is not None:
             self._progress.update(
-                self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.3g}", ips=f"{images_per_s:.0f}"
+                self._task,
+                completed=step,
+                loss=f"{loss:.4f}",
+                lr=f"{lr:.3g}",
+                ips=f"{images_per_s:.0f}",
+                eta=eta,
             )
         elif (
             self.mode == "plain"
@@ -217,24 +233,30 @@ class TrainingProgress:
             and step < self.steps_per_epoch
         ):
             info(
-                f"epoch {epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
-                f"loss {loss:.4f} lr {lr:.3g} {images_per_s:.1f} img/s"
+                f"{_stamp()}epoch {epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
+                f"loss {loss:.4f} lr {lr:.3g} {images_per_s:.1f} img/s, run ETA {eta}"
             )
+
+    def _run_eta(self, done: int) -> str:
+        """Time left for the whole run (every epoch), from the pace of the steps timed in this process."""
+        now = time.monotonic()
+        if self._clock is None or done <= self._clock[1]:
+            self._clock = (now, done)
+            return "-"
+        rate = (done - self._clock[1]) / max(now - self._clock[0], 1e-9)
+        return _duration((self.epochs * self.steps_per_epoch - done) / rate)
 
     def end_epoch(self, record: dict[str, Any], best: bool) -> None:
         """One summary line per epoch (train loss/accuracy and every split's accuracy)."""
         if self.mode == "quiet":
             return
-        splits = "  ".join(f"{name} acc {m['accuracy']:.4f}" for name, m in record["splits"].items())
-        line = (
-            f"epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.4f}  {splits}  {record['images_per_s']:.1f} img/s "
-            f"{record['epoch_time_s']:.1f}s{'  (best)' if best else ''}"
-        )
+        lines = epoch_lines(record, self.epochs, best, self.select_by)
         if self._progress is not None:
-            self._progress.console.print(line, highlight=False, markup=False)
+            for line in lines:
+                self._progress.console.print(line, highlight=False, markup=False)
         else:
-            info(line)
+            for line in lines:
+                info(_stamp() + line)
 
     def message(self, text: str) -> None:
         """A status line (suppressed when quiet)."""
@@ -243,10 +265,58 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.console.print(text, highlight=False, markup=False)
         else:
-            info(text)
+            info(_stamp() + text)
 
 
-def training_progress(quiet: bool, *, epochs: int, steps_per_epoch: int) -> TrainingProgress:
+LINE_WIDTH = 80
+"""Epoch lines wrap below this, between fields, never inside a number."""
+
+
+def epoch_lines(
+    record: dict[str, Any], epochs: int, best: bool, select_by: str = "val.accuracy"
+) -> list[str]:
+    """An epoch's summary as lines of at most :data:`LINE_WIDTH` characters, broken between fields.
+
+    Every split's accuracy, and the metric ``train.select_by`` names when it is not an accuracy (so ``(best)``
+    can be checked against what chose it).
+    """
+    split_sel, _, metric = select_by.partition(".")
+    fields = [
+        f"epoch {record['epoch']}/{epochs}",
+        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}",
+    ]
+    for name, m in record["splits"].items():
+        text = f"{name} acc {m['accuracy']:.4f}" if "accuracy" in m else name
+        if name == split_sel and metric not in ("accuracy", "") and isinstance(m.get(metric), (int, float)):
+            text += f" {metric} {m[metric]:.4f}"
+        fields.append(text)
+    fields.append(
+        f"{record['images_per_s']:.1f} img/s {record['epoch_time_s']:.1f}s" + ("  (best)" if best else "")
+    )
+    lines, current = [], ""
+    for field in fields:
+        candidate = f"{current}  {field}" if current else field
+        if current and len(candidate) > LINE_WIDTH:
+            lines.append(current)
+            candidate = "  " + field
+        current = candidate
+    return [*lines, current]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _stamp() -> str:
+    """The time in front of each plain progress line (logs of cron jobs need it)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S ")
+
+
+def training_progress(
+    quiet: bool, *, epochs: int, steps_per_epoch: int, select_by: str = "val.accuracy"
+) -> TrainingProgress:
     """Pick rich, plain or quiet output for a training run."""
     mode = "quiet" if quiet or secondary_rank() else ("rich" if stdout_is_tty() else "plain")
-    return TrainingProgress(mode, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    return TrainingProgress(mode, epochs=epochs, steps_per_epoch=steps_per_epoch, select_by=select_by)
