@@ -555,7 +555,8 @@ def sweep(
     Examples:
 
         ftsgd sweep --data ~/data/birds --out sweeps/birds \\
-            --recipe sgd-freeze-embed --recipe adamw --model vit_base_patch16_clip_224 \\
+            --recipe sgd-freeze-embed --recipe adamw \\
+            --model vit_base_patch16_clip_224 \\
             --weights clip_b16.safetensors
 
         ftsgd sweep --data ~/data/birds --out sweeps/quick --model convnext_tiny \\

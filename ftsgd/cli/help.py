@@ -37,11 +37,31 @@ class LiteralBrackets:
         from rich.markup import escape
 
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        if isinstance(getattr(self, "help", None), str):
+            self.help = reflow(self.help)
         for owner in (self, *getattr(self, "params", [])):
             for attr in ("help", "epilog", "short_help"):
                 text = getattr(owner, attr, None)
                 if isinstance(text, str) and "[" in text:
                     setattr(owner, attr, escape(text))
+
+
+def reflow(text: str) -> str:
+    """Prose paragraphs joined into one line each, so the terminal wraps them evenly; examples kept as written.
+
+    Typer keeps a docstring's line breaks, which were made for the source file's width: at 80 columns every
+    such line wraps again, raggedly. A paragraph with a command line (``ftsgd ...``) or an indented line keeps
+    its breaks, since a copied example must stay the command it shows.
+    """
+    paragraphs = text.split("\n\n")
+    out = []
+    for paragraph in paragraphs:
+        lines = paragraph.strip("\n").splitlines()
+        literal = any(
+            line.strip().startswith(("ftsgd ", "find ", "|")) or line.startswith("    ") for line in lines
+        )
+        out.append(paragraph if literal else " ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
 
 
 class Command(LiteralBrackets, ValuelessHelp, typer.core.TyperCommand):
