@@ -1,6 +1,6 @@
 """``python -m ftsgd`` runs the same CLI as the ``ftsgd`` console script."""
 
-from ftsgd.cli.app import main
+from ftsgd.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -125,7 +125,7 @@ def _install(spec: str) -> None:
 
 def main() -> None:
     _install(os.environ.get("FTSGD_FAULT", ""))
-    from ftsgd.cli.app import main as cli_main
+    from ftsgd.cli.main import main as cli_main
 
     sys.argv = ["ftsgd", *sys.argv[1:]]
     cli_main()

@@ -8,14 +8,13 @@ an error becomes an exit code in :mod:`ftsgd.cli.errors`.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated
 
 import typer
 
 from ftsgd import __version__
-from ftsgd.cli.errors import STDOUT_ERRNOS, unwritable_stdout, user_errors
+from ftsgd.cli.errors import user_errors
 from ftsgd.cli.help import EXIT_CODES, HELP_OPTIONS, Command, Group
 from ftsgd.cli.options import (
     AllowChangedGridOpt,
@@ -590,24 +589,3 @@ def sweep(
                 select_by=select_by,
             )
         )
-
-
-def main() -> None:
-    """Console-script entry point: the app, and standard output that cannot be written ended quietly.
-
-    ``ftsgd ... >&-`` starts without a standard output and ``> /dev/full`` fails every write: neither is
-    a reason for a traceback. Like a closed pipe (141, :func:`ftsgd.cli.errors.user_errors`), the command
-    ends with one line on stderr and exit 1.
-    """
-    if sys.stdout is None:
-        unwritable_stdout("standard output is closed")
-    try:
-        app()
-    except OSError as exc:
-        if exc.errno not in STDOUT_ERRNOS or os.environ.get("FTSGD_DEBUG") == "1":
-            raise
-        unwritable_stdout(f"cannot write to standard output: {exc.strerror}")
-
-
-if __name__ == "__main__":
-    main()

@@ -162,6 +162,7 @@ def selected_curves(report: Report, colours: dict[str, Any]) -> Figure | None:
         for name, ax in panels.items():
             for run in point.runs:
                 ax.plot(*curve(run, name), color=colour, linestyle=style, alpha=0.3, linewidth=1)
+                _mark_best(ax, run, name, colour)
             ax.plot(*_mean_curve(point.runs, name), color=colour, linestyle=style, linewidth=2.2)
     _legend(fig, [(_point_name(p), colours[p.recipe], styles[i // 10 % 4]) for i, p in enumerate(points)])
     return fig
@@ -188,21 +189,45 @@ def _figure_legend(fig: Figure, handles: list[Any], labels: list[str]) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncols=max(1, columns), fontsize="small")
 
 
+_STYLES = ["-", "--", ":", "-."]
+
+
+def _run_label(report: Report, run: Run) -> str:
+    """The run's grid point within its recipe (its non-seed grid values), e.g. ``optim.lr=0.001``."""
+    keys = report.point_keys
+    return ",".join(f"{k}={run.values.get(k)}" for k in keys) or "runs"
+
+
 def all_run_curves(report: Report, colours: dict[str, Any]) -> Figure | None:
-    """Learning curves of every run with a history, coloured by recipe; unfinished runs dashed."""
+    """Learning curves of every run with a history: colour by recipe, line style by grid point (so the runs of
+    one recipe can be told apart, each point named in the legend); unfinished runs faint; the exported
+    (best) epoch of each run marked with a dot."""
     runs = [r for r in report.runs if r.history]
     if not runs:
         return None
-    fig, panels = _curve_panels(report, f"Learning curves of all {len(runs)} runs", len(colours) + 1)
+    styles: dict[tuple[str, str], str] = {}
     for run in runs:
-        style = "--" if run.status == UNFINISHED else "-"
+        per_recipe = sum(1 for recipe, _ in styles if recipe == run.recipe)
+        styles.setdefault((run.recipe, _run_label(report, run)), _STYLES[per_recipe % len(_STYLES)])
+    fig, panels = _curve_panels(report, f"Learning curves of all {len(runs)} runs", len(styles) + 1)
+    for run in runs:
+        style = styles[(run.recipe, _run_label(report, run))]
+        alpha = 0.3 if run.status == UNFINISHED else 0.7
         for name, ax in panels.items():
-            ax.plot(*curve(run, name), color=colours[run.recipe], linestyle=style, alpha=0.6, linewidth=1)
-    entries = [(name, colour, "-") for name, colour in colours.items()]
+            ax.plot(*curve(run, name), color=colours[run.recipe], linestyle=style, alpha=alpha, linewidth=1)
+            _mark_best(ax, run, name, colours[run.recipe])
+    entries = [(f"{recipe} {label}", colours[recipe], style) for (recipe, label), style in styles.items()]
     if any(r.status == UNFINISHED for r in runs):
-        entries.append(("unfinished", "grey", "--"))
+        entries.append(("unfinished (faint)", "grey", "-"))
     _legend(fig, entries)
     return fig
+
+
+def _mark_best(ax: Axes, run: Run, name: str, colour: Any) -> None:
+    """A dot on the epoch whose weights were exported (the run's best epoch)."""
+    epochs, values = curve(run, name)
+    if run.best_epoch in epochs:
+        ax.plot([run.best_epoch], [values[epochs.index(run.best_epoch)]], "o", color=colour, markersize=4)
 
 
 def id_vs_ood(report: Report, colours: dict[str, Any]) -> Figure | None:
@@ -234,7 +259,7 @@ def _scatter_panel(ax: Axes, report: Report, split: str, runs: list[Run], colour
         if mine:
             xs = [100 * (r.val_accuracy or 0.0) for r in mine]
             ys = [100 * r.accuracy[split] for r in mine]
-            ax.scatter(xs, ys, s=22, color=colour, alpha=0.5, label=recipe)
+            ax.scatter(xs, ys, s=22, color=colour, alpha=0.5, label=f"{recipe}: every run")
             xs_all += xs
             ys_all += ys
     for p in (s.point for s in report.selections):
@@ -256,9 +281,11 @@ def _scatter_panel(ax: Axes, report: Report, split: str, runs: list[Run], colour
         )
         xs_all += [100 * x.mean - xerr, 100 * x.mean + xerr]
         ys_all += [100 * y.mean - yerr, 100 * y.mean + yerr]
-    for values, set_lim in ((xs_all, ax.set_xlim), (ys_all, ax.set_ylim)):
-        pad = max(2.0, 0.1 * (max(values) - min(values)))
-        set_lim(min(values) - pad, max(values) + pad)
+    # one range for both axes, so the y = x line always crosses the panel (ID vs OOD is read against it)
+    low, high = min(xs_all + ys_all), max(xs_all + ys_all)
+    pad = max(2.0, 0.1 * (high - low))
+    ax.set_xlim(low - pad, high + pad)
+    ax.set_ylim(low - pad, high + pad)
     ax.axline((0, 0), slope=1, linestyle=":", color="grey", linewidth=1, label="y = x")  # no autoscale
     what = report.metric.replace("_", " ")
     ax.set_xlabel(f"{report.splits[0]} (ID) {what} (%)")
