@@ -163,7 +163,9 @@ DiagnosticDataOpt = Annotated[
 ]
 BatchesOpt = Annotated[
     int | None,
-    typer.Option("--batches", min=1, help="Training batches the diagnostic averages over (default 8)."),
+    typer.Option(
+        "--batches", min=1, max=100_000, help="Training batches the diagnostic averages over (default 8)."
+    ),
 ]
 NprocOpt = Annotated[
     int | None,

@@ -237,3 +237,10 @@ def test_inspect_diagnostic_usage_errors_exit_2_before_any_work(image_folder: Pa
         assert result.exit_code == 2, (extra, result.stdout, result.stderr)
         assert message in result.stderr, (extra, result.stderr)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_batch_count_no_run_can_use_is_a_usage_error(image_folder: Path) -> None:
+    result = runner.invoke(
+        app, ["inspect", "test_vit", *TINY_VIT, "--data", str(image_folder), "--batches", "1" + "0" * 23]
+    )
+    assert result.exit_code == 2 and "--batches" in result.output and "Traceback" not in result.output
