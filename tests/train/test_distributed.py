@@ -397,7 +397,9 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_saves_once(data: Path) ->
     # may land while they wind down after saving: torchrun's timing, not ours (the checkpoint is checked below)
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", job.stderr())
     assert "143" in codes and set(codes) <= {"143", "-15"}, job.stderr()
-    stopped = [line for line in job.stdout().splitlines() if line.startswith("SIGTERM: checkpoint saved")]
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "  # plain progress lines start with the time
+    lines = [re.sub(stamp, "", line) for line in job.stdout().splitlines()]
+    stopped = [line for line in lines if line.startswith("SIGTERM: checkpoint saved")]
     assert len(stopped) == 1
     writes = [line.split() for line in job.writes.read_text().splitlines()]
     assert [name for rank, name in writes if name == "checkpoint.pt"] == ["checkpoint.pt"] * (
