@@ -83,7 +83,11 @@ def _serve(path: str) -> None:
             if key.fileobj is listener:
                 conn, _ = listener.accept()
                 inherited = [listener.fileno(), wake_r, wake_w, *(c.fileno() for c in children.values())]
-                pid, watch = _spawn(conn, inherited)
+                spawned = _spawn(conn, inherited)
+                if spawned is None:  # the caller went away before its request arrived (killed at once)
+                    conn.close()
+                    continue
+                pid, watch = spawned
                 children[pid] = conn
                 if watch:
                     watched[conn] = pid
@@ -126,13 +130,20 @@ def _reap(children: dict[int, socket.socket], watched: dict, sel: selectors.Base
             conn.close()
 
 
-def _spawn(conn: socket.socket, inherited: list[int]) -> tuple[int, bool]:
+def _spawn(conn: socket.socket, inherited: list[int]) -> tuple[int, bool] | None:
     """Read one request from ``conn`` and fork its child, which closes the zygote's ``inherited`` descriptors.
 
     Returns the child's PID in the zygote, and whether the caller is a stand-in whose end means "kill it".
     """
-    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-    request = json.loads(msg)
+    try:
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        request = json.loads(msg)
+    except (OSError, ValueError):
+        return None
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        return None
     pid = os.fork()
     if pid:
         for fd in fds:
