@@ -107,8 +107,11 @@ def _orphaned(conn: Any, watched: dict, children: dict, sel: selectors.BaseSelec
     pid = watched.pop(conn)
     sel.unregister(conn)
     if pid in children:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:  # not its own group leader yet (killed before setsid): the process alone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _reap(children: dict[int, socket.socket], watched: dict, sel: selectors.BaseSelector) -> None:
@@ -148,7 +151,10 @@ def _spawn(conn: socket.socket, inherited: list[int]) -> tuple[int, bool] | None
     if pid:
         for fd in fds:
             os.close(fd)
-        conn.sendall(struct.pack("!i", pid))
+        try:
+            conn.sendall(struct.pack("!i", pid))
+        except OSError:  # the caller was killed while waiting for its process: that goes too
+            os.kill(pid, signal.SIGKILL)
         return pid, bool(request.get("watch"))
     try:
         signal.set_wakeup_fd(-1)
