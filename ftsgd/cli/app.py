@@ -36,6 +36,7 @@ from ftsgd.cli.options import (
     EvalDataOpt,
     ExportDataOpt,
     ForceOpt,
+    GpusPerRunOpt,
     GridOpt,
     ImgSizeOpt,
     InspectBatchOpt,
@@ -70,6 +71,8 @@ from ftsgd.cli.options import (
     RunWeightsArg,
     SeedOpt,
     SetOpt,
+    SlurmOpt,
+    SlurmOptOpt,
     SplitOpt,
     SweepJsonOpt,
     SweepOutOpt,
@@ -79,6 +82,7 @@ from ftsgd.cli.options import (
     TopKOpt,
     TrainDataOpt,
     TrainRecipeOpt,
+    WaitOpt,
     WeightsOpt,
     WorkersOpt,
     recipe_overrides,
@@ -544,6 +548,10 @@ def sweep(
     png: SweepPngOpt = None,
     metric: ReportMetricOpt = "accuracy",
     select_by: ReportSelectByOpt = "val.accuracy",
+    slurm: SlurmOpt = False,
+    slurm_opts: SlurmOptOpt = None,
+    wait: WaitOpt = False,
+    gpus_per_run: GpusPerRunOpt = 1,
 ) -> None:
     """Train a grid of runs per recipe and select per the paper: best mean ID-val accuracy over seeds.
 
@@ -563,6 +571,10 @@ def sweep(
 
         ftsgd sweep --data ~/data/birds --out sweeps/birds --model resnet50 \\
             --print-commands > runs.txt
+
+        ftsgd sweep --data ~/data/birds --out sweeps/birds --slurm \\
+            --slurm-opt partition=gpu --slurm-opt gres=gpu:1 \\
+            --slurm-opt time=04:00:00 --wait
     """
     from ftsgd.sweep.command import sweep_command
     from ftsgd.sweep.plan import SweepOptions
@@ -587,5 +599,9 @@ def sweep(
                 argv=sys.argv,
                 metric=metric,
                 select_by=select_by,
+                slurm=slurm,
+                slurm_opts=list(slurm_opts or []),
+                wait=wait,
+                gpus_per_run=gpus_per_run,
             )
         )

@@ -131,6 +131,34 @@ AllowChangedGridOpt = Annotated[
 RetryFailedOpt = Annotated[
     bool, typer.Option("--retry-failed", metavar="", help="Train runs that failed in an earlier sweep again.")
 ]
+SlurmOpt = Annotated[
+    bool,
+    typer.Option(
+        "--slurm",
+        metavar="",
+        help="Submit the points not finished, queued or running as one Slurm job array (rerun: their states).",
+    ),
+]
+SlurmOptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--slurm-opt",
+        metavar="KEY=VALUE",
+        help="An sbatch option for every task, e.g. partition=gpu, time=04:00:00 (repeatable).",
+    ),
+]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait", metavar="", help="With --slurm: wait until no point is queued or running, then report."
+    ),
+]
+GpusPerRunOpt = Annotated[
+    int,
+    typer.Option(
+        "--gpus-per-run", min=1, help="With --slurm: run each point under torchrun with N processes."
+    ),
+]
 SweepJsonOpt = Annotated[
     bool, typer.Option("--json", metavar="", help="Print sweep.json's content instead of tables.")
 ]

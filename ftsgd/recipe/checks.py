@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 
@@ -33,6 +34,7 @@ from ftsgd.recipe.schema import (
     ModelConfig,
     OptimConfig,
     Recipe,
+    SlurmConfig,
     TrainConfig,
     stage_recipe,
 )
@@ -57,7 +59,24 @@ def check_values(r: Recipe) -> list[str]:
         _check_step_in_backward(r, p)
     p.extend(weight_dtype_problems(r))
     p.extend(_range_problems(r))
+    p.extend(slurm_problems(r.slurm))
     _check_stages(r, p)
+    return p
+
+
+def slurm_problems(s: SlurmConfig) -> list[str]:
+    """``[slurm]`` values sbatch could not take, or that would break the job script's ``#SBATCH`` lines."""
+    p: list[str] = []
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, str) and any(c in value for c in "\n\r\0"):
+            p.append(f"slurm.{f.name}: must be one line, got {value!r}")
+    if not 0 <= s.cpus_per_task <= 4096:
+        p.append(
+            f"slurm.cpus_per_task: must be between 0 (the cluster's default) and 4096, got {s.cpus_per_task}"
+        )
+    if not 0 <= s.signal_before_s <= 86400:
+        p.append(f"slurm.signal_before_s: must be between 0 (no signal) and 86400, got {s.signal_before_s}")
     return p
 
 

@@ -9,10 +9,13 @@ import typing
 from typing import Any
 
 from ftsgd.errors import RecipeError
-from ftsgd.recipe.schema import SECTIONS, STAGE_KEY, STAGE_SECTIONS
+from ftsgd.recipe.schema import SECTIONS, STAGE_KEY, STAGE_SECTIONS, SlurmConfig
 from ftsgd.recipe.values import coerce, parse_override, toml_key, toml_value
 
-SWEEP_KEYS = ("sweep.grid",)
+NOT_GRID_SECTIONS = ("sweep", "slurm")
+"""Recipe sections about how runs are scheduled, not what they train: never grid keys."""
+
+SWEEP_KEYS = ("sweep.grid", *(f"slurm.{f.name}" for f in dataclasses.fields(SlurmConfig)))
 """Recipe keys that never change what a run trains: ignored when a run's recipe is compared with another."""
 
 
@@ -89,11 +92,16 @@ def _grid_key_problem(key: str) -> str:
     if key.startswith(f"{STAGE_KEY}."):
         return _stage_grid_key_problem(key)
     section, _, name = key.partition(".")
-    cls = SECTIONS.get(section) if section != "sweep" else None
+    cls = SECTIONS.get(section) if section not in NOT_GRID_SECTIONS else None
     names = [f.name for f in dataclasses.fields(cls)] if cls else []
     if name in names:
         return ""
-    known = [f"{s}.{f.name}" for s, c in SECTIONS.items() if s != "sweep" for f in dataclasses.fields(c)]
+    known = [
+        f"{s}.{f.name}"
+        for s, c in SECTIONS.items()
+        if s not in NOT_GRID_SECTIONS
+        for f in dataclasses.fields(c)
+    ]
     close = difflib.get_close_matches(key, known, n=1)
     return "unknown recipe key" + (
         f" (did you mean {close[0]}?)" if close else " (`ftsgd recipes keys` lists them)"

@@ -345,6 +345,30 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """Defaults for ``ftsgd sweep --slurm``'s job array (``--slurm-opt KEY=VALUE`` overrides each); ``ftsgd
+    train`` ignores them (they never change a run). Empty or 0: left to the cluster's defaults."""
+
+    partition: str = ""
+    """sbatch ``--partition``, e.g. "gpu"."""
+    gres: str = ""
+    """sbatch ``--gres`` of each task, e.g. "gpu:1" (``--gpus-per-run N`` makes it "gpu:N" when unset)."""
+    time: str = ""
+    """sbatch ``--time``: each task's time limit, e.g. "04:00:00" or "1-00:00:00"."""
+    account: str = ""
+    """sbatch ``--account``."""
+    qos: str = ""
+    """sbatch ``--qos``."""
+    cpus_per_task: int = 0
+    """sbatch ``--cpus-per-task``."""
+    mem: str = ""
+    """sbatch ``--mem`` per task, e.g. "32G"."""
+    signal_before_s: int = 300
+    """Seconds before a task's time limit at which Slurm sends it SIGUSR1: the run saves a checkpoint and
+    requeues itself (sbatch ``--signal=B:USR1@N``); long enough to finish a step and write a checkpoint."""
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One ``[[stage]]`` of a staged recipe (LP-FT: a linear probe, then fine-tuning), resolved.
 
@@ -383,6 +407,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     stages: tuple[StageConfig, ...] = ()
     """The ``[[stage]]`` tables, in order; empty: one stage, the recipe itself."""
 
@@ -401,6 +426,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "sweep": SweepConfig,
+    "slurm": SlurmConfig,
 }
 
 

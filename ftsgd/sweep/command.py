@@ -2,40 +2,23 @@
 
 The steps are separate modules: :mod:`~ftsgd.sweep.plan` (the grid points, resolved), :mod:`~ftsgd.sweep.record`
 (the ``--out`` folder and ``sweep.json``), :mod:`~ftsgd.sweep.jobs` (training them as subprocesses) or
-:mod:`~ftsgd.sweep.inprocess` (in this process), :mod:`~ftsgd.sweep.output` (what is printed).
+:mod:`~ftsgd.sweep.inprocess` (in this process) or :mod:`~ftsgd.sweep.slurm_command` (as Slurm tasks),
+:mod:`~ftsgd.sweep.output` (what is printed), :mod:`~ftsgd.sweep.conclude` (the end).
 """
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
-from ftsgd.errors import Interrupted, RunError
 from ftsgd.run.rundir import locked
-from ftsgd.sweep.jobs import Stop, execute, make_slots
-from ftsgd.sweep.output import (
-    announce,
-    failure_summary,
-    incomplete_summary,
-    print_pending_commands,
-    print_sweep_report,
-)
+from ftsgd.sweep.conclude import conclude
+from ftsgd.sweep.jobs import execute, make_slots
+from ftsgd.sweep.output import announce, print_pending_commands
 from ftsgd.sweep.plan import SweepOptions, plan_sweep
-from ftsgd.sweep.record import (
-    FAILED,
-    FINISHED,
-    INCOMPLETE,
-    INTERRUPTED,
-    PENDING,
-    Sweep,
-    check_out_dir,
-    collect_sweep_report,
-    open_sweep,
-    read_previous,
-    status_counts,
-    sweep_document,
-)
-from ftsgd.utils import console
+from ftsgd.sweep.record import check_out_dir, open_sweep, read_previous
+from ftsgd.sweep.slurm_command import slurm_sweep_command
+
+__all__ = ["conclude", "sweep_command"]
 
 
 def sweep_command(opts: SweepOptions) -> dict[str, Any]:
@@ -52,6 +35,8 @@ def sweep_command(opts: SweepOptions) -> dict[str, Any]:
             says which; the same command continues them.
         Interrupted: SIGINT/SIGTERM stopped the sweep after its running runs stopped (saving checkpoints).
     """
+    if opts.slurm or opts.slurm_opts or opts.wait or opts.gpus_per_run != 1:
+        return slurm_sweep_command(opts)
     plan = plan_sweep(opts)
     if opts.print_commands:
         check_out_dir(plan, read_previous(plan.out), opts.allow_changed_grid)
@@ -61,43 +46,3 @@ def sweep_command(opts: SweepOptions) -> dict[str, Any]:
         announce(sweep)
         stop = execute(sweep, make_slots(opts))
         return conclude(sweep, stop)
-
-
-def conclude(sweep: Sweep, stop: Stop, *, show: bool = True) -> dict[str, Any]:
-    """Write the final ``sweep.json`` and plots, print the report (``show``), and raise for failures or a stop.
-
-    Returns:
-        ``sweep.json``'s content.
-    """
-    counts = status_counts(sweep)
-    left = counts[PENDING] + counts[INTERRUPTED]
-    sweep.state = (
-        INTERRUPTED if stop.count else FAILED if counts[FAILED] else INCOMPLETE if left else FINISHED
-    )
-    opts = sweep.opts
-    sweep.report = collect_sweep_report(
-        sweep.plan, sweep.records, metric=opts.metric, select_by=opts.select_by
-    )
-    if sweep.opts.png is not None and sweep.report is not None:
-        from ftsgd.report.plots import write_plots
-
-        sweep.plots = write_plots(sweep.report, sweep.opts.png)
-    sweep.write()
-    document = sweep_document(sweep)
-    if show and sweep.opts.as_json:
-        console.print_json(document)
-    elif show:
-        print_sweep_report(sweep)
-    if stop.count:
-        name = signal.Signals(stop.signum).name
-        raise Interrupted(
-            f"sweep interrupted by {name}: its running runs were stopped (a run stopped while training saves "
-            f"its checkpoint); run the same command again to continue ({counts[FINISHED]} of "
-            f"{len(sweep.plan.runs)} runs finished)",
-            stop.signum,
-        )
-    if counts[FAILED]:
-        raise RunError(failure_summary(sweep))
-    if sweep.state == INCOMPLETE:
-        raise RunError(incomplete_summary(sweep))
-    return document

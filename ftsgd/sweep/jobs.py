@@ -226,6 +226,7 @@ def child_setup(cpus: tuple[int, ...], prctl: Any) -> None:
 
 
 STOPPED_FROM_OUTSIDE = {
+    128 + signal.SIGUSR1,
     128 + signal.SIGINT,
     128 + signal.SIGTERM,
     -signal.SIGKILL,

@@ -58,6 +58,14 @@ class SweepOptions:
     """``--metric``: what the report's split columns show."""
     select_by: str = "val.accuracy"
     """``--select-by``: what the report's selection picks best epochs and grid points by."""
+    slurm: bool = False
+    """``--slurm``: submit the points as a Slurm job array instead of training them here."""
+    slurm_opts: list[str] = field(default_factory=list)
+    """``--slurm-opt KEY=VALUE`` values (sbatch long options), on top of the recipes' ``[slurm]`` table."""
+    wait: bool = False
+    """``--wait`` (with ``--slurm``): block until no point is queued or running, then exit as a local sweep."""
+    gpus_per_run: int = 1
+    """``--gpus-per-run N`` (with ``--slurm``): each point runs under torchrun with N processes."""
     recipe_grids: dict[str, list[str]] = field(default_factory=dict)
     """Not a flag: ``--grid``-style values for one recipe only (keyed by its ``--recipe`` value), on top of
     ``grids``, as if that recipe's ``[sweep]`` grid said them. For callers that give each recipe its own

@@ -29,7 +29,9 @@ FORMAT = 1
 """``sweep.json``'s format version; a record of another version is refused, never misread."""
 
 PENDING, RUNNING, FINISHED, FAILED, INTERRUPTED = "pending", "running", "finished", "failed", "interrupted"
-STATUSES = (PENDING, RUNNING, FINISHED, FAILED, INTERRUPTED)
+QUEUED = "queued"
+"""A run submitted to Slurm (``--slurm``) that has not started yet (or was requeued)."""
+STATUSES = (PENDING, QUEUED, RUNNING, FINISHED, FAILED, INTERRUPTED)
 """A run's status in ``sweep.json`` (and, but for ``pending``, the sweep's ``state``)."""
 INCOMPLETE = "incomplete"
 """A sweep's state when runs are left that another process was training (they were not started twice)."""

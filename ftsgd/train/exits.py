@@ -1,6 +1,6 @@
 """How a fine-tune that does not finish ends: a signal turned into a clean stop, a failure into one message.
 
-A run stopped early must leave what it did usable and say how to continue. The first SIGINT/SIGTERM
+A run stopped early must leave what it did usable and say how to continue. The first SIGINT/SIGTERM/SIGUSR1
 becomes a request to stop at the next step boundary, where the Trainer saves a checkpoint and exits
 with 128 + the signal (:class:`StopSignals`); a failure becomes one :class:`~ftsgd.errors.RunError`
 (exit 1) that says what happened, what was kept and what to try, never a traceback. The Trainer decides
@@ -24,9 +24,21 @@ from ftsgd.utils.distributed import TIMEOUT_ENV, is_peer_failure
 __all__ = ["StopSignals", "compile_error", "diverged_error", "job_error", "oom_error"]
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""What stops a run cleanly (checkpoint, then exit 128 + the signal): Ctrl-C, a scheduler's or ``kill``'s
+SIGTERM, and SIGUSR1, the signal Slurm sends before a time limit or preemption (``--signal=B:USR1@N``)."""
+
+_URGENCY = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+_AFTER_FIRST = {signal.SIGINT: signal.default_int_handler, signal.SIGUSR1: signal.SIG_IGN}
+"""What a second signal does while the run saves: a second Ctrl-C gets the user out now (SIGTERM: as its
+default); a second SIGUSR1 (a preemption notice after a time-limit notice) is ignored: it must never kill a
+run half-way through writing the checkpoint it asked for."""
+
+
 @dataclass
 class StopSignals:
-    """The SIGINT/SIGTERM a run was asked to stop for (0: none).
+    """The SIGINT/SIGTERM/SIGUSR1 a run was asked to stop for (0: none).
 
     Attributes:
         distributed: The run is a job of several processes (they must all stop after the same step).
@@ -48,16 +60,18 @@ class StopSignals:
         return self.agreed if self.distributed else self.received
 
     def flags(self) -> list[float]:
-        """This process's signal as the two numbers a step's all-reduce adds up: SIGINT, SIGTERM."""
-        return [float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM)]
+        """This process's signal as the numbers a step's all-reduce adds up, one per :data:`STOP_SIGNALS`."""
+        return [float(self.received == sig) for sig in STOP_SIGNALS]
 
-    def agree(self, sigint: float, sigterm: float) -> None:
-        """Take the signal the job's summed :meth:`flags` name (SIGTERM first) as the agreed one."""
-        self.agreed = signal.SIGTERM if sigterm else (signal.SIGINT if sigint else 0)
+    def agree(self, summed: list[float]) -> None:
+        """Take the signal the job's summed :meth:`flags` name as the agreed one (SIGTERM first, then
+        SIGUSR1, then SIGINT: the most urgent wins)."""
+        given = {sig for sig, n in zip(STOP_SIGNALS, summed, strict=True) if n}
+        self.agreed = next((sig for sig in _URGENCY if sig in given), 0)
 
     @contextmanager
     def caught(self) -> Iterator[None]:
-        """Turn the first SIGINT/SIGTERM into a request to stop at the next step boundary.
+        """Turn the first SIGINT/SIGTERM/SIGUSR1 into a request to stop at the next step boundary.
 
         The loop then saves a checkpoint and exits cleanly; a second SIGINT falls back to Python's
         default handling (KeyboardInterrupt) for a user who really wants out now. Handlers can only be
@@ -70,11 +84,9 @@ class StopSignals:
         def handler(signum: int, _frame: object) -> None:
             self.received = signum
             if not self.distributed:  # torchrun and Slurm may deliver a job's signal twice
-                signal.signal(
-                    signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-                )
+                signal.signal(signum, _AFTER_FIRST.get(signum, signal.SIG_DFL))
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         try:
             yield
         finally:

@@ -76,6 +76,7 @@ from ftsgd.train.parallel import (
 )
 from ftsgd.train.precision import precision_words, started_amp
 from ftsgd.train.regularisation import build_ema, build_loss, build_mixup, hard_labels, mix_batch, mix_seed
+from ftsgd.train.requeue import requeue_task
 from ftsgd.train.skew import class_counts, class_weights, skew_warnings
 from ftsgd.train.stages import Stages
 from ftsgd.train.state import RunState, checkpoint_payload, restore_rng, restore_weights, versions
@@ -519,8 +520,8 @@ class Trainer:
                 torch.tensor(self.signals.flags(), dtype=torch.float64, device=self.device),
             ]
         )
-        loss_sum, hits, sigint, sigterm = all_reduce_sum(packed).tolist()
-        self.signals.agree(sigint, sigterm)
+        loss_sum, hits, *summed = all_reduce_sum(packed).tolist()
+        self.signals.agree(summed)
         return loss_sum, round(hits)
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
@@ -868,8 +869,11 @@ class Trainer:
         self._progress_or_quiet().message(
             f"{name}: checkpoint saved at epoch {state.epoch + 1}, step {state.step_in_epoch}"
         )
+        requeued = requeue_task(signum) if self.world.rank == 0 else ""
         return Interrupted(
-            f"interrupted by {name}; checkpoint saved. Resume with:\n  {self.resume_command()}", signum
+            f"interrupted by {name}; checkpoint saved{'; ' + requeued if requeued else ''}. Resume with:\n"
+            f"  {self.resume_command()}",
+            signum,
         )
 
     def resume_command(self) -> str:

@@ -63,7 +63,11 @@ def test_a_job_stops_for_the_signal_its_processes_agreed_on() -> None:
     alone, job = StopSignals(distributed=False), StopSignals(distributed=True)
     for signals in (alone, job):
         signals.received = signal.SIGINT
-    assert alone.pending() == signal.SIGINT and alone.flags() == [1.0, 0.0]
+    assert alone.pending() == signal.SIGINT and alone.flags() == [1.0, 0.0, 0.0]
     assert job.pending() == 0  # not before the next step's all-reduce has agreed on it
-    job.agree(sigint=2.0, sigterm=1.0)  # two processes got SIGINT, one SIGTERM
+    job.agree([2.0, 1.0, 0.0])  # two processes got SIGINT, one SIGTERM
     assert job.pending() == signal.SIGTERM
+    job.agree([1.0, 0.0, 1.0])  # Slurm's SIGUSR1 (save and requeue) outranks a Ctrl-C
+    assert job.pending() == signal.SIGUSR1
+    job.agree([0.0, 0.0, 0.0])
+    assert job.pending() == 0
