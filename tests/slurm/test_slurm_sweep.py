@@ -129,7 +129,9 @@ def points(out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- no cluster needed
 
 
-def test_print_commands_shows_the_job_script_and_submits_nothing(env: Any, data: Path, tmp_path: Path) -> None:
+def test_print_commands_shows_the_job_script_and_submits_nothing(
+    env: Any, data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "printed"
     result = sweep(
         data,
@@ -193,7 +195,16 @@ def test_recipes_with_different_slurm_tables_are_refused(env: Any, data: Path, t
     mine = tmp_path / "mine.toml"
     mine.write_text('base = "sgd"\n[slurm]\npartition = "big"\n')
     result = sweep(
-        data, tmp_path / "o", 2, "--grid", "train.seed=0", "--recipe", str(mine), "--recipe", "adamw", "--slurm"
+        data,
+        tmp_path / "o",
+        2,
+        "--grid",
+        "train.seed=0",
+        "--recipe",
+        str(mine),
+        "--recipe",
+        "adamw",
+        "--slurm",
     )
     assert result.exit_code == 2, result.output
     assert "different [slurm] tables" in result.output and not (tmp_path / "o").exists()
@@ -217,7 +228,9 @@ def slurm_swept(env: Any, data: Path, tmp_path_factory: pytest.TempPathFactory) 
     if not _cluster_answers():
         pytest.skip(f"no Slurm cluster answers: start one with `{CLUSTER} up` (as root)")
     out = tmp_path_factory.mktemp("slurm") / "grid"
-    result = sweep(data, out, 2, "--grid", "optim.lr=1e-4,0.01", "--grid", "train.seed=0,1", "--slurm", "--wait")
+    result = sweep(
+        data, out, 2, "--grid", "optim.lr=1e-4,0.01", "--grid", "train.seed=0,1", "--slurm", "--wait"
+    )
     assert result.exit_code == 0, result.output
     return out, result
 
