@@ -18,7 +18,13 @@ from ftsgd.inspect.diagnose import (
     diagnose_from_recipe,
     plot_diagnostic,
 )
-from ftsgd.inspect.memory import MemoryEstimate, estimate_memory, job_memory, measure_activations
+from ftsgd.inspect.memory import (
+    MemoryEstimate,
+    estimate_memory,
+    job_memory,
+    measure_activations,
+    state_comparison,
+)
 from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import top_level_blocks
 from ftsgd.model.optim import lr_per_layer
@@ -107,6 +113,11 @@ def inspect_model(
         ],
         "memory": {
             **dataclasses.asdict(memory),
+            **(
+                {"state_compared": state_comparison(model, memory, embedding.modules, prepared.fixed)}
+                if prepared.lora_targets
+                else {}
+            ),
             "input_size": list(input_size),
             "activations_method": measured.method if measured else "not measured",
         },
