@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftsgd.errors import RecipeError
 from ftsgd.model.build import (
     WeightsReport,
     build_model,
@@ -21,7 +22,6 @@ from ftsgd.model.build import (
 )
 from ftsgd.model.data_config import data_config_for
 from ftsgd.model.embedding import Embedding, find_embedding
-from ftsgd.errors import RecipeError
 from ftsgd.model.freeze import _match_patterns, apply_freeze, frozen_parameter_names
 from ftsgd.recipe.schema import FreezeConfig, Recipe, stage_label, stage_recipes
 
