@@ -294,12 +294,23 @@ def export_model(
     if low_precision:
         metadata["training_weight_dtype"] = training_weight_dtype
 
-    weights_path = _weights_path(path)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
     if low_precision:
         config["training_weight_dtype"] = training_weight_dtype  # timm ignores keys it does not know
+    _write_export(target, _weights_path(path), metadata, config, state_dict, low_precision)
+
+
+def _write_export(
+    target: nn.Module,
+    weights_path: Path,
+    metadata: dict[str, str],
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None,
+    low_precision: bool,
+) -> None:
+    """The files of an export, each written atomically; with LoRA adapters merged, and kept in PEFT format."""
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
     adapted = has_adapters(target)
     if adapted:  # a plain timm model: the adapters merged into the weights, under the timm names
         state_dict = merged_state_dict(target, state_dict)
