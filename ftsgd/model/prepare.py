@@ -23,9 +23,9 @@ from ftsgd.model.build import (
 from ftsgd.model.data_config import data_config_for
 from ftsgd.model.embedding import Embedding, find_embedding
 from ftsgd.model.freeze import _match_patterns, apply_freeze, frozen_parameter_names
-from ftsgd.recipe.schema import FreezeConfig, Recipe, stage_label, stage_recipes
+from ftsgd.recipe.schema import FreezeConfig, LoraConfig, Recipe, stage_label, stage_recipes
 
-__all__ = ["PreparedModel", "freeze_names", "prepare_model", "refreeze", "stage_freezes"]
+__all__ = ["PreparedModel", "freeze_names", "lora_message", "prepare_model", "refreeze", "stage_freezes"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,13 @@ def freeze_names(
             )
         frozen |= set(held)
     return [n for n, _ in model.named_parameters() if n in frozen]
+
+
+def lora_message(cfg: LoraConfig, targets: tuple[str, ...]) -> str:
+    """The start line's note on LoRA adapters ("" without): rank, scale and how many layers carry them."""
+    if not targets:
+        return ""
+    return f"\nLoRA: rank {cfg.r}, alpha {cfg.alpha:g}, dropout {cfg.dropout:g} on {len(targets)} layers"
 
 
 def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
