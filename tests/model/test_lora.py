@@ -230,3 +230,31 @@ def test_inspect_counts_the_adapters_and_estimates_their_memory() -> None:
     compared = memory["state_compared"]  # the plain model: 300,291 parameters, 49,216 of them the embedding
     assert compared["this_recipe"] == memory["weights"] + 16 * 86_211 - 4 * 86_211
     assert compared["adamw"] == 16 * 300_291 and compared["sgd_freeze_embed"] == 12 * 300_291 - 8 * 49_216
+
+
+@pytest.mark.parametrize(
+    ("name", "sets"),
+    [("test_convnext", ['model.name="test_convnext"']), ("test_resnet", ['model.name="test_resnet"'])],
+)
+def test_merged_weights_of_linear_and_conv_adapters_give_the_adapted_logits(
+    name: str, sets: list[str]
+) -> None:
+    """ConvNeXt's MLP linears, ResNet's convolutions: B set away from its zero start, then merged."""
+    from ftsgd.model.lora import merged_state_dict
+
+    torch.manual_seed(0)
+    model = prepare_model(load_recipe("lora", [*sets, "data.img_size=32"]), 3).model.eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if ".lora_B." in key:
+                param.normal_(0, 0.05)
+    merged_state = merged_state_dict(model)
+    base = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    changed = [k for k, v in merged_state.items() if not torch.equal(v, base[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)  # only the adapted layers' weights
+    fresh = timm.create_model(name, num_classes=3).eval()
+    fresh.load_state_dict(merged_state, strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted, merged = model(x), fresh(x)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
