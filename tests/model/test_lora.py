@@ -50,13 +50,13 @@ def test_vit_trains_the_adapters_on_qkv_proj_fc1_fc2_and_the_whole_classifier() 
     trainable = {n for n, p in prepared.model.named_parameters() if p.requires_grad}
     assert {"head.weight", "head.bias"} <= trainable
     assert all(".lora_" in n for n in trainable - {"head.weight", "head.bias"})
-    assert prepared.total_params == 386_307 - 0  # the base model's 300,096 + the adapters
+    assert prepared.total_params == 300_291 + 6 * per_block  # the plain model + the adapters
     assert prepared.frozen_params == prepared.total_params - prepared.trainable_params
     assert prepared.freeze_report()["lora_targets"][:2] == ["blocks.0.attn.qkv", "blocks.0.attn.proj"]
 
 
 def test_convnext_adapts_its_mlp_linears_and_rank_and_targets_change_the_count() -> None:
-    """test_convnext: stages of 24/32/48/64 channels (1, 2, 4, 2 blocks? counted from the model), MLP 4x."""
+    """test_convnext: rank 16 on every block's MLP fc1 and fc2 (counted from the plain model's layers)."""
     recipe = load_recipe("lora", CONVNEXT)
     prepared = prepare_model(recipe, 3)
     base = timm.create_model("test_convnext", num_classes=3)
