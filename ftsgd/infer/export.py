@@ -36,7 +36,7 @@ from ftsgd.data.transforms import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.model.build import classifier_modules, unwrap_model
 from ftsgd.model.data_config import model_data_config
-from ftsgd.model.lora import adapter_config, adapter_state_dict, has_adapters, merged_state_dict
+from ftsgd.model.lora import adapter_config, adapter_state_dict, has_adapters, plain_state_dict
 from ftsgd.recipe.schema import INTERPOLATIONS
 from ftsgd.utils.console import warn
 from ftsgd.utils.device import AMP_DTYPES, amp_dtype
@@ -312,12 +312,13 @@ def _write_export(
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
     adapted = has_adapters(target)
-    if adapted:  # a plain timm model: the adapters merged into the weights, under the timm names
-        state_dict = merged_state_dict(target, state_dict)
+    merges = None
+    if adapted:  # a plain timm model: the adapters merged into the weights as written, under the timm names
+        state_dict, merges = plain_state_dict(target, state_dict)
         metadata["lora"] = ADAPTER_DIR
     tensors = _export_tensors(target, state_dict)
     float32 = torch.float32 if low_precision else None
-    atomic_save_safetensors(tensors, weights_path, metadata=metadata, float_dtype=float32)
+    atomic_save_safetensors(tensors, weights_path, metadata=metadata, float_dtype=float32, replace=merges)
     atomic_write_text(
         weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,8 @@ __all__ = [
     "has_adapters",
     "lora_layers",
     "merged_state_dict",
+    "merged_weight",
+    "plain_state_dict",
     "resolve_targets",
 ]
 
@@ -195,30 +197,45 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def plain_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Callable[[], torch.Tensor]]]:
+    """``model``'s state under the timm names, adapters left out, and how to merge each adapted weight.
+
+    Returns:
+        ``(state, merges)``: the model's own tensors (no copies; an adapted layer's weight still without its
+        adapter), and for each adapted weight's key a function giving the merged weight on the CPU, one
+        layer at a time (:func:`merged_weight`), so an export never holds a second copy of the model.
+    """
+    state = model.state_dict() if state is None else state
+    plain = {key.replace(_BASE, "."): value for key, value in state.items() if _LORA_MARK not in key}
+    merges: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, layer in lora_layers(model):
+        if ADAPTER_NAME in layer.lora_A:
+            merges[f"{name}.weight"] = lambda layer=layer: merged_weight(layer)
+    return plain, merges
+
+
 @torch.no_grad()
+def merged_weight(layer: nn.Module) -> torch.Tensor:
+    """One LoRA layer's weight with its adapter merged: W + alpha/r * B @ A (PEFT's ``get_delta_weight``,
+    in float32), on the CPU in W's dtype."""
+    base = layer.get_base_layer()
+    delta = layer.get_delta_weight(ADAPTER_NAME).float()
+    merged = base.weight.detach().float() + delta.to(base.weight.device)
+    return merged.to(device="cpu", dtype=base.weight.dtype)
+
+
 def merged_state_dict(
     model: nn.Module, state: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """The plain timm state dict of ``model`` with the adapters merged into the weights.
 
-    Each adapted layer's weight becomes W + alpha/r * B @ A (PEFT's ``get_delta_weight``, computed in
-    float32); its bias and every other tensor are the model's own, under the timm names. Adapter tensors
-    are left out, so the result loads into a fresh timm model with ``strict=True``.
+    Adapter tensors are left out, so the result loads into a fresh timm model with ``strict=True``. Holds
+    every merged weight at once; exports stream them instead (:func:`plain_state_dict`).
     """
-    state = model.state_dict() if state is None else state
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if _LORA_MARK in key:
-            continue
-        out[key.replace(_BASE, ".")] = value
-    for name, layer in lora_layers(model):
-        if ADAPTER_NAME not in layer.lora_A:
-            continue
-        base = layer.get_base_layer()
-        delta = layer.get_delta_weight(ADAPTER_NAME).float()
-        weight = base.weight.detach().float() + delta.to(base.weight.device)
-        out[f"{name}.weight"] = weight.to(base.weight.dtype)
-    return out
+    plain, merges = plain_state_dict(model, state)
+    return {key: merges[key]() if key in merges else value for key, value in plain.items()}
 
 
 def adapter_state_dict(model: nn.Module, classifier: Iterable[str]) -> dict[str, torch.Tensor]:
