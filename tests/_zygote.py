@@ -204,6 +204,11 @@ def _run_main(argv: list[str]) -> int:
     import runpy
     import traceback
 
+    if argv[:1] == ["-u"]:  # unbuffered stdio, as torchrun starts its `-m MODULE` workers
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(write_through=True)
+        argv = argv[1:]
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]

@@ -576,32 +576,9 @@ def sweep(
             --slurm-opt partition=gpu --slurm-opt gres=gpu:1 \\
             --slurm-opt time=04:00:00 --wait
     """
+    args = dict(locals())  # every parameter above, by its SweepOptions name (before any import adds one)
+    from ftsgd.cli.sweep import sweep_options
     from ftsgd.sweep.command import sweep_command
-    from ftsgd.sweep.plan import SweepOptions
 
     with user_errors():
-        sweep_command(
-            SweepOptions(
-                data=data,
-                out=out,
-                recipes=list(recipes or []),
-                grids=list(grids or []),
-                sets=list(sets or []),
-                model=model,
-                weights=weights,
-                jobs=jobs,
-                devices=devices,
-                print_commands=print_commands,
-                allow_changed_grid=allow_changed_grid,
-                retry_failed=retry_failed,
-                as_json=as_json,
-                png=png,
-                argv=sys.argv,
-                metric=metric,
-                select_by=select_by,
-                slurm=slurm,
-                slurm_opts=list(slurm_opts or []),
-                wait=wait,
-                gpus_per_run=gpus_per_run,
-            )
-        )
+        sweep_command(sweep_options(args, sys.argv))

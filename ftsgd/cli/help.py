@@ -8,7 +8,7 @@ import typer
 
 EXIT_CODES = (
     "Exit codes: 0 done; 1 the run failed; 2 bad usage, recipe, data or weights (nothing was started); "
-    "130/143 interrupted by SIGINT/SIGTERM (checkpoint saved); 141 the reader of the output went away."
+    "130/143/138 interrupted by SIGINT/SIGTERM/SIGUSR1 (checkpoint saved); 141 the reader of the output went away."
 )
 """The epilog of every ``--help`` page."""
 

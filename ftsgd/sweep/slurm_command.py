@@ -131,7 +131,7 @@ def slurm_sweep_command(opts: SweepOptions) -> dict[str, Any]:
     find_command("sbatch")
     with locked(plan.out, "sweep directory"):
         sweep = open_sweep(plan, opts)
-        refresh(sweep, announce=True)
+        refresh(sweep, announce=True, retry_failed=opts.retry_failed)
         submit_missing(sweep, settings)
     if opts.wait:
         wait_for(sweep)
@@ -150,8 +150,11 @@ def print_script(plan: Plan, settings: SlurmSettings, as_json: bool) -> dict[str
     return document
 
 
-def point_state(run: PlannedRun, task: TaskState | None, before: RunRecord) -> RunRecord:
-    """A point's record from its run directory, squeue and the exit status its last task left."""
+def point_state(
+    run: PlannedRun, task: TaskState | None, before: RunRecord, *, retry_failed: bool = False
+) -> RunRecord:
+    """A point's record from its run directory, squeue and the exit status its last task left
+    (``retry_failed``: a failed exit status makes the point pending again, to be resubmitted)."""
     if RunDir(run.path).status() == FINISHED:
         return RunRecord(FINISHED, exit_code=0, metrics=run_metrics(run.path))
     if task is not None and task.state in QUEUED_STATES:
@@ -167,6 +170,8 @@ def point_state(run: PlannedRun, task: TaskState | None, before: RunRecord) -> R
     if code in STOPPED_FROM_OUTSIDE or code >= 128:
         why = f"Slurm task {job} stopped ({code}); the same sweep command resubmits it"
         return RunRecord(INTERRUPTED, exit_code=code, error=why)
+    if retry_failed:
+        return RunRecord(INTERRUPTED if RunDir(run.path).status() != "new" else PENDING)
     log = log_path(before_out(run), run)
     return RunRecord(FAILED, exit_code=code, error=failure_line(log, last_attempt(log), code), ended=now())
 
@@ -196,14 +201,14 @@ def last_attempt(log: Any) -> int:
     return at + 1 if at >= 0 else 0
 
 
-def refresh(sweep: Sweep, *, announce: bool = False) -> None:
+def refresh(sweep: Sweep, *, announce: bool = False, retry_failed: bool = False) -> None:
     """Every point's state from disk and squeue; a line per point whose state changed (all when
-    ``announce``), and ``sweep.json`` rewritten."""
+    ``announce``), and ``sweep.json`` rewritten. ``retry_failed``: failed points become pending."""
     tasks = sweep_tasks(job_name(sweep.plan.out))
     total = len(sweep.plan.runs)
     for run in sweep.plan.runs:
         before = sweep.records[run.path]
-        record = point_state(run, tasks.get(run.index), before)
+        record = point_state(run, tasks.get(run.index), before, retry_failed=retry_failed)
         if announce or record.status != before.status:
             detail = f": {record.error}" if record.error and record.status != FINISHED else ""
             say(f"[{run.index}/{total}] {record.status} {run.label}{detail}", sweep.opts.as_json)

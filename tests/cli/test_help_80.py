@@ -31,7 +31,9 @@ def test_help_fits_80_columns_and_keeps_its_brackets_and_examples(command: list[
             assert not lines[i + 1].strip(), f"an example was wrapped without a backslash: {text!r}"
     if " Examples:" in lines:  # every example line keeps its indentation: none was wrapped to the margin
         block = lines[lines.index(" Examples:") + 1 :]
-        block = block[: next((i for i, line in enumerate(block) if line.startswith(("╭", " Exit"))), len(block))]
+        block = block[
+            : next((i for i, line in enumerate(block) if line.startswith(("╭", " Exit"))), len(block))
+        ]
         assert [line for line in block if line.strip() and not line.startswith("     ")] == []
     if command and command[0] not in ("recipes",) and len(command) == 1:
         assert examples, f"ftsgd {command[0]} -h shows no example"

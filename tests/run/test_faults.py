@@ -226,12 +226,14 @@ def test_kill_9_at_any_point_then_resume_is_bitwise_identical(
 def test_sigterm_sigint_and_kill_9_then_resume_is_bitwise_identical(
     data: Path, reference: Path, tmp_path: Path
 ) -> None:
-    """num_workers = 0: SIGTERM -> 143 and SIGINT -> 130 lose no step; a SIGKILL loses < checkpoint_every."""
+    """num_workers = 0: SIGTERM -> 143, SIGINT -> 130 and SIGUSR1 -> 138 lose no step; a SIGKILL loses
+    < checkpoint_every."""
     out = tmp_path / "run"
     step = 0
     for tag, args, sig, rc in [
         ("term", _train_args(data, out), signal.SIGTERM, 143),
         ("int", _resume_args(data, out), signal.SIGINT, 130),
+        ("usr1", _resume_args(data, out), signal.SIGUSR1, 138),  # Slurm's notice before a time limit
     ]:
         p = Proc(args, tmp_path, tag, "delay=0.15")
         p.wait_for_steps(3)

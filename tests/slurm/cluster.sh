@@ -142,7 +142,7 @@ down() {
         pkill -x "$daemon" 2>/dev/null || true
     done
     for _ in $(seq 50); do
-        pgrep -x 'slurmd|slurmctld' >/dev/null || break
+        pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
         sleep 0.1
     done
     log "down"

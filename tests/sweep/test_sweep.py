@@ -313,7 +313,14 @@ def test_sweep_json_is_complete(swept: tuple[Path, Any], data: Path) -> None:
     record = json.loads((out / "sweep.json").read_text())
     assert record["format"] == 1 and record["state"] == "finished" and record["out"] == str(out)
     assert record["data"] == str(data.resolve()) and record["jobs"] == 1
-    assert record["counts"] == {"pending": 0, "running": 0, "finished": 4, "failed": 0, "interrupted": 0}
+    assert record["counts"] == {
+        "pending": 0,
+        "queued": 0,
+        "running": 0,
+        "finished": 4,
+        "failed": 0,
+        "interrupted": 0,
+    }
     (entry,) = record["recipes"]
     assert entry["name"] == "sgd-freeze-embed" and entry["grid"] == {
         "optim.lr": [1e-4, 0.01],
