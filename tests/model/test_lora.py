@@ -258,3 +258,27 @@ def test_merged_weights_of_linear_and_conv_adapters_give_the_adapted_logits(
     with torch.no_grad():
         adapted, merged = model(x), fresh(x)
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gradient_diagnostic_runs_with_a_lora_recipe(image_folder: Path) -> None:
+    """``inspect --data``: the backbone's per-layer gradient norms, as for every recipe."""
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "test_vit",
+            "--recipe",
+            "lora-sgd-freeze-embed",
+            "--set",
+            "model.kwargs={img_size=32}",
+            "--data",
+            str(image_folder),
+            "--batches",
+            "1",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["trainable_params"] == 86_211
+    assert data["gradient_diagnostic"]["groups"][0]["kind"] == "embedding"
