@@ -467,8 +467,8 @@ def demo(
 
     Everything runs offline on the CPU: it shows the whole pipeline (embedding detection, freezing,
     training, ID/OOD evaluation, safetensors export) on real files in well under a minute. With
-    --compare it runs the paper's comparison of sgd, sgd-freeze-embed and adamw instead (the pre-trained
-    backbone is cached in $XDG_CACHE_HOME/ftsgd, default ~/.cache/ftsgd).
+    --compare it runs the paper's comparison of sgd, sgd-freeze-embed and adamw, with LoRA (lora,
+    lora-sgd-freeze-embed) beside them, instead (the pre-trained backbone is cached in $XDG_CACHE_HOME/ftsgd, default ~/.cache/ftsgd).
 
     Examples:
 

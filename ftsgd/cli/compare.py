@@ -34,12 +34,23 @@ def print_comparison(c: Comparison) -> None:
             format_bytes(r.state_bytes),
             f"{r.bytes_per_param:.1f}",
             f"{r.vs_adamw:.2f}x",
+            format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "-",
         ]
         for r in c.rows
     ]
     console.print_table(
         "Comparison: per method, the learning rate with the best mean ID-val accuracy (mean ± std over seeds)",
-        ["method", "best lr", "seeds", "ID val %", "OOD %", "train-state memory", "bytes/param", "vs adamw"],
+        [
+            "method",
+            "best lr",
+            "seeds",
+            "ID val %",
+            "OOD %",
+            "train-state memory",
+            "bytes/param",
+            "vs adamw",
+            "peak (measured)",
+        ],
         rows,
     )
     p, s = c.pretrain, c.seconds

@@ -156,4 +156,9 @@ def _memory_rows(m: dict[str, Any]) -> list[list[str]]:
     rows.append(["total (adamw, nothing frozen)", format_bytes(m["adamw_total"])])
     rows.append(["ratio to adamw", f"{m['ratio']:.2f}x"])
     rows.append(["bytes per parameter", f"{m['bytes_per_param']:.1f}"])
+    compared = m.get("state_compared")
+    if compared:  # LoRA: weights + gradients + optimizer state beside the two full fine-tunings
+        rows.append(["state without activations: this recipe", format_bytes(compared["this_recipe"])])
+        rows.append(["  sgd-freeze-embed (no adapters)", format_bytes(compared["sgd_freeze_embed"])])
+        rows.append(["  adamw (no adapters)", format_bytes(compared["adamw"])])
     return rows

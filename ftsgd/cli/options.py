@@ -304,7 +304,7 @@ CompareOpt = Annotated[
         "--compare",
         metavar="",
         help="The paper's comparison in miniature: pre-train a tiny ViT (cached), fine-tune it with sgd, "
-        "sgd-freeze-embed and adamw over a small LR grid and 3 seeds, print the ID/OOD/memory table and "
+        "sgd-freeze-embed, adamw, lora and lora-sgd-freeze-embed over a small LR grid and 3 seeds, print the ID/OOD/memory table and "
         "the gradient diagnostic (a few minutes on a CPU).",
     ),
 ]

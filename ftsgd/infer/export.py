@@ -36,6 +36,7 @@ from ftsgd.data.transforms import build_transform
 from ftsgd.errors import ModelError, WeightsError, first_line
 from ftsgd.model.build import classifier_modules, unwrap_model
 from ftsgd.model.data_config import model_data_config
+from ftsgd.model.lora import adapter_config, adapter_state_dict, has_adapters, plain_state_dict
 from ftsgd.recipe.schema import INTERPOLATIONS
 from ftsgd.utils.console import warn
 from ftsgd.utils.device import AMP_DTYPES, amp_dtype
@@ -58,6 +59,9 @@ PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", 
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+ADAPTER_DIR = "lora"
+"""With LoRA: the folder beside ``model.safetensors`` that holds the adapters in PEFT's own format
+(``adapter_config.json``, ``adapter_model.safetensors``), for ``PeftModel.from_pretrained``."""
 
 _RESERVED = (
     "format",
@@ -75,6 +79,7 @@ _RESERVED = (
     "ftsgd_version",
     "amp",
     "training_weight_dtype",
+    "lora",
 )
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs", "num_classes", "crop_pct")
 
@@ -289,18 +294,47 @@ def export_model(
     if low_precision:
         metadata["training_weight_dtype"] = training_weight_dtype
 
-    weights_path = _weights_path(path)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
     config = _timm_config(target, architecture, list(class_names), data, kwargs)
     if low_precision:
         config["training_weight_dtype"] = training_weight_dtype  # timm ignores keys it does not know
+    _write_export(target, _weights_path(path), metadata, config, state_dict, low_precision)
+
+
+def _write_export(
+    target: nn.Module,
+    weights_path: Path,
+    metadata: dict[str, str],
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None,
+    low_precision: bool,
+) -> None:
+    """The files of an export, each written atomically; with LoRA adapters merged, and kept in PEFT format."""
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(weights_path.parent, [weights_path.name, CONFIG_NAME])  # left by a killed export
+    adapted = has_adapters(target)
+    merges = None
+    if adapted:  # a plain timm model: the adapters merged into the weights as written, under the timm names
+        state_dict, merges = plain_state_dict(target, state_dict)
+        metadata["lora"] = ADAPTER_DIR
     tensors = _export_tensors(target, state_dict)
     float32 = torch.float32 if low_precision else None
-    atomic_save_safetensors(tensors, weights_path, metadata=metadata, float_dtype=float32)
+    atomic_save_safetensors(tensors, weights_path, metadata=metadata, float_dtype=float32, replace=merges)
     atomic_write_text(
         weights_path.parent / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )
+    if adapted:
+        _write_adapters(target, weights_path.parent / ADAPTER_DIR)
+
+
+def _write_adapters(model: nn.Module, folder: Path) -> None:
+    """The adapters and the classifier in PEFT's format, for those who load them onto the starting weights."""
+    classifier = list(classifier_modules(model))
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder, ["adapter_model.safetensors", "adapter_config.json"])
+    tensors = _export_tensors(model, adapter_state_dict(model, classifier))
+    atomic_save_safetensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = adapter_config(model, classifier)
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, default=str) + "\n")
 
 
 def _decode(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:

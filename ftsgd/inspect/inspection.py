@@ -18,7 +18,14 @@ from ftsgd.inspect.diagnose import (
     diagnose_from_recipe,
     plot_diagnostic,
 )
-from ftsgd.inspect.memory import MemoryEstimate, estimate_memory, job_memory, measure_activations
+from ftsgd.inspect.memory import (
+    ActivationMeasurement,
+    MemoryEstimate,
+    estimate_memory,
+    job_memory,
+    measure_activations,
+    state_comparison,
+)
 from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import top_level_blocks
 from ftsgd.model.optim import lr_per_layer
@@ -105,14 +112,34 @@ def inspect_model(
         "learning_rates": [
             {**dataclasses.asdict(r), "lrs": [recipe.optim.lr * s for s in r.lr_scales]} for r in lrs
         ],
-        "memory": {
-            **dataclasses.asdict(memory),
-            "input_size": list(input_size),
-            "activations_method": measured.method if measured else "not measured",
-        },
+        "memory": _memory_report(prepared, memory, input_size, measured),
         "weights": weights,
         **({"memory_per_process": per_process} if per_process else {}),
         **({"stages": stage_freezes(prepared, staged)} if staged.stages else {}),
+    }
+
+
+def _memory_report(
+    prepared: PreparedModel,
+    memory: MemoryEstimate,
+    input_size: tuple[int, ...],
+    measured: ActivationMeasurement | None,
+) -> dict[str, Any]:
+    """``inspect``'s ``memory``: the estimate, and with LoRA the full fine-tunings' training state beside it."""
+    compared = (
+        {
+            "state_compared": state_comparison(
+                prepared.model, memory, prepared.embedding.modules, prepared.fixed
+            )
+        }
+        if prepared.lora_targets
+        else {}
+    )
+    return {
+        **dataclasses.asdict(memory),
+        **compared,
+        "input_size": list(input_size),
+        "activations_method": measured.method if measured else "not measured",
     }
 
 

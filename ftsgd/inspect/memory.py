@@ -35,6 +35,7 @@ __all__ = [
     "job_memory",
     "measure_activations",
     "saved_tensor_bytes",
+    "state_comparison",
     "state_slots",
 ]
 
@@ -230,6 +231,31 @@ def estimate_memory(
         input_size=tuple(activations.input_size) if activations is not None else None,
         ema=ema_bytes,
     )
+
+
+def state_comparison(
+    model: nn.Module, estimate: MemoryEstimate, embedding: Iterable[str], fixed: Iterable[str] = ()
+) -> dict[str, int]:
+    """A LoRA recipe's training state beside SGD freeze-embed's and AdamW's on the same model without adapters.
+
+    Weights, gradients and optimizer state only (activations depend on what trains and are measured by a
+    run, ``report``'s peak memory): the paper's per-parameter accounting applied to the backbone's own
+    parameters, with SGD momentum 0.9 and the embedding frozen, and with AdamW and nothing frozen.
+    """
+    heads = tuple(embedding)
+    skip = set(fixed)
+    base = sgd_fe = adamw = 0
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        size = _fp32_size(p)
+        base += size
+        adamw += size if name in skip else 4 * size
+        under = any(name.replace(".base_layer.", ".").startswith(e + ".") for e in heads)
+        sgd_fe += size if under or name in skip else 3 * size
+    buffers = sum(_fp32_size(b) for b in model.buffers())
+    this = estimate.weights + estimate.gradients + estimate.optimizer_state
+    return {"this_recipe": this, "sgd_freeze_embed": sgd_fe + buffers, "adamw": adamw + buffers}
 
 
 def _fp32_size(t: torch.Tensor) -> int:

@@ -12,18 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftsgd.errors import RecipeError
 from ftsgd.model.build import (
     WeightsReport,
     build_model,
+    classifier_modules,
     enable_grad_checkpointing,
     head_note,
 )
 from ftsgd.model.data_config import data_config_for
 from ftsgd.model.embedding import Embedding, find_embedding
-from ftsgd.model.freeze import apply_freeze, frozen_parameter_names
-from ftsgd.recipe.schema import FreezeConfig, Recipe, stage_label, stage_recipes
+from ftsgd.model.freeze import _match_patterns, apply_freeze, frozen_parameter_names
+from ftsgd.recipe.schema import FreezeConfig, LoraConfig, Recipe, stage_label, stage_recipes
 
-__all__ = ["PreparedModel", "prepare_model", "refreeze", "stage_freezes"]
+__all__ = ["PreparedModel", "freeze_names", "lora_message", "prepare_model", "refreeze", "stage_freezes"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class PreparedModel:
         fixed: Parameters the model itself keeps fixed (``requires_grad=False`` before any freezing,
             e.g. sin-cos position embeddings): a later stage never switches them on.
         head: What happened to the classifier (re-initialised or kept, and why); "" when unknown.
+        held: With LoRA adapters: the backbone weights LoRA keeps fixed in every stage (all but the
+            adapters, the classifier and ``freeze.trainable``); () without.
+        lora_targets: The layers that carry LoRA adapters; () without.
     """
 
     model: nn.Module
@@ -48,6 +53,8 @@ class PreparedModel:
     frozen: tuple[str, ...]
     fixed: tuple[str, ...] = ()
     head: str = ""
+    held: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def total_params(self) -> int:
@@ -73,6 +80,7 @@ class PreparedModel:
             "total_params": self.total_params,
             "weights_report": asdict(self.weights_report) if self.weights_report else None,
             "head": self.head,
+            **({"lora_targets": list(self.lora_targets)} if self.lora_targets else {}),
         }
 
 
@@ -94,13 +102,72 @@ def prepare_model(recipe: Recipe, num_classes: int | None, *, from_checkpoint: b
     model, weights_report = build_model(start, num_classes, dtype)
     data_config = data_config_for(model, recipe.data)
     embedding = find_embedding(model, data_config["input_size"])
+    targets: tuple[str, ...] = ()
+    if recipe.lora.enabled:
+        from ftsgd.model.lora import add_adapters, resolve_targets
+
+        classifier = classifier_modules(model, embedding.execution_order)
+        targets = tuple(
+            resolve_targets(model, recipe.lora, embedding=embedding.modules, classifier=classifier)
+        )
+        add_adapters(model, recipe.lora, targets)  # its random A init is drawn from the run's seed
     fixed = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
-    frozen = frozen_parameter_names(model, recipe.freeze, embedding)
+    held = _held_by_lora(model, recipe.freeze, embedding, fixed) if targets else ()
+    frozen = freeze_names(model, recipe.freeze, embedding, held)
     apply_freeze(model, frozen)
     if recipe.train.grad_checkpointing:
         enable_grad_checkpointing(model, recipe.model.name)
     head = "" if from_checkpoint else head_note(start, weights_report, model, num_classes)
-    return PreparedModel(model, weights_report, data_config, embedding, tuple(frozen), fixed, head)
+    return PreparedModel(
+        model, weights_report, data_config, embedding, tuple(frozen), fixed, head, held, targets
+    )
+
+
+def _held_by_lora(
+    model: nn.Module, cfg: FreezeConfig, embedding: Embedding, fixed: tuple[str, ...]
+) -> tuple[str, ...]:
+    """What LoRA keeps fixed: every parameter but the adapters, the classifier and ``freeze.trainable``."""
+    from ftsgd.model.lora import adapter_names
+
+    names = [n for n, _ in model.named_parameters()]
+    classifier = classifier_modules(model, embedding.execution_order)
+    keep = set(adapter_names(model)) | set(fixed)
+    keep |= {n for n in names if any(n.startswith(c + ".") for c in classifier)}
+    keep |= _match_patterns("freeze.trainable", cfg.trainable, model, names)
+    return tuple(n for n in names if n not in keep)
+
+
+def freeze_names(
+    model: nn.Module, cfg: FreezeConfig, embedding: Embedding, held: tuple[str, ...] = ()
+) -> list[str]:
+    """What ``cfg`` freezes, plus what LoRA holds fixed (``held``), in ``named_parameters()`` order.
+
+    Raises:
+        RecipeError: As :func:`frozen_parameter_names`; and with adapters, a policy or pattern (other
+            than a linear probe's ``head``, see :func:`ftsgd.recipe.checks.lora_probe_problems`) that
+            would freeze some of them.
+    """
+    frozen = set(frozen_parameter_names(model, cfg, embedding))
+    if held:
+        from ftsgd.model.lora import adapter_names
+
+        clash = [n for n in adapter_names(model) if n in frozen]
+        if clash and cfg.policy != "head":
+            layers = sorted({n.split(".lora_")[0] for n in clash})
+            raise RecipeError(
+                f"freeze.policy: {cfg.policy!r} (with freeze.patterns {cfg.patterns}) freezes the LoRA adapters "
+                f"of {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}, so they would never train; "
+                "leave those layers out of lora.targets, or freeze less"
+            )
+        frozen |= set(held)
+    return [n for n, _ in model.named_parameters() if n in frozen]
+
+
+def lora_message(cfg: LoraConfig, targets: tuple[str, ...]) -> str:
+    """The start line's note on LoRA adapters ("" without): rank, scale and how many layers carry them."""
+    if not targets:
+        return ""
+    return f"\nLoRA: rank {cfg.r}, alpha {cfg.alpha:g}, dropout {cfg.dropout:g} on {len(targets)} layers"
 
 
 def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
@@ -110,7 +177,7 @@ def refreeze(prepared: PreparedModel, cfg: FreezeConfig) -> PreparedModel:
     fixed itself); newly frozen ones lose it. BatchNorm modes follow from ``requires_grad`` at the next
     :func:`ftsgd.model.freeze.train_mode`.
     """
-    frozen = frozen_parameter_names(prepared.model, cfg, prepared.embedding)
+    frozen = freeze_names(prepared.model, cfg, prepared.embedding, prepared.held)
     release = set(prepared.frozen) - set(frozen) - set(prepared.fixed)
     for name, param in prepared.model.named_parameters():
         if name in release:
@@ -124,7 +191,7 @@ def stage_freezes(prepared: PreparedModel, recipe: Recipe) -> list[dict[str, Any
     sizes = {n: p.numel() for n, p in prepared.model.named_parameters()}
     rows = []
     for index, stage in enumerate(stage_recipes(recipe) if recipe.stages else []):
-        frozen = set(frozen_parameter_names(prepared.model, stage.freeze, prepared.embedding))
+        frozen = set(freeze_names(prepared.model, stage.freeze, prepared.embedding, prepared.held))
         fixed = set(prepared.fixed) - frozen
         rows.append(
             {

@@ -31,6 +31,7 @@ from ftsgd.recipe.schema import (
     WEIGHT_DTYPES,
     DataConfig,
     FreezeConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     Recipe,
@@ -40,8 +41,11 @@ from ftsgd.recipe.schema import (
 )
 
 
-def check_values(r: Recipe) -> list[str]:
-    """Value and cross-field checks that need nothing but the recipe; one problem line per violation."""
+def check_values(r: Recipe, stage: bool = False) -> list[str]:
+    """Value and cross-field checks that need nothing but the recipe; one problem line per violation.
+
+    ``stage``: ``r`` is one stage of a staged recipe (what only the whole run must satisfy is not asked).
+    """
     p: list[str] = []
     _check_model_and_freeze(r, p)
     _check_optim(r, p)
@@ -60,6 +64,9 @@ def check_values(r: Recipe) -> list[str]:
     p.extend(weight_dtype_problems(r))
     p.extend(_range_problems(r))
     p.extend(slurm_problems(r.slurm))
+    p.extend(lora_problems(r))
+    if not stage:
+        p.extend(lora_probe_problems(r))
     _check_stages(r, p)
     return p
 
@@ -78,6 +85,58 @@ def slurm_problems(s: SlurmConfig) -> list[str]:
     if not 0 <= s.signal_before_s <= 86400:
         p.append(f"slurm.signal_before_s: must be between 0 (no signal) and 86400, got {s.signal_before_s}")
     return p
+
+
+def lora_problems(r: Recipe) -> list[str]:
+    """``[lora]`` values, and what adapters cannot be combined with (checked whether or not LoRA is on)."""
+    lo: LoraConfig = r.lora
+    p: list[str] = []
+    if lo.r < 1:
+        p.append(f"lora.r: the adapters' rank must be >= 1 (PEFT's guide uses 16), got {lo.r!r}")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha: must be > 0 (the adapters' output is scaled by alpha / r), got {lo.alpha!r}")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout: must be in [0, 1) (0 = off), got {lo.dropout!r}")
+    for pattern in lo.targets:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                p.append(f"lora.targets: invalid regular expression {pattern!r}: {exc}")
+        elif not pattern.strip():
+            p.append(
+                "lora.targets: an empty name matches every layer; remove it ([] = the family's defaults)"
+            )
+    if not lo.enabled:
+        return p
+    if r.train.shard:
+        p.append(
+            "lora.enabled: cannot be combined with train.shard: FSDP2 would shard the frozen weights and the "
+            "adapters alike and the export merges whole weights; train LoRA with DDP (train.shard = false), "
+            "its frozen weights need no optimizer state to shard"
+        )
+    if r.train.weight_dtype == "bf16":
+        p.append(
+            'lora.enabled: cannot be combined with train.weight_dtype = "bf16": PEFT keeps the adapters in '
+            'fp32 beside bf16 layers, which the rounded bf16 update does not handle; set train.weight_dtype = "fp32"'
+        )
+    return p
+
+
+def lora_probe_problems(r: Recipe) -> list[str]:
+    """LoRA with a last stage (or one recipe) that probes linearly: the adapters would never train.
+
+    An earlier stage may probe (LP, then LoRA): the adapters start as a no-op (B = 0) and wait for theirs.
+    """
+    last = r.stages[-1].freeze if r.stages else r.freeze
+    if not r.lora.enabled or last.policy != "head":
+        return []
+    key = f"{STAGE_KEY}.{len(r.stages)}.freeze.policy" if r.stages else "freeze.policy"
+    return [
+        f'{key}: "head" freezes everything but the classifier, the LoRA adapters too, so they would never '
+        'train; use freeze.policy = "none" or "embed" with lora.enabled = true (a linear probe may come '
+        "first, as an earlier [[stage]]), or lora.enabled = false for a plain linear probe"
+    ]
 
 
 _UPPER_BOUNDS = {
@@ -125,7 +184,9 @@ def _check_stages(r: Recipe, p: list[str]) -> None:
                 f"{STAGE_KEY}.{n}.name: {stage.name!r} names another stage too; stage names must be unique"
             )
         p.extend(
-            f"{STAGE_KEY}.{n}.{line}" for line in check_values(stage_recipe(r, n - 1)) if line not in own
+            f"{STAGE_KEY}.{n}.{line}"
+            for line in check_values(stage_recipe(r, n - 1), stage=True)
+            if line not in own
         )
 
 

@@ -369,6 +369,29 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, via the ``peft`` package: ``pip install 'ftsgd[lora]'``) instead of training the
+    backbone's weights: every backbone weight stays fixed, small adapters train beside the targeted layers and
+    the classifier trains fully. The export merges the adapters in (a plain timm model) and also writes them
+    in PEFT's own format (``lora/`` beside ``model.safetensors``). Applies to the whole run (every stage)."""
+
+    enabled: bool = False
+    """Train LoRA adapters (the built-in ``lora`` and ``lora-sgd-freeze-embed`` recipes turn it on)."""
+    r: int = 16
+    """Rank of each adapter (>= 1): each targeted layer W (out x in) gets B (out x r) @ A (r x in)."""
+    alpha: float = 16.0
+    """Scaling (> 0): the adapter's output is multiplied by alpha / r (PEFT's ``lora_alpha``)."""
+    dropout: float = 0.1
+    """Dropout on the adapters' input in [0, 1) (PEFT's ``lora_dropout``); training only."""
+    targets: list[str] = field(default_factory=list)
+    """Layers that get adapters: module names, as PEFT reads them (``qkv`` matches every module named
+    ``qkv`` or ending in ``.qkv``), globs over whole names (``blocks.*.attn.qkv``) or regexes prefixed
+    ``re:``; Linear and Conv layers (ungrouped) only, never the classifier (it trains fully). [] = the
+    family's defaults, outside the embedding: ViT qkv, proj, fc1, fc2; ConvNeXt the MLP's fc1, fc2; ResNet
+    the blocks' conv1, conv2, conv3; other models every Linear layer."""
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One ``[[stage]]`` of a staged recipe (LP-FT: a linear probe, then fine-tuning), resolved.
 
@@ -408,6 +431,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     stages: tuple[StageConfig, ...] = ()
     """The ``[[stage]]`` tables, in order; empty: one stage, the recipe itself."""
 
@@ -427,6 +451,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "sweep": SweepConfig,
     "slurm": SlurmConfig,
+    "lora": LoraConfig,
 }
 
 

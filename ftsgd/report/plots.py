@@ -14,6 +14,9 @@ Files written (each only when it has something to show):
 * ``id_vs_ood.png``: one panel per OOD split, ID-val accuracy against that split's accuracy at the best
   epoch for every finished run, the selected points marked with ± std error bars (the paper's
   ID/OOD comparison).
+* ``accuracy_vs_memory.png``: one panel for ID-val and one per OOD split, each recipe's selected point
+  (mean ± std over its seeds) against its measured peak memory, one marker per recipe: what each recipe
+  buys per GiB (SGD freeze-embed, AdamW, LoRA side by side).
 
 ``ftsgd eval --png DIR`` draws each split's confusion matrix the same way (:func:`write_confusion_plots`):
 ``confusion-SPLIT.png``.
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 CURVES = "learning_curves.png"
 CURVES_ALL = "learning_curves_all_runs.png"
 SCATTER = "id_vs_ood.png"
+MEMORY = "accuracy_vs_memory.png"
 DPI = 100
 PANEL = (4.6, 3.6)
 """Inches per panel: at :data:`DPI` a one-panel figure is 460x360 pixels."""
@@ -73,6 +77,7 @@ def write_plots(report: Report, out: Path) -> list[Path]:
         (CURVES, selected_curves(report, colours)),
         (CURVES_ALL, all_run_curves(report, colours)),
         (SCATTER, id_vs_ood(report, colours)),
+        (MEMORY, accuracy_vs_memory(report, colours)),
     ):
         if figure is not None:
             save_png(figure, out / name)
@@ -292,6 +297,57 @@ def _scatter_panel(ax: Axes, report: Report, split: str, runs: list[Run], colour
     ax.set_ylabel(f"{split} {what} (%)")
     ax.set_title(f"ID vs {split}")
     ax.grid(alpha=0.3)
+
+
+_MARKERS = "osD^vP*Xph"
+"""One marker shape per recipe (with its colour), so recipes stay apart in grey print too."""
+
+
+def accuracy_vs_memory(report: Report, colours: dict[str, Any]) -> Figure | None:
+    """Each recipe's selected point: accuracy (``--metric``, mean ± std over seeds) against peak memory.
+
+    One panel for the ID-val split and one per OOD split; the x axis is the point's peak memory (the
+    largest over its seeds, what a run of it needs), in MiB or GiB. None when no selected point has both.
+    """
+    points = [
+        s.point
+        for s in report.selections
+        if s.point is not None and s.point.peak_memory_bytes and s.point.val is not None
+    ]
+    if not points:
+        return None
+    splits = [report.splits[0], *[s for s in report.ood_splits if any(s in p.splits for p in points)]]
+    gib = max(p.peak_memory_bytes or 0 for p in points) >= 2**30
+    unit, scale = ("GiB", 2**30) if gib else ("MiB", 2**20)
+    what = report.metric.replace("_", " ")
+    fig, axes = _grid(len(splits), f"Selected {what} vs peak memory (mean ± std over seeds)", len(points))
+    markers = {name: _MARKERS[i % len(_MARKERS)] for i, name in enumerate(colours)}
+    for split, ax in zip(splits, axes, strict=True):
+        for p in points:
+            stat = p.val if split == report.splits[0] else p.splits.get(split)
+            if stat is None:
+                continue
+            ax.errorbar(
+                (p.peak_memory_bytes or 0) / scale,
+                100 * stat.mean,
+                yerr=100 * (stat.std or 0.0),
+                marker=markers.get(p.recipe, "o"),
+                markersize=9,
+                linestyle="none",
+                color=colours.get(p.recipe),
+                markeredgecolor="black",
+                capsize=3,
+                label=_point_name(p),
+            )
+        kind = "ID" if split == report.splits[0] else "OOD"
+        ax.set_xlabel(f"peak memory ({unit})")
+        ax.set_ylabel(f"{split} {what} (%)")
+        ax.set_title(f"{split} ({kind})")
+        ax.margins(x=0.15, y=0.15)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    _figure_legend(fig, handles, labels)
+    return fig
 
 
 CONFUSION = "confusion-{split}.png"

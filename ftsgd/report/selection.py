@@ -546,6 +546,7 @@ def selection_to_dict(selection: Selection) -> dict[str, Any]:
         "recipe": selection.recipe,
         "data": selection.data,
         "selected": point_to_dict(selection.point) if selection.point else None,
+        "peak_memory_bytes": selection.point.peak_memory_bytes if selection.point else None,
         "compared": len(selection.compared),
         "excluded": [dict(p.values) for p in selection.excluded],
         "tie": selection.tie,

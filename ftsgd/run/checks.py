@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -169,6 +170,13 @@ def _missing_packages(recipe: Recipe) -> list[str]:
                 f"train.tracking: {name!r} needs the {package} package, which is not installed: "
                 f"pip install 'ftsgd[{name}]' (or pip install {package}), or remove {name!r} from train.tracking"
             )
+    if (
+        recipe.lora.enabled and importlib.util.find_spec("peft") is None
+    ):  # not imported: it pulls in transformers
+        problems.append(
+            "lora.enabled: LoRA adapters need the peft package, which is not installed: pip install "
+            "'ftsgd[lora]' (or pip install peft), or set lora.enabled = false"
+        )
     package = optimizer_package(recipe.optim.name)
     if package is not None and not _importable(package):
         hint = _PACKAGE_HINTS.get(package, f"pip install {package}")

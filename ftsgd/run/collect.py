@@ -12,6 +12,7 @@ Reading needs no torch (``ftsgd report`` never loads it); the file names come fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from ftsgd.errors import UsageError
 from ftsgd.infer.metrics import aggregate_splits
 from ftsgd.recipe.dump import flatten_recipe
-from ftsgd.recipe.schema import STAGE_KEY
+from ftsgd.recipe.schema import STAGE_KEY, LoraConfig
 from ftsgd.run.files import METRICS, RECIPE_FILE, RUN_MARKERS, SUMMARY
 
 VAL_SPLIT = "val"
@@ -181,7 +182,10 @@ def _read_recipe(path: Path) -> tuple[dict[str, Any], str | None]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, TypeError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return {}, f"{path} cannot be read ({reason}); the run is left out of the selection"
-    return flatten_recipe(raw), None
+    flat = flatten_recipe(raw)
+    if "lora" not in raw:  # written before [lora] existed: no adapters, the defaults' values
+        flat.update({f"lora.{k}": v for k, v in dataclasses.asdict(LoraConfig()).items()})
+    return flat, None
 
 
 def stage_count(values: dict[str, Any]) -> int:

@@ -8,7 +8,8 @@ What it does, in order:
    and run directory are cached (:func:`cache_root`) and every later comparison reuses them.
 2. **Fine-tune** the pre-trained backbone on the *target* task (four other shapes; ``train``/``val`` in
    the plain style, ``ood`` in the shifted style the backbone saw in pre-training but the fine-tuning
-   data does not show) with ``sgd``, ``sgd-freeze-embed`` and ``adamw``, over a small learning-rate grid
+   data does not show) with ``sgd``, ``sgd-freeze-embed``, ``adamw``, ``lora`` and
+   ``lora-sgd-freeze-embed``, over a small learning-rate grid
    per method and several seeds. This is a sweep (:mod:`ftsgd.sweep`): the grid is planned as
    ``ftsgd sweep`` plans it (each method with its own learning rates), ``OUT`` is a sweep folder
    (``OUT/<method>/optim.lr=...,train.seed=.../`` run directories and ``OUT/sweep.json``) that
@@ -32,6 +33,7 @@ refused. Printing is :mod:`ftsgd.cli.compare`'s.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -72,6 +74,7 @@ from ftsgd.utils.fileio import atomic_write_text, jsonable
 
 __all__ = [
     "FULL",
+    "LORA_METHODS",
     "METHODS",
     "QUICK",
     "CompareConfig",
@@ -82,8 +85,10 @@ __all__ = [
     "run_comparison",
 ]
 
-METHODS = ("sgd", "sgd-freeze-embed", "adamw")
-"""The recipes compared, in table order: the paper's baseline, its method, and the AdamW baseline."""
+METHODS = ("sgd", "sgd-freeze-embed", "adamw", "lora", "lora-sgd-freeze-embed")
+"""The recipes compared, in table order: the paper's baseline, its method, the AdamW baseline, and LoRA
+adapters trained with AdamW and with SGD freeze-embed (left out, with a warning, without ``peft``)."""
+LORA_METHODS = ("lora", "lora-sgd-freeze-embed")
 SETTINGS_FILE = "settings.json"
 RESULT_FILE = "comparison.json"
 DEMO_MARKER = ".ftsgd-demo"
@@ -132,6 +137,8 @@ class CompareConfig:
             "sgd": (3e-3, 1e-2, 3e-2),
             "sgd-freeze-embed": (3e-3, 1e-2, 3e-2),
             "adamw": (3e-4, 1e-3, 3e-3),
+            "lora": (1e-3, 3e-3, 1e-2),
+            "lora-sgd-freeze-embed": (1e-2, 3e-2, 1e-1),
         }
     )
     seeds: int = 3
@@ -162,7 +169,13 @@ QUICK = CompareConfig(
     target_per_class={"train": 8, "val": 4, "ood": 4},
     pretrain=("optim.lr=2e-3", "train.epochs=1", 'train.amp="none"'),
     finetune_epochs=1,
-    lrs={"sgd": (1e-2,), "sgd-freeze-embed": (1e-2,), "adamw": (1e-3, 3e-3)},
+    lrs={
+        "sgd": (1e-2,),
+        "sgd-freeze-embed": (1e-2,),
+        "adamw": (1e-3, 3e-3),
+        "lora": (3e-3,),
+        "lora-sgd-freeze-embed": (3e-2,),
+    },
     seeds=1,
     diagnostic_batches=1,
 )
@@ -182,6 +195,8 @@ class MethodRow:
         state_bytes: Training-state memory: weights, gradients and optimizer state (no activations).
         bytes_per_param: ``state_bytes`` per parameter (the paper's 16 / 12 / 8 rule).
         vs_adamw: ``state_bytes`` relative to AdamW with nothing frozen.
+        peak_memory_bytes: The measured peak of the selected point's runs (the largest over its seeds; on a
+            CPU the process's resident set, mostly torch itself), None without a finished run.
     """
 
     method: str
@@ -192,6 +207,7 @@ class MethodRow:
     state_bytes: int
     bytes_per_param: float
     vs_adamw: float
+    peak_memory_bytes: int | None = None
 
 
 @dataclass
@@ -267,7 +283,7 @@ def run_comparison(
             config.diagnostic_batches,
         )
         report = fine_tune(out, target, weights, config, argv or [])
-        rows = [_method_row(report, method, config) for method in METHODS]
+        rows = [_method_row(report, method, config) for method in compared_methods()]
         end = time.perf_counter()
         seconds = {"pretrain": pretrain.pop("seconds"), "finetune": end - tuned, "total": end - start}
         precision = amp_name(resolve_amp(config.amp, torch.device(config.device)))
@@ -453,9 +469,11 @@ def sweep_options(
     return SweepOptions(
         data=data,
         out=out,
-        recipes=list(METHODS),
+        recipes=list(compared_methods()),
         grids=[f"train.seed={','.join(str(s) for s in range(config.seeds))}"],
-        recipe_grids={m: [f"optim.lr={','.join(repr(lr) for lr in config.lrs[m])}"] for m in METHODS},
+        recipe_grids={
+            m: [f"optim.lr={','.join(repr(lr) for lr in config.lrs[m])}"] for m in compared_methods()
+        },
         sets=[
             *config.common(),
             f"train.epochs={config.finetune_epochs}",
@@ -484,4 +502,13 @@ def _method_row(report: Report, method: str, config: CompareConfig) -> MethodRow
         state_bytes=memory.total,
         bytes_per_param=memory.bytes_per_param,
         vs_adamw=memory.ratio,
+        peak_memory_bytes=point.peak_memory_bytes if point is not None else None,
     )
+
+
+def compared_methods() -> tuple[str, ...]:
+    """:data:`METHODS`, without the LoRA recipes when ``peft`` (``ftsgd[lora]``) is not installed."""
+    if importlib.util.find_spec("peft") is not None:
+        return METHODS
+    console.warn("LoRA left out of the comparison: it needs the peft package (pip install 'ftsgd[lora]')")
+    return tuple(m for m in METHODS if m not in LORA_METHODS)

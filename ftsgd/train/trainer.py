@@ -51,7 +51,7 @@ from ftsgd.infer.metrics import aggregate_splits, selection_value
 from ftsgd.model.build import classifier_modules
 from ftsgd.model.freeze import train_mode
 from ftsgd.model.optim import StepInBackward, build_optimizer, set_lr
-from ftsgd.model.prepare import PreparedModel, prepare_model, refreeze
+from ftsgd.model.prepare import PreparedModel, lora_message, prepare_model, refreeze
 from ftsgd.model.rounding import RoundingStream
 from ftsgd.recipe.checks import select_metric
 from ftsgd.recipe.schema import Recipe
@@ -758,12 +758,13 @@ class Trainer:
             )
         p = self.prepared
         amp = f", {precision_words(self.amp_dtype)}"
+        notes = (f"\nclassifier: {p.head}" if p.head else "") + lora_message(self.recipe.lora, p.lora_targets)
         return (
             f"{self.recipe.model.name}: {len(self.class_names)} classes, {len(self.train_split)} training images, "
             f"frozen {len(p.frozen)} tensors ({p.frozen_params:,} of {p.total_params:,} parameters, policy "
             f"{self.stage_recipe.freeze.policy}), device {self.device.type}{amp}{self._job_message()}"
             + (f"\n{self.stages.message(self.state.stage, p)}" if self.recipe.stages else "")
-        ) + (f"\nclassifier: {p.head}" if p.head else "")
+        ) + notes
 
     def _job_message(self) -> str:
         """How a multi-process job splits the work ("" for one process), and what BatchNorm then computes."""

@@ -194,12 +194,14 @@ def atomic_save_safetensors(
     path: Path | str,
     metadata: dict[str, str] | None = None,
     float_dtype: torch.dtype | None = None,
+    replace: dict[str, Callable[[], torch.Tensor]] | None = None,
 ) -> None:
     """Save ``tensors`` as a safetensors file atomically.
 
     The tensors must already be contiguous and must not share storage (safetensors refuses both);
     :func:`ftsgd.export.export_model` prepares them. With ``float_dtype`` every floating-point tensor
-    is written in that dtype, cast one tensor at a time (:mod:`ftsgd.utils.tensorfile`).
+    is written in that dtype, cast one tensor at a time (:mod:`ftsgd.utils.tensorfile`). ``replace``
+    gives some tensors as functions, each called as its turn to be written comes.
 
     Raises:
         RunError: The write failed; the previous file is untouched.
@@ -207,10 +209,10 @@ def atomic_save_safetensors(
     from safetensors.torch import save_file
 
     def write(fh: IO[bytes], tmp: Path) -> None:
-        if float_dtype is not None:
+        if float_dtype is not None or replace:
             from ftsgd.utils.tensorfile import write_safetensors
 
-            write_safetensors(fh, tensors, metadata, float_dtype)
+            write_safetensors(fh, tensors, metadata, float_dtype, replace)
             return
         # save_file streams tensor by tensor; serialising to one bytes object first would double
         # peak memory for multi-gigabyte models.

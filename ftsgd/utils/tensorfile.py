@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,17 +42,21 @@ def write_safetensors(
     fh: IO[bytes],
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None,
-    float_dtype: torch.dtype,
+    float_dtype: torch.dtype | None,
+    replace: dict[str, Callable[[], torch.Tensor]] | None = None,
 ) -> None:
-    """Write ``tensors`` (CPU, contiguous) to ``fh`` as safetensors, floating-point ones as ``float_dtype``.
+    """Write ``tensors`` (CPU, contiguous) to ``fh`` as safetensors, floating-point ones as ``float_dtype``
+    (None: each in its own dtype).
 
     Only one tensor's cast copy exists at a time. The header (offsets) is computed from shapes alone.
+    ``replace``: for some names, a function giving the tensor to write instead (same shape and dtype),
+    called as its turn comes, so those too exist one at a time (LoRA's merged weights).
     """
     names = _dtype_names()
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
-        dtype = float_dtype if tensor.is_floating_point() else tensor.dtype
+        dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
         size = tensor.numel() * dtype.itemsize
         header[name] = {
             "dtype": names[dtype],
@@ -63,8 +68,10 @@ def write_safetensors(
     text += b" " * (-len(text) % 8)
     fh.write(struct.pack("<Q", len(text)))
     fh.write(text)
-    for tensor in tensors.values():
-        value = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
+    for name, tensor in tensors.items():
+        if replace and name in replace:
+            tensor = replace[name]()
+        value = tensor.to(float_dtype) if float_dtype is not None and tensor.is_floating_point() else tensor
         fh.write(value.contiguous().reshape(-1).view(dtype=_bytes_dtype()).numpy().data)
         del value
 

@@ -13,7 +13,17 @@ from typer.testing import CliRunner
 from ftsgd.cli.app import app
 from ftsgd.sweep.compare import METHODS, QUICK
 
-COLUMNS = ["method", "best lr", "seeds", "ID val %", "OOD %", "train-state memory", "bytes/param", "vs adamw"]
+COLUMNS = [
+    "method",
+    "best lr",
+    "seeds",
+    "ID val %",
+    "OOD %",
+    "train-state memory",
+    "bytes/param",
+    "vs adamw",
+    "peak (measured)",
+]
 
 
 def compare(out: Path, cache: Path, *extra: str):
@@ -57,6 +67,7 @@ def test_the_comparison_table_has_a_row_per_method_and_its_columns(first: tuple[
     per_param = {r[0]: float(r[6]) for r in rows}
     assert per_param["adamw"] == 16.0 and per_param["sgd"] == 12.0  # the paper's bytes/parameter
     assert per_param["sgd-freeze-embed"] < 12.0
+    assert per_param["lora-sgd-freeze-embed"] < per_param["lora"] < per_param["sgd-freeze-embed"]
     assert "recommendation:" in output and "Grid points" in output
     assert "fine-tuning precision: fp32 (train.amp = 'auto'" in output  # the CPU default, fp32
 
@@ -83,7 +94,7 @@ def test_the_output_folder_is_a_sweep_folder(first: tuple[Path, Path, str], tmp_
     out, _, _ = first
     saved = json.loads((out / "comparison.json").read_text())
     record = json.loads((out / "sweep.json").read_text())
-    assert record["state"] == "finished" and record["counts"]["finished"] == len(record["runs"]) == 4
+    assert record["state"] == "finished" and record["counts"]["finished"] == len(record["runs"]) == 6
     assert {r["name"]: r["grid"]["optim.lr"] for r in record["recipes"]} == {
         m: list(QUICK.lrs[m]) for m in METHODS
     }
@@ -109,7 +120,7 @@ def test_the_output_folder_is_a_sweep_folder(first: tuple[Path, Path, str], tmp_
     swept = CliRunner().invoke(app, ["sweep", *flags, "--allow-changed-grid", "--json"])
     assert swept.exit_code == 0, swept.output
     document = json.loads(swept.stdout)
-    assert document["counts"]["finished"] == 1 and len(document["outside_grid"]) == 3
+    assert document["counts"]["finished"] == 1 and len(document["outside_grid"]) == 5
     assert document["runs"][0]["path"] == str(tmp_path / "copy" / Path(sgd["path"]).relative_to(out))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from _runs import write_run
 
-from ftsgd.report.plots import all_run_curves, id_vs_ood, recipe_colours
+from ftsgd.report.plots import accuracy_vs_memory, all_run_curves, id_vs_ood, recipe_colours
 from ftsgd.report.selection import collect_report
 
 
@@ -40,3 +40,33 @@ def test_the_y_equals_x_line_crosses_every_id_vs_ood_panel_and_every_dot_is_name
     assert ax.get_xlim() == ax.get_ylim()  # one range, so y = x runs corner to corner
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "sgd-freeze-embed: every run" in labels and any(label.endswith("selected") for label in labels)
+
+
+def test_accuracy_vs_memory_draws_one_marker_per_recipe_at_its_selected_peak(tmp_path: Path) -> None:
+    """SGD freeze-embed (selected lr 1e-3, 700 MiB) beside LoRA (400 MiB): ID and OOD panels, mean ± std."""
+    data = tmp_path / "data"
+    for seed, val in ((0, 0.8), (1, 0.9)):
+        write_run(tmp_path / "runs" / f"fe-{seed}", data=data, seed=seed, val=val, ood=0.5)
+        write_run(
+            tmp_path / "runs" / f"lora-{seed}",
+            data=data,
+            recipe="lora",
+            lr=5e-3,
+            seed=seed,
+            val=val - 0.1,
+            ood=0.6,
+            peak=400 * 2**20,
+        )
+    report = collect_report([tmp_path / "runs"])
+    fig = accuracy_vs_memory(report, recipe_colours(report))
+    assert fig is not None
+    id_ax, ood_ax = (ax for ax in fig.axes if ax.get_visible())
+    assert id_ax.get_xlabel() == "peak memory (MiB)" and ood_ax.get_title() == "ood (OOD)"
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert labels == ["lora (optim.lr=0.005; 2 seeds)", "sgd-freeze-embed (optim.lr=0.001; 2 seeds)"]
+    lines = [line for line in id_ax.get_lines() if line.get_marker() != "_"]  # not the error bars' caps
+    markers = {line.get_marker(): (line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in lines}
+    assert len(markers) == 2  # one shape per recipe
+    assert sorted(markers.values()) == [(400, 75.0), (700, 85.0)]  # peak in MiB, mean ID-val accuracy
+    selections = report.to_dict()["selections"]
+    assert sorted(s["peak_memory_bytes"] for s in selections) == [400 * 2**20, 700 * 2**20]

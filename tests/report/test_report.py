@@ -159,7 +159,7 @@ def test_png_plots_are_valid_nonblank_images(sweep: Path, tmp_path: Path) -> Non
     out = tmp_path / "plots"
     result = report(str(sweep), "--json", "--png", str(out))
     assert result.exit_code == 0, result.stderr
-    expected = [out / plots.CURVES, out / plots.CURVES_ALL, out / plots.SCATTER]
+    expected = [out / plots.CURVES, out / plots.CURVES_ALL, out / plots.SCATTER, out / plots.MEMORY]
     assert json.loads(result.stdout)["plots"] == [str(p) for p in expected]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in expected)  # no temporaries left
     for path in expected:

@@ -460,6 +460,7 @@ def test_jobs_2_gives_the_results_of_jobs_1(swept: tuple[Path, Any], data: Path,
     theirs = json.loads((swept[0] / "sweep.json").read_text())["selection"]["selections"]
     assert record["selection"]["selections"][0]["selected"]["val"] == theirs[0]["selected"]["val"]
     assert sorted(Path(p).name for p in record["plots"]) == [
+        "accuracy_vs_memory.png",
         "id_vs_ood.png",
         "learning_curves.png",
         "learning_curves_all_runs.png",
