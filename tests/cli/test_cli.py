@@ -311,6 +311,7 @@ def test_console_script_subprocess(image_folder: Path, tmp_path: Path) -> None:
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = run("demo", "--out", str(out), "--epochs", "1")
@@ -503,6 +504,7 @@ def test_train_shorthands_set_their_recipe_keys_and_clash_with_a_set_of_the_same
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["recipes"], ["--version"], ["report", "--help"]])
 def test_a_full_stdout_ends_quietly_with_exit_1(command: list[str]) -> None:
     with open("/dev/full", "w") as full:

@@ -224,6 +224,7 @@ def test_least_recently_used_files_are_evicted(tmp_path: Path) -> None:
     assert scancache.load_entries(tmp_path, "/data/huge") is None
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_leave_a_partial_file(tmp_path: Path) -> None:
     """Writers replacing the same cache file while a reader reads: every read is a whole file."""
     big = {f"c/{i:06d}.png": (i, OLD_NS + i) for i in range(20000)}

@@ -150,6 +150,7 @@ def test_load_exported_model(exported, where: str) -> None:
         assert torch.equal(rebuilt(x), model(x))
 
 
+@pytest.mark.slow
 def test_export_unwraps_compiled_and_copes_with_channels_last(tmp_path: Path) -> None:
     model = _trained("test_resnet", {}).to(memory_format=torch.channels_last)
     compiled = torch.compile(model)  # lazy: nothing is compiled until it is called

@@ -307,6 +307,7 @@ while True:
 # --------------------------------------------------------------------------- NaN, OOM, disk full
 
 
+@pytest.mark.slow
 def test_diverging_run_exits_1_naming_the_step_and_keeps_a_finite_checkpoint(
     data: Path, tmp_path: Path
 ) -> None:

@@ -386,6 +386,7 @@ def test_a_changed_sweep_into_the_same_out_is_refused_naming_what_changed(
     assert (out / "sweep.json").read_bytes() == record
 
 
+@pytest.mark.slow
 def test_allow_changed_grid_keeps_and_lists_runs_outside_the_grid(
     swept: tuple[Path, Any], data: Path, tmp_path: Path
 ) -> None:

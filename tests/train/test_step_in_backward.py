@@ -283,6 +283,7 @@ def test_compile_trains_through_the_compiled_module(
     assert not any(k.startswith("_orig_mod") for k in final_weights(tmp_path / "compiled"))
 
 
+@pytest.mark.slow
 def test_compile_failure_names_the_option(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
