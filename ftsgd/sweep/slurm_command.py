@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ftsgd.errors import Interrupted, RunError, UsageError
-from ftsgd.run.rundir import RunDir, locked
+from ftsgd.run.rundir import RunDir, lock_holder, locked
 from ftsgd.sweep.conclude import conclude
 from ftsgd.sweep.jobs import STOPPED_FROM_OUTSIDE, Stop, catch_signals, failure_line
 from ftsgd.sweep.output import failure_summary, say
@@ -254,6 +254,8 @@ def wait_for(sweep: Sweep) -> None:
                     f"`scancel --name={job_name(sweep.plan.out)}`, or rerun this command to see their states",
                     stop.signum,
                 )
+            if lock_holder(sweep.plan.out):  # a rerun (cron) is updating the folder now: look next time
+                continue
             with locked(sweep.plan.out, "sweep directory"):
                 refresh(sweep)
 
