@@ -6,6 +6,7 @@ Trainer on a tiny generated image folder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,8 +26,13 @@ from ftsgd.recipe.load import load_recipe
 from ftsgd.run.checks import load_checked_recipe
 from ftsgd.train.trainer import Trainer
 
-pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [
+    # find_spec, not importorskip: importing peft (and the transformers it loads) costs ~5 s of collection
+    pytest.mark.skipif(
+        importlib.util.find_spec("peft") is None, reason="needs peft: pip install 'ftsgd[lora]'"
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 VIT = ['model.name="test_vit"', "model.kwargs={img_size=32}", "data.img_size=32"]
 CONVNEXT = ['model.name="test_convnext"', "data.img_size=32"]

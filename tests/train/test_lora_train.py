@@ -6,6 +6,7 @@ tiny timm ViT, a tiny generated image folder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,8 +22,10 @@ from safetensors.torch import load_file
 
 from ftsgd.data.synthetic import make_image_folder
 
-pytest.importorskip("peft")
 pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("peft") is None, reason="needs peft: pip install 'ftsgd[lora]'"
+    ),
     pytest.mark.slow,
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and torchrun with Gloo"),
     pytest.mark.usefixtures("one_torch_thread"),
