@@ -50,6 +50,8 @@ class RunRecord:
     pid: int | None = None
     """The training process while it runs."""
     metrics: dict[str, Any] | None = None
+    slurm_task: str | None = None
+    """``--slurm``: the point's last Slurm task (``ARRAYJOB_TASK``, what ``scancel`` takes)."""
 
 
 def read_previous(out: Path) -> dict[str, Any] | None:

@@ -158,9 +158,9 @@ def point_state(
     if RunDir(run.path).status() == FINISHED:
         return RunRecord(FINISHED, exit_code=0, metrics=run_metrics(run.path))
     if task is not None and task.state in QUEUED_STATES:
-        return RunRecord(QUEUED, error=f"Slurm task {task.job}, {task.reason or 'waiting'}")
+        return RunRecord(QUEUED, slurm_task=task.job)
     if task is not None and task.state in RUNNING_STATES:
-        return RunRecord(RUNNING, started=before.started or now(), error=f"Slurm task {task.job}")
+        return RunRecord(RUNNING, started=before.started or now(), slurm_task=task.job)
     if before.status == FAILED:
         return before
     ended = read_exit(run, before)
@@ -169,11 +169,12 @@ def point_state(
     code, job = ended
     if code in STOPPED_FROM_OUTSIDE or code >= 128:
         why = f"Slurm task {job} stopped ({code}); the same sweep command resubmits it"
-        return RunRecord(INTERRUPTED, exit_code=code, error=why)
+        return RunRecord(INTERRUPTED, exit_code=code, error=why, slurm_task=job)
     if retry_failed:
         return RunRecord(INTERRUPTED if RunDir(run.path).status() != "new" else PENDING)
     log = log_path(before_out(run), run)
-    return RunRecord(FAILED, exit_code=code, error=failure_line(log, last_attempt(log), code), ended=now())
+    error = failure_line(log, last_attempt(log), code)
+    return RunRecord(FAILED, exit_code=code, error=error, ended=now(), slurm_task=job)
 
 
 def before_out(run: PlannedRun) -> Any:
@@ -208,13 +209,27 @@ def refresh(sweep: Sweep, *, announce: bool = False, retry_failed: bool = False)
     total = len(sweep.plan.runs)
     for run in sweep.plan.runs:
         before = sweep.records[run.path]
-        record = point_state(run, tasks.get(run.index), before, retry_failed=retry_failed)
+        task = tasks.get(run.index)
+        record = point_state(run, task, before, retry_failed=retry_failed)
         if announce or record.status != before.status:
-            detail = f": {record.error}" if record.error and record.status != FINISHED else ""
-            say(f"[{run.index}/{total}] {record.status} {run.label}{detail}", sweep.opts.as_json)
+            say(
+                f"[{run.index}/{total}] {record.status} {run.label}{state_detail(record, task)}",
+                sweep.opts.as_json,
+            )
         sweep.records[run.path] = record
     sweep.state = RUNNING if any(r.status in (QUEUED, RUNNING) for r in sweep.records.values()) else PENDING
     sweep.write()
+
+
+def state_detail(record: RunRecord, task: TaskState | None) -> str:
+    """``: Slurm task 12_3, Priority`` (queued, with squeue's reason), the error of a failed or interrupted
+    point, or nothing."""
+    if record.status in (QUEUED, RUNNING) and record.slurm_task:
+        reason = (
+            f", {task.reason}" if record.status == QUEUED and task and task.reason not in ("", "None") else ""
+        )
+        return f": Slurm task {record.slurm_task}{reason}"
+    return f": {record.error}" if record.error and record.status != FINISHED else ""
 
 
 def submit_missing(sweep: Sweep, settings: SlurmSettings) -> None:
@@ -232,7 +247,7 @@ def submit_missing(sweep: Sweep, settings: SlurmSettings) -> None:
         exit_path(sweep.plan.out, run.index).unlink(missing_ok=True)
     job = sbatch_submit(script, [run.index for run in todo])
     for run in todo:
-        sweep.records[run.path] = RunRecord(QUEUED, error=f"Slurm job {job}, submitted {now()}")
+        sweep.records[run.path] = RunRecord(QUEUED, slurm_task=f"{job}_{run.index}")
     sweep.state = RUNNING
     sweep.write()
     say(f"submitted {len(todo)} point(s) as Slurm job array {job} (job script: {script})", as_json)

@@ -327,7 +327,12 @@ def test_a_rerun_while_tasks_are_queued_submits_nothing_and_ctrl_c_on_wait_leave
         result = sweep(data, out, 2, *grid, *hold)
         assert result.exit_code == 0, result.output
         assert "nothing to submit" in result.output and tasks(out) == queued
-        assert json.loads((out / "sweep.json").read_text())["counts"]["queued"] == 2
+        record = json.loads((out / "sweep.json").read_text())
+        assert record["counts"]["queued"] == 2 and record["state"] == "running"
+        assert [run["slurm_task"] for run in record["runs"]] == [task for task, _ in queued]
+        assert (
+            f"queued sgd-freeze-embed optim.lr=0.01,train.seed=0: Slurm task {queued[0][0]}" in result.output
+        )
 
         command = [sys.executable, "-m", "ftsgd", "sweep", "--data", str(data), "--out", str(out)]
         proc = zygote.Popen(
