@@ -9,6 +9,8 @@ task (``val`` ID, ``ood`` in the shifted style) for 6 epochs at batch 32 over th
 * ``bf16-stochastic``: ``train.weight_dtype = "bf16"``, stochastic rounding (the default);
 * ``bf16-nearest``: bf16 weights, round-to-nearest (what pure bf16 training does);
 * ``bf16-kahan``: bf16 weights, Kahan-compensated;
+* ``fp32-bf16-autocast``: float32 weights, forward and backward in bf16 autocast (what bf16 weights
+  compute with): separates the compute's precision from the weights';
 * ``bf16-stochastic-bf16mom``: stochastic rounding with the momentum buffer in bf16 (stochastically
   rounded too) instead of float32: the measurement behind ``ftsgd.model.rounding.MOMENTUM_DTYPE``.
 
@@ -47,6 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "bf16-nearest": ['train.weight_dtype="bf16"', 'optim.update_rounding="nearest"'],
     "bf16-kahan": ['train.weight_dtype="bf16"', 'optim.update_rounding="kahan"'],
     "bf16-stochastic-bf16mom": ['train.weight_dtype="bf16"'],
+    "fp32-bf16-autocast": ['train.amp="bf16"'],
 }
 LRS = FULL.lrs["sgd-freeze-embed"]
 

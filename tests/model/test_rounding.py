@@ -135,3 +135,22 @@ def test_adamw_update_matches_torch_in_float32() -> None:
         ours.step()
         ref.step()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bf16_model_starts_from_the_float32_initialisation_rounded(seed: int) -> None:
+    """Truncated-normal draws made in bf16 rounded uniforms near the ends to +-1 (erfinv: inf, clamped to the
+    bound +-2): new classifiers started with weights of +-2 where float32 has +-0.05. Drawn in float32 now."""
+    from ftsgd.model.build import build_model
+    from ftsgd.recipe.schema import ModelConfig
+
+    cfg = ModelConfig(name="test_vit", kwargs={"img_size": 32})
+    torch.manual_seed(seed)
+    fp32, _ = build_model(cfg, num_classes=64)
+    torch.manual_seed(seed)
+    bf16, _ = build_model(cfg, num_classes=64, dtype=torch.bfloat16)
+    assert bf16.head.weight.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
+    assert torch.allclose(bf16.head.weight.float(), fp32.head.weight, rtol=8e-3, atol=1e-5)  # bf16 steps
+    assert bf16.head.weight.abs().max() < 0.1
+    assert "float32_draws" not in torch.Tensor.uniform_.__qualname__  # the float32 draws end with the build
+    assert "float32_draws" not in torch.Tensor.erfinv_.__qualname__
