@@ -20,7 +20,7 @@ import difflib
 import fnmatch
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch import nn
 
 from ftsgd.errors import ModelError, RecipeError, WeightsError, first_line
 from ftsgd.model.hub import looks_like_download_error, no_hub_error, pretrained_overlay
+from ftsgd.model.init_dtype import default_dtype
 from ftsgd.model.weights import LazyTensor, MappedFile, read_tensors, resolve_weights_path, stream_into
 from ftsgd.recipe.schema import RESET_HEAD, ModelConfig
 
@@ -489,65 +490,6 @@ def build_model(
     if pretrained:
         _hub_head(model, cfg, num_classes)
     return model, report
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """``torch.set_default_dtype(dtype)`` inside the block (nothing when None), restored afterwards.
-
-    A model built in bfloat16 draws its random initialisation in bfloat16 (:func:`float32_draws`).
-    """
-    if dtype is None:
-        yield
-        return
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with float32_draws():
-            yield
-    finally:
-        torch.set_default_dtype(before)
-
-
-@contextlib.contextmanager
-def float32_draws() -> Iterator[None]:
-    """Random initialisation of bf16/fp16 tensors computed in float32, then rounded.
-
-    Truncated-normal initialisers (timm's and torch's ``trunc_normal_``) draw ``uniform_`` into the tensor
-    and apply ``erfinv_`` to it. In bf16 every draw within 0.4% of the interval's ends rounds to +-1, whose
-    erfinv is infinite and is clamped to the truncation bound: a new classifier got weights of +-2 where
-    float32 gives +-0.05, and trained worse. Inside the block ``uniform_`` draws in float32 (the same
-    random numbers as a float32 model, so a bf16 model starts from the float32 initialisation rounded) and
-    ``erfinv_`` of a tensor just drawn uses those float32 values.
-    """
-    low = (torch.bfloat16, torch.float16)
-    plain_uniform, plain_erfinv = torch.Tensor.uniform_, torch.Tensor.erfinv_
-    last: list[
-        tuple[int, int, torch.Tensor]
-    ] = []  # the latest draw only: (data_ptr, version, float32 values)
-
-    def uniform_(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        last.clear()
-        if self.dtype not in low:
-            return plain_uniform(self, *args, **kwargs)
-        values = plain_uniform(
-            torch.empty(self.shape, dtype=torch.float32, device=self.device), *args, **kwargs
-        )
-        self.copy_(values)
-        last.append((self.data_ptr(), self._version, values))
-        return self
-
-    def erfinv_(self: torch.Tensor) -> torch.Tensor:
-        drawn = last.pop() if last else None
-        if drawn is None or drawn[:2] != (self.data_ptr(), self._version) or self.dtype not in low:
-            return plain_erfinv(self)  # not the tensor just drawn, or changed since
-        return self.copy_(drawn[2].erfinv_())
-
-    torch.Tensor.uniform_, torch.Tensor.erfinv_ = uniform_, erfinv_  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.uniform_, torch.Tensor.erfinv_ = plain_uniform, plain_erfinv  # type: ignore[method-assign]
 
 
 def _source_classes(model: nn.Module) -> int | None:
