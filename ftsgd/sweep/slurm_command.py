@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from ftsgd.errors import Interrupted, RunError, UsageError
 from ftsgd.run.rundir import RunDir, lock_holder, locked
 from ftsgd.sweep.conclude import conclude
-from ftsgd.sweep.jobs import STOPPED_FROM_OUTSIDE, Stop, catch_signals, failure_line
+from ftsgd.sweep.jobs import Stop, catch_signals, failure_line
 from ftsgd.sweep.output import failure_summary, say
 from ftsgd.sweep.plan import Plan, PlannedRun, SweepOptions, plan_sweep
 from ftsgd.sweep.record import (
@@ -151,7 +152,7 @@ def print_script(plan: Plan, settings: SlurmSettings, as_json: bool) -> dict[str
 
 
 def point_state(
-    run: PlannedRun, task: TaskState | None, before: RunRecord, *, retry_failed: bool = False
+    out: Path, run: PlannedRun, task: TaskState | None, before: RunRecord, *, retry_failed: bool = False
 ) -> RunRecord:
     """A point's record from its run directory, squeue and the exit status its last task left
     (``retry_failed``: a failed exit status makes the point pending again, to be resubmitted)."""
@@ -163,36 +164,31 @@ def point_state(
         return RunRecord(RUNNING, started=before.started or now(), slurm_task=task.job)
     if before.status == FAILED:
         return before
-    ended = read_exit(run, before)
+    ended = read_exit(out, run)
     if ended is None:
         return RunRecord(INTERRUPTED if RunDir(run.path).status() != "new" else PENDING)
     code, job = ended
-    if code in STOPPED_FROM_OUTSIDE or code >= 128:
+    if code >= 128:  # 128 + N: stopped by signal N (after saving), or killed by it
         why = f"Slurm task {job} stopped ({code}); the same sweep command resubmits it"
         return RunRecord(INTERRUPTED, exit_code=code, error=why, slurm_task=job)
     if retry_failed:
         return RunRecord(INTERRUPTED if RunDir(run.path).status() != "new" else PENDING)
-    log = log_path(before_out(run), run)
+    log = log_path(out, run)
     error = failure_line(log, last_attempt(log), code)
     return RunRecord(FAILED, exit_code=code, error=error, ended=now(), slurm_task=job)
 
 
-def before_out(run: PlannedRun) -> Any:
-    """The sweep folder of ``run`` (``OUT/<recipe>/<point>``)."""
-    return run.path.parent.parent
-
-
-def read_exit(run: PlannedRun, before: RunRecord) -> tuple[int, str] | None:
+def read_exit(out: Path, run: PlannedRun) -> tuple[int, str] | None:
     """``(exit status, task)`` its job script left in ``OUT/slurm/exit/N``, or None (no ended attempt, or
     one killed before it could write: scancel's SIGKILL, a node failure)."""
     try:
-        code, job = exit_path(before_out(run), run.index).read_text().split()
+        code, job = exit_path(out, run.index).read_text().split()
         return int(code), job
     except (OSError, ValueError):
         return None
 
 
-def last_attempt(log: Any) -> int:
+def last_attempt(log: Path) -> int:
     """Where the log's last attempt starts (its last ``=== `` line), so an error is this attempt's."""
     try:
         data = log.read_bytes()
@@ -210,7 +206,7 @@ def refresh(sweep: Sweep, *, announce: bool = False, retry_failed: bool = False)
     for run in sweep.plan.runs:
         before = sweep.records[run.path]
         task = tasks.get(run.index)
-        record = point_state(run, task, before, retry_failed=retry_failed)
+        record = point_state(sweep.plan.out, run, task, before, retry_failed=retry_failed)
         if announce or record.status != before.status:
             say(
                 f"[{run.index}/{total}] {record.status} {run.label}{state_detail(record, task)}",
