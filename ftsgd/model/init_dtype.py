@@ -16,7 +16,8 @@ __all__ = ["default_dtype", "float32_draws"]
 def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.set_default_dtype(dtype)`` inside the block (nothing when None), restored afterwards.
 
-    A model built in bfloat16 draws its random initialisation in bfloat16 (:func:`float32_draws`).
+    A model built in bfloat16 still draws its random initialisation in float32, then rounds it
+    (:func:`float32_draws`).
     """
     if dtype is None:
         yield
@@ -43,9 +44,8 @@ def float32_draws() -> Iterator[None]:
     """
     low = (torch.bfloat16, torch.float16)
     plain_uniform, plain_erfinv = torch.Tensor.uniform_, torch.Tensor.erfinv_
-    last: list[
-        tuple[int, int, torch.Tensor]
-    ] = []  # the latest draw only: (data_ptr, version, float32 values)
+    # the latest draw only: (data_ptr, version after the draw, its float32 values)
+    last: list[tuple[int, int, torch.Tensor]] = []
 
     def uniform_(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         last.clear()

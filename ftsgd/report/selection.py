@@ -352,9 +352,8 @@ def derive_grid_keys(runs: list[Run]) -> tuple[list[str], list[str]]:
         varying |= _differing(unit)
     if LR_KEY in _differing(placed):
         varying.add(LR_KEY)
-    varying = {
-        k for k in varying if not k.startswith("slurm.")
-    }  # where a run was scheduled, not what it trained
+    # [slurm] says where a run was scheduled, not what it trained: never a grid key, never reported
+    varying = {k for k in varying if not k.startswith("slurm.")}
     keys = sorted(varying - EXECUTION_KEYS - UNIT_KEYS, key=lambda k: (k != LR_KEY, k == SEED_KEY, k))
     return keys, sorted(varying & EXECUTION_KEYS)
 

@@ -170,9 +170,8 @@ def _missing_packages(recipe: Recipe) -> list[str]:
                 f"train.tracking: {name!r} needs the {package} package, which is not installed: "
                 f"pip install 'ftsgd[{name}]' (or pip install {package}), or remove {name!r} from train.tracking"
             )
-    if (
-        recipe.lora.enabled and importlib.util.find_spec("peft") is None
-    ):  # not imported: it pulls in transformers
+    # find_spec, not an import: peft pulls in transformers (seconds of start-up)
+    if recipe.lora.enabled and importlib.util.find_spec("peft") is None:
         problems.append(
             "lora.enabled: LoRA adapters need the peft package, which is not installed: pip install "
             "'ftsgd[lora]' (or pip install peft), or set lora.enabled = false"

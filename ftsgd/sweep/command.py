@@ -16,7 +16,7 @@ from ftsgd.sweep.jobs import execute, make_slots
 from ftsgd.sweep.output import announce, print_pending_commands
 from ftsgd.sweep.plan import SweepOptions, plan_sweep
 from ftsgd.sweep.record import check_out_dir, open_sweep, read_previous
-from ftsgd.sweep.slurm_command import slurm_sweep_command
+from ftsgd.sweep.slurm_command import check_slurm_usage, slurm_sweep_command
 
 __all__ = ["conclude", "sweep_command"]
 
@@ -35,7 +35,8 @@ def sweep_command(opts: SweepOptions) -> dict[str, Any]:
             says which; the same command continues them.
         Interrupted: SIGINT/SIGTERM stopped the sweep after its running runs stopped (saving checkpoints).
     """
-    if opts.slurm or opts.slurm_opts or opts.wait or opts.gpus_per_run != 1:
+    check_slurm_usage(opts)
+    if opts.slurm:
         return slurm_sweep_command(opts)
     plan = plan_sweep(opts)
     if opts.print_commands:

@@ -32,6 +32,7 @@ refused. Printing is :mod:`ftsgd.cli.compare`'s.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -506,8 +507,9 @@ def _method_row(report: Report, method: str, config: CompareConfig) -> MethodRow
     )
 
 
+@functools.cache
 def compared_methods() -> tuple[str, ...]:
-    """:data:`METHODS`, without the LoRA recipes when ``peft`` (``ftsgd[lora]``) is not installed."""
+    """:data:`METHODS`, without the LoRA recipes when ``peft`` (``ftsgd[lora]``) is not installed (said once)."""
     if importlib.util.find_spec("peft") is not None:
         return METHODS
     console.warn("LoRA left out of the comparison: it needs the peft package (pip install 'ftsgd[lora]')")

@@ -14,8 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +250,8 @@ def submit_missing(sweep: Sweep, settings: SlurmSettings) -> None:
 def wait_for(sweep: Sweep) -> None:
     """Poll until none of the sweep's points is queued or running; Ctrl-C leaves the tasks running."""
     poll = float(os.environ.get(POLL_ENV, "") or 30)
-    with _interruptible() as stop:
+    stop = Stop()  # SIGINT/SIGTERM end the wait, not the tasks
+    with catch_signals(stop):
         while any(r.status in (QUEUED, RUNNING) for r in sweep.records.values()):
             deadline = time.monotonic() + poll
             while time.monotonic() < deadline and not stop.count:
@@ -269,14 +268,6 @@ def wait_for(sweep: Sweep) -> None:
                 continue
             with locked(sweep.plan.out, "sweep directory"):
                 refresh(sweep)
-
-
-@contextmanager
-def _interruptible() -> Iterator[Stop]:
-    """SIGINT/SIGTERM end the wait (not the tasks)."""
-    stop = Stop()
-    with catch_signals(stop):
-        yield stop
 
 
 def conclude_slurm(sweep: Sweep) -> dict[str, Any]:
