@@ -44,7 +44,14 @@ from ftsgd.model.embedding import (
 )
 from ftsgd.recipe.schema import FREEZE_POLICIES, FreezeConfig
 
-__all__ = ["BlockRow", "apply_freeze", "frozen_parameter_names", "top_level_blocks", "train_mode"]
+__all__ = [
+    "BlockRow",
+    "apply_freeze",
+    "frozen_parameter_names",
+    "match_patterns",
+    "top_level_blocks",
+    "train_mode",
+]
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ def _pattern_problem(key: str, pattern: str, model: nn.Module, names: list[str])
     return f"{key}: {pattern!r} matches no parameter of {model_name(model)}; " + "; ".join(hints)
 
 
-def _match_patterns(key: str, patterns: Sequence[str], model: nn.Module, names: list[str]) -> set[str]:
+def match_patterns(key: str, patterns: Sequence[str], model: nn.Module, names: list[str]) -> set[str]:
     """Names matched by ``patterns``; every pattern must match something (typos freeze nothing)."""
     matched: set[str] = set()
     problems: list[str] = []
@@ -198,8 +205,8 @@ def frozen_parameter_names(
             )
         frozen = {n for n in names if not any(_under(n, c) for c in classifier)}
 
-    frozen |= _match_patterns("freeze.patterns", cfg.patterns, model, names)
-    frozen -= _match_patterns("freeze.trainable", cfg.trainable, model, names)
+    frozen |= match_patterns("freeze.patterns", cfg.patterns, model, names)
+    frozen -= match_patterns("freeze.trainable", cfg.trainable, model, names)
     return [n for n in names if n in frozen]
 
 

@@ -22,7 +22,7 @@ from ftsgd.model.build import (
 )
 from ftsgd.model.data_config import data_config_for
 from ftsgd.model.embedding import Embedding, find_embedding
-from ftsgd.model.freeze import _match_patterns, apply_freeze, frozen_parameter_names
+from ftsgd.model.freeze import apply_freeze, frozen_parameter_names, match_patterns
 from ftsgd.recipe.schema import FreezeConfig, LoraConfig, Recipe, stage_label, stage_recipes
 
 __all__ = ["PreparedModel", "freeze_names", "lora_message", "prepare_model", "refreeze", "stage_freezes"]
@@ -133,7 +133,7 @@ def _held_by_lora(
     classifier = classifier_modules(model, embedding.execution_order)
     keep = set(adapter_names(model)) | set(fixed)
     keep |= {n for n in names if any(n.startswith(c + ".") for c in classifier)}
-    keep |= _match_patterns("freeze.trainable", cfg.trainable, model, names)
+    keep |= match_patterns("freeze.trainable", cfg.trainable, model, names)
     return tuple(n for n in names if n not in keep)
 
 
