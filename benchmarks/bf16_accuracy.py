@@ -6,13 +6,14 @@ task (``val`` ID, ``ood`` in the shifted style) for 6 epochs at batch 32 over th
 (3e-3, 1e-2, 3e-2) and 3 seeds. Each variant is ``sgd-freeze-embed`` (momentum 0.9) with:
 
 * ``fp32``: float32 weights (the reference);
-* ``bf16-stochastic``: ``train.weight_dtype = "bf16"``, stochastic rounding (the default);
-* ``bf16-nearest``: bf16 weights, round-to-nearest (what pure bf16 training does);
-* ``bf16-kahan``: bf16 weights, Kahan-compensated;
+* ``bf16-stochastic``: ``train.weight_dtype = "bf16"``, stochastic rounding (the default), the momentum
+  buffer in bf16, stochastically rounded too (``ftsgd.model.rounding.MOMENTUM_DTYPE``);
+* ``bf16-nearest``: bf16 weights and momentum, round-to-nearest (what pure bf16 training does);
+* ``bf16-kahan``: bf16 weights, Kahan-compensated, float32 momentum;
 * ``fp32-bf16-autocast``: float32 weights, forward and backward in bf16 autocast (what bf16 weights
   compute with): separates the compute's precision from the weights';
-* ``bf16-stochastic-bf16mom``: stochastic rounding with the momentum buffer in bf16 (stochastically
-  rounded too) instead of float32: the measurement behind ``ftsgd.model.rounding.MOMENTUM_DTYPE``.
+* ``bf16-stochastic-fp32mom``: stochastic rounding with the momentum buffer in float32 instead of bf16:
+  the measurement behind ``ftsgd.model.rounding.MOMENTUM_DTYPE``.
 
 Per variant the learning rate with the best mean ID-validation accuracy is selected (the paper's protocol,
 as ``ftsgd demo --compare`` does) and ID/OOD accuracy at each run's best epoch is reported as mean ± std
@@ -48,7 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "bf16-stochastic": ['train.weight_dtype="bf16"'],
     "bf16-nearest": ['train.weight_dtype="bf16"', 'optim.update_rounding="nearest"'],
     "bf16-kahan": ['train.weight_dtype="bf16"', 'optim.update_rounding="kahan"'],
-    "bf16-stochastic-bf16mom": ['train.weight_dtype="bf16"'],
+    "bf16-stochastic-fp32mom": ['train.weight_dtype="bf16"'],
     "fp32-bf16-autocast": ['train.amp="bf16"'],
 }
 LRS = FULL.lrs["sgd-freeze-embed"]
@@ -72,11 +73,13 @@ def run_one(out: Path, data: Path, weights: Path, variant: str, lr: float, seed:
         f"train.seed={seed}",
         *VARIANTS[variant],
     ]
-    rounding.MOMENTUM_DTYPE = torch.bfloat16 if variant.endswith("bf16mom") else torch.float32
+    chosen = rounding.MOMENTUM_DTYPE["stochastic"]
+    if variant.endswith("fp32mom"):
+        rounding.MOMENTUM_DTYPE["stochastic"] = torch.float32
     try:
         summary = Trainer(load_checked_recipe("sgd-freeze-embed", sets), out, quiet=True).fit()
     finally:
-        rounding.MOMENTUM_DTYPE = torch.float32
+        rounding.MOMENTUM_DTYPE["stochastic"] = chosen
     assert summary is not None
     return summary
 
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=FULL.seeds)
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=LRS, help="the grid (default: the comparison's)"
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for variant in args.variants:
         per_lr = {}
-        for lr in LRS:
+        for lr in args.lrs:
             runs = [
                 run_one(args.out / variant / f"lr={lr!r},seed={s}", data, weights, variant, lr, s)
                 for s in range(args.seeds)
@@ -120,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         results[variant] = {"selected_lr": float(best), "per_lr": per_lr}
     payload = {
         "task": "ftsgd demo --compare (FULL)",
+        "seeds": args.seeds,
+        "lrs": args.lrs,
         "seconds": time.perf_counter() - start,
         "results": results,
     }
     print(table(results))
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        partial = args.json_out.with_name(args.json_out.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=2) + "\n")
+        partial.replace(args.json_out)
     return 0
 
 
@@ -143,8 +153,8 @@ def table(results: dict[str, dict]) -> str:
         d_val = d_ood = "-"
         if ref:
             rp = ref["per_lr"][ref_lr]
-            d_val = f"{100 * (val['mean'] - rp['val']['mean']):+.1f}"
-            d_ood = f"{100 * (ood['mean'] - rp['ood']['mean']):+.1f}"
+            d_val = f"{100 * (val['mean'] - rp['val']['mean']):+.2f}"
+            d_ood = f"{100 * (ood['mean'] - rp['ood']['mean']):+.2f}"
         at = r["per_lr"].get(ref_lr) if ref_lr else None
         at_ref = f"{100 * at['val']['mean']:.1f} / {100 * at['ood']['mean']:.1f}" if at else "-"
         lines.append(

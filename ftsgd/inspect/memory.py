@@ -88,6 +88,9 @@ OPTIMIZER_STATE_SLOTS: dict[str, int] = {
     "adafactorbv": 0,
 }
 
+#: The rounded SGD optimizers (bf16 weights), whose only state slot is the momentum buffer.
+_BF16_MOMENTUM_OPTIMIZERS = frozenset({"sgd", "momentum", "nesterov"})
+
 #: Optimizers whose ``momentum`` argument adds a momentum buffer of parameter size.
 _MOMENTUM_SLOT = frozenset(
     {"sgd", "nesterov", "momentum", "sgdw", "sgdp", "lars", "larc", "nlars", "nlarc", "rmsprop", "rmsproptf"}
@@ -174,8 +177,8 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Estimate training-state memory for ``model`` with ``frozen`` parameters and optimizer ``optim``.
 
-    Each parameter is counted at its own element size (4 bytes for fp32, 2 for bf16 weights, whose
-    optimizer state and AdamW baseline stay float32), so the per-parameter rule of the paper -- 16
+    Each parameter is counted at its own element size (4 bytes for fp32, 2 for bf16 weights, whose SGD
+    momentum is bf16 too, AdamW moments and AdamW baseline float32), so the per-parameter rule of the paper -- 16
     bytes AdamW, 12 SGD with momentum, 8 SGD without, 4 frozen -- holds exactly for an fp32 model
     without buffers.
 
@@ -205,7 +208,7 @@ def estimate_memory(
         trainable += p.numel()
         gradients += size
         largest_grad = max(largest_grad, size)
-        optimizer_state += slots * _fp32_size(p) + _compensation(p, optim)
+        optimizer_state += slots * _state_size(p, optim) + _compensation(p, optim)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     weights += buffers
     adamw_total += sum(_fp32_size(b) for b in model.buffers())
@@ -259,9 +262,16 @@ def state_comparison(
 
 
 def _fp32_size(t: torch.Tensor) -> int:
-    """Bytes of ``t``, counting a bf16 tensor as float32: bf16 weights (``train.weight_dtype``) keep float32
-    optimizer state (:mod:`ftsgd.model.rounding`), and the AdamW baseline they are compared with is float32."""
+    """Bytes of ``t``, counting a bf16 tensor as float32: the AdamW baseline bf16 weights are compared with is
+    float32, and so are AdamW's moments beside bf16 weights (:mod:`ftsgd.model.rounding`)."""
     return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
+
+
+def _state_size(p: torch.Tensor, optim: OptimConfig) -> int:
+    """Bytes of one optimizer-state slot of ``p``: float32, except SGD's momentum buffer beside bf16 weights,
+    which is bf16 unless the rounding is Kahan (:data:`ftsgd.model.rounding.MOMENTUM_DTYPE`)."""
+    sgd = optim.name.lower() in _BF16_MOMENTUM_OPTIMIZERS and optim.update_rounding != "kahan"
+    return p.numel() * p.element_size() if sgd and p.dtype == torch.bfloat16 else _fp32_size(p)
 
 
 def _compensation(p: torch.Tensor, optim: OptimConfig) -> int:

@@ -45,9 +45,17 @@ __all__ = [
     "write_back_",
 ]
 
-MOMENTUM_DTYPE = torch.float32
-"""dtype of SGD's momentum buffer beside bf16 weights. float32 was measured against bf16 (stochastically
-rounded) on ``ftsgd demo --compare``'s task: see docs/memory-bf16.md. AdamW's moments are float32 too."""
+MOMENTUM_DTYPE: dict[str, torch.dtype] = {
+    "stochastic": torch.bfloat16,
+    "nearest": torch.bfloat16,
+    "kahan": torch.float32,
+}
+"""dtype of SGD's momentum buffer beside bf16 weights, per ``optim.update_rounding``.
+
+A bf16 buffer is rounded as the weights are (stochastically, or to nearest) and saves 2 bytes per
+parameter. Measured against a float32 buffer on ``ftsgd demo --compare``'s task (docs/memory-bf16.md),
+the stochastically rounded bf16 buffer cost no accuracy, so the lighter one is the choice. Kahan, the
+exact option, keeps an exact (float32) buffer. AdamW's moments are float32 whatever the rounding."""
 
 _LOW_BITS = 1 << 16
 
@@ -172,7 +180,8 @@ class _Rounded(torch.optim.Optimizer):
 
 class RoundedSGD(_Rounded):
     """``torch.optim.SGD``'s update (momentum, dampening 0, Nesterov, L2 weight decay) in float32 per
-    parameter, written back with :func:`write_back_`. The momentum buffer is :data:`MOMENTUM_DTYPE`."""
+    parameter, written back with :func:`write_back_`. Beside bf16 weights the momentum buffer is
+    :data:`MOMENTUM_DTYPE` of the rounding, rounded the same way; beside float32 weights it is float32."""
 
     def __init__(
         self,
@@ -197,15 +206,17 @@ class RoundedSGD(_Rounded):
         if momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(grad, dtype=MOMENTUM_DTYPE)
+                low = param.dtype == torch.bfloat16
+                dtype = MOMENTUM_DTYPE[self.rounding] if low else torch.float32
+                buf = state["momentum_buffer"] = torch.zeros_like(grad, dtype=dtype)
                 new = grad.clone()
             else:
                 new = buf.float().mul_(momentum).add_(grad)
-            if buf.dtype == torch.float32:
+            if buf.dtype == torch.float32 or self.rounding == "nearest":
                 buf.copy_(new)
             else:
                 stochastic_round_(buf, new.clone(), self.stream.generator(param, salt=1))
-                new = buf.float()
+            new = buf.float()
             grad = grad.add_(new, alpha=momentum) if group["nesterov"] else new
         return value.add_(grad, alpha=-group["lr"])
 

@@ -163,7 +163,8 @@ class OptimConfig:
     """With train.weight_dtype = "bf16": how each update (computed in fp32) is written back to the bf16
     weights. stochastic: round up or down at random, right in expectation | kahan: round to nearest and
     carry the lost part in a bf16 buffer (2 more bytes/parameter) | nearest: plain rounding, which loses
-    updates smaller than half a bf16 step (for comparison). sgd, momentum, nesterov, adam, adamw only."""
+    updates smaller than half a bf16 step (for comparison). SGD's momentum buffer is bf16 too, rounded the
+    same way (kahan: float32); AdamW's moments are float32. sgd, momentum, nesterov, adam, adamw only."""
 
 
 @dataclass(frozen=True)

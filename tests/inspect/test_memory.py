@@ -277,16 +277,43 @@ def test_inspect_activation_probe_failure_is_explained() -> None:
 
 
 def test_bf16_weights_halve_weights_and_gradients_but_not_the_adamw_baseline(mlp: nn.Module) -> None:
-    """train.weight_dtype = "bf16": 2-byte weights and gradients, float32 optimizer state, a float32 baseline."""
+    """train.weight_dtype = "bf16": 2-byte weights, gradients and SGD momentum, a float32 baseline."""
     sgd = OptimConfig(name="sgd", momentum=0.9)
     fp32 = estimate_memory(mlp, [], sgd)
     bf16 = estimate_memory(mlp.to(torch.bfloat16), [], sgd)
-    assert (bf16.weights, bf16.gradients, bf16.optimizer_state) == (2 * N, 2 * N, 4 * N)
+    assert (bf16.weights, bf16.gradients, bf16.optimizer_state) == (2 * N, 2 * N, 2 * N)
     assert bf16.adamw_total == fp32.adamw_total == 16 * N
     kahan = estimate_memory(mlp, [], dataclasses.replace(sgd, momentum=0.0, update_rounding="kahan"))
     assert kahan.optimizer_state == 2 * N  # the bf16 compensation buffer
     floor = estimate_memory(mlp, FIRST_LAYER, dataclasses.replace(sgd, momentum=0.0, step_in_backward=True))
     assert floor.weights == 2 * N and floor.optimizer_state == 0 and floor.gradients == 2 * 100  # largest
+
+
+@pytest.mark.parametrize(
+    ("optim", "per_param"),
+    [
+        (OptimConfig(name="sgd", lr=0.1, momentum=0.9), 2),  # bf16 momentum
+        (OptimConfig(name="sgd", lr=0.1, momentum=0.9, update_rounding="nearest"), 2),
+        (
+            OptimConfig(name="sgd", lr=0.1, momentum=0.9, update_rounding="kahan"),
+            4 + 2,
+        ),  # fp32 + compensation
+        (OptimConfig(name="sgd", lr=0.1, momentum=0.0, update_rounding="kahan"), 2),
+        (OptimConfig(name="adamw", lr=0.1), 8),  # two float32 moments
+    ],
+)
+def test_bf16_state_estimate_is_what_the_rounded_optimizer_allocates(
+    mlp: nn.Module, optim: OptimConfig, per_param: int
+) -> None:
+    from ftsgd.model.optim import build_optimizer
+    from ftsgd.model.rounding import RoundingStream
+
+    model = mlp.to(torch.bfloat16)
+    opt = build_optimizer(model, optim, stream=RoundingStream.for_model(model, 0))
+    model(torch.randn(4, 10, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    held = sum(v.nbytes for s in opt.state.values() for k, v in s.items() if k != "step")
+    assert held == estimate_memory(model, [], optim).optimizer_state == per_param * N
 
 
 def test_inspect_estimates_the_bf16_recipe() -> None:

@@ -106,20 +106,46 @@ def test_step_in_backward_gives_the_weights_of_the_normal_step(rounding: str) ->
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
-def test_state_keeps_its_float32_dtype_through_a_checkpoint() -> None:
-    """torch's load_state_dict casts float state to the parameter's dtype; the rounded optimizers do not."""
+@pytest.mark.parametrize(
+    ("cfg", "dtype"),
+    [
+        (OptimConfig(name="sgd", lr=0.05, momentum=0.9), torch.bfloat16),
+        (OptimConfig(name="sgd", lr=0.05, momentum=0.9, update_rounding="nearest"), torch.bfloat16),
+        (OptimConfig(name="sgd", lr=0.05, momentum=0.9, update_rounding="kahan"), torch.float32),
+        (OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), torch.float32),
+    ],
+)
+def test_state_keeps_its_dtype_through_a_checkpoint(cfg: OptimConfig, dtype: torch.dtype) -> None:
+    """SGD momentum beside bf16 weights is bf16 (Kahan: float32), AdamW's moments float32; torch's
+    load_state_dict casts float state to the parameter's dtype, the rounded optimizers keep what was saved."""
     model = _bf16_vit()
     stream = RoundingStream.for_model(model, 0)
-    for opt in (
-        build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9), stream=stream),
-        build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), stream=stream),
-    ):
-        assert isinstance(opt, RoundedSGD | RoundedAdamW)
-        _train(model, opt, stream, steps=1)
-        again = type(opt)(opt.param_groups, lr=0.05, stream=stream)
-        again.load_state_dict(opt.state_dict())
-        dtypes = {v.dtype for s in again.state.values() for k, v in s.items() if k != "step"}
-        assert dtypes == {torch.float32}
+    opt = build_optimizer(model, cfg, stream=stream)
+    assert isinstance(opt, RoundedSGD | RoundedAdamW)
+    _train(model, opt, stream, steps=2)
+    again = type(opt)(opt.param_groups, lr=0.05, stream=stream)
+    again.load_state_dict(opt.state_dict())
+    saved = [v for s in opt.state.values() for k, v in s.items() if k not in ("step", "compensation")]
+    loaded = [v for s in again.state.values() for k, v in s.items() if k not in ("step", "compensation")]
+    assert {v.dtype for v in saved} == {v.dtype for v in loaded} == {dtype}
+    assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True))
+
+
+def test_bf16_momentum_is_rounded_stochastically_and_right_in_expectation() -> None:
+    """Beside bf16 weights the momentum buffer is bf16 (MOMENTUM_DTYPE). After two steps of gradient 1 it
+    holds 0.9 + 1 = 1.9, between the bf16 neighbours 1.8984375 and 1.90625: each buffer element lands on
+    one of them, at random, and their mean is 1.9 (round-to-nearest would give 1.8984375 everywhere)."""
+    n = 20_000
+    param = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16))
+    opt = RoundedSGD([param], lr=0.0, momentum=0.9)
+    for step in range(2):
+        opt.stream.step = step
+        param.grad = torch.ones(n, dtype=torch.bfloat16)
+        opt.step()
+    buf = opt.state[param]["momentum_buffer"]
+    assert buf.dtype == torch.bfloat16
+    assert set(buf.float().unique().tolist()) == {1.8984375, 1.90625}
+    assert buf.float().mean().item() == pytest.approx(0.9 + 1.0, abs=1e-4)
 
 
 def test_adamw_update_matches_torch_in_float32() -> None:
@@ -154,3 +180,18 @@ def test_a_bf16_model_starts_from_the_float32_initialisation_rounded(seed: int) 
     assert bf16.head.weight.abs().max() < 0.1
     assert "float32_draws" not in torch.Tensor.uniform_.__qualname__  # the float32 draws end with the build
     assert "float32_draws" not in torch.Tensor.erfinv_.__qualname__
+
+
+def test_a_checkpoint_with_a_float32_momentum_buffer_resumes_with_it() -> None:
+    """Runs checkpointed when the buffer beside bf16 weights was float32 keep a float32 buffer on resume."""
+    model = _bf16_vit()
+    stream = RoundingStream.for_model(model, 0)
+    opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9), stream=stream)
+    _train(model, opt, stream, steps=1)
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state["momentum_buffer"] = state["momentum_buffer"].float()
+    again = type(opt)(opt.param_groups, lr=0.05, momentum=0.9, stream=stream)
+    again.load_state_dict(saved)
+    _train(model, again, stream, steps=1)
+    assert {s["momentum_buffer"].dtype for s in again.state.values()} == {torch.float32}

@@ -60,7 +60,7 @@ def test_bf16_run_holds_bf16_weights_and_exports_float32(reference: Path) -> Non
     ckpt = torch.load(reference / "checkpoint.pt", weights_only=True)
     assert {v.dtype for v in ckpt["model"].values()} == {torch.bfloat16}  # 2 bytes/parameter all run
     momentum = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
-    assert momentum and {m.dtype for m in momentum} == {torch.float32}
+    assert momentum and {m.dtype for m in momentum} == {torch.bfloat16}  # MOMENTUM_DTYPE
     exported = load_file(reference / "model.safetensors")
     assert {v.dtype for v in exported.values()} == {torch.float32}
     for key, value in exported.items():  # bf16 values, written exactly in float32

@@ -330,6 +330,9 @@ def test_bf16_weights_round_alike_on_every_process_and_train_as_one(data: Path) 
     assert {v.dtype for v in cb["model"].values()} == {torch.bfloat16}
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]), key  # bit for bit
+    momentum = [(s["momentum_buffer"], cb["optimizer"]["state"][i]["momentum_buffer"]) for i, s in
+                ca["optimizer"]["state"].items()]  # fmt: skip
+    assert momentum and all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in momentum)
     for a, b in zip(_metrics(single), _metrics(data.parent / "job-bf16"), strict=True):
         for split in ("val", "ood"):
             assert a["splits"][split]["accuracy"] == b["splits"][split]["accuracy"]
