@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ftsgd.errors import first_line
+from ftsgd.model.rounding import MOMENTUM_DTYPE
 from ftsgd.recipe.schema import OptimConfig
 from ftsgd.utils.device import autocast
 
@@ -269,9 +270,10 @@ def _fp32_size(t: torch.Tensor) -> int:
 
 def _state_size(p: torch.Tensor, optim: OptimConfig) -> int:
     """Bytes of one optimizer-state slot of ``p``: float32, except SGD's momentum buffer beside bf16 weights,
-    which is bf16 unless the rounding is Kahan (:data:`ftsgd.model.rounding.MOMENTUM_DTYPE`)."""
-    sgd = optim.name.lower() in _BF16_MOMENTUM_OPTIMIZERS and optim.update_rounding != "kahan"
-    return p.numel() * p.element_size() if sgd and p.dtype == torch.bfloat16 else _fp32_size(p)
+    whose dtype depends on the rounding (:data:`ftsgd.model.rounding.MOMENTUM_DTYPE`)."""
+    if p.dtype == torch.bfloat16 and optim.name.lower() in _BF16_MOMENTUM_OPTIMIZERS:
+        return p.numel() * MOMENTUM_DTYPE[optim.update_rounding].itemsize
+    return _fp32_size(p)
 
 
 def _compensation(p: torch.Tensor, optim: OptimConfig) -> int:
