@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ftsgd.errors import first_line
+from ftsgd.model.optim import SGD_NAMES
 from ftsgd.model.rounding import MOMENTUM_DTYPE
 from ftsgd.recipe.schema import OptimConfig
 from ftsgd.utils.device import autocast
@@ -88,9 +89,6 @@ OPTIMIZER_STATE_SLOTS: dict[str, int] = {
     "adafactor": 0,
     "adafactorbv": 0,
 }
-
-#: The rounded SGD optimizers (bf16 weights), whose only state slot is the momentum buffer.
-_BF16_MOMENTUM_OPTIMIZERS = frozenset({"sgd", "momentum", "nesterov"})
 
 #: Optimizers whose ``momentum`` argument adds a momentum buffer of parameter size.
 _MOMENTUM_SLOT = frozenset(
@@ -271,7 +269,7 @@ def _fp32_size(t: torch.Tensor) -> int:
 def _state_size(p: torch.Tensor, optim: OptimConfig) -> int:
     """Bytes of one optimizer-state slot of ``p``: float32, except SGD's momentum buffer beside bf16 weights,
     whose dtype depends on the rounding (:data:`ftsgd.model.rounding.MOMENTUM_DTYPE`)."""
-    if p.dtype == torch.bfloat16 and optim.name.lower() in _BF16_MOMENTUM_OPTIMIZERS:
+    if p.dtype == torch.bfloat16 and optim.name.lower() in SGD_NAMES:
         return p.numel() * MOMENTUM_DTYPE[optim.update_rounding].itemsize
     return _fp32_size(p)
 
